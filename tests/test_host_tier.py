@@ -1,0 +1,368 @@
+"""The host tier end to end: prefetch into shared memory, attach from other processes,
+leases, capacity eviction, and failures that leave nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.models import write_model
+from tests.pool_env import run_cli, run_python, segments_of
+from warmpool.attach import attach
+from warmpool.config import Settings
+from warmpool.errors import (CapacityError, LeaseHeldError, NotWarmError, SafetensorsError,
+                             StreamError)
+from warmpool.pool import Pool
+from warmpool.prefetch import prefetch
+from warmpool.registry.base import State
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+
+
+def reference(model_dir: Path) -> dict[str, torch.Tensor]:
+    """What safetensors itself reads from the same files."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def assert_bit_exact(attached: object, expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(attached) == sorted(expected)  # type: ignore[arg-type]
+    for name, tensor in expected.items():
+        assert same_bits(attached[name], tensor), name  # type: ignore[index]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "model"
+    write_model(directory, shards=3)
+    return directory
+
+
+@pytest.mark.parametrize("loader", ["runai", "native"])
+async def test_prefetch_then_attach_is_bit_exact(model_dir: Path, settings: Settings,
+                                                 loader: str) -> None:
+    result = await prefetch(str(model_dir), settings=settings, loader=loader)  # type: ignore[arg-type]
+    assert result.entry.state == State.WARM and result.loader == loader
+    expected = reference(model_dir)
+    assert result.entry.tensors == len(expected)
+    with attach(str(model_dir), settings=settings) as weights:
+        assert weights.transport == "shm"
+        assert_bit_exact(weights, expected)
+
+
+async def test_every_dtype_and_odd_shape_survives(tmp_path: Path, settings: Settings) -> None:
+    directory = tmp_path / "odd"
+    directory.mkdir()
+    tensors = {
+        "bf16": torch.randn(7, 5).bfloat16(), "fp16": torch.randn(3, 3).half(),
+        "fp32": torch.randn(11), "fp64": torch.randn(2, 2).double(),
+        "int8": torch.randint(-128, 127, (9,), dtype=torch.int8),
+        "int64": torch.randint(-2**40, 2**40, (3,)), "uint8": torch.arange(5, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4), "f8": torch.randn(6).to(torch.float8_e4m3fn),
+    }
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text("{}")
+    await prefetch(str(directory), settings=settings)
+    with attach(str(directory), settings=settings) as weights:
+        assert_bit_exact(weights, tensors)
+        assert weights["scalar"].dim() == 0 and weights["empty"].numel() == 0
+
+
+async def test_views_share_one_mapping_and_are_read_only(model_dir: Path,
+                                                         settings: Settings) -> None:
+    await prefetch(str(model_dir), settings=settings)
+    with attach(str(model_dir), settings=settings) as weights:
+        storages = {t.untyped_storage().data_ptr() for t in weights.values()}
+        assert len(storages) == 1  # every tensor is a view of the one segment
+        with pytest.raises(TypeError):
+            weights["x"] = torch.zeros(1)  # type: ignore[index]
+    # A write through a view must fault, not silently change weights others share.
+    name = next(iter(reference(model_dir)))
+    code = textwrap.dedent(f"""
+        from warmpool.attach import attach
+        w = attach({str(model_dir)!r})
+        w[{name!r}].view(-1)[0] = 0
+        print("WROTE")
+    """)
+    proc = run_python(code)
+    assert "WROTE" not in proc.stdout and proc.returncode == -signal.SIGSEGV
+
+
+async def test_attach_in_new_process_after_prefetcher_exit_and_source_deleted(
+        model_dir: Path, settings: Settings, tmp_path: Path) -> None:
+    proc = run_cli("prefetch", str(model_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for field in ("uri", "content_hash", "state", "device", "bytes", "tensors", "seconds"):
+        assert field in report
+    assert report["state"] == "warm" and report["device"] == "cpu"
+    # Keep a reference copy, then remove the source: attach must not need it.
+    ref_file = tmp_path / "reference.safetensors"
+    save_file(reference(model_dir), str(ref_file))
+    shutil.rmtree(model_dir)
+    code = textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import load_file
+        from warmpool import attach
+        expected = load_file({str(ref_file)!r})
+        with attach({report['content_hash'][:16]!r}) as w:
+            assert sorted(w) == sorted(expected)
+            for k, t in expected.items():
+                assert torch.equal(w[k].reshape(-1).view(torch.uint8),
+                                   t.reshape(-1).view(torch.uint8)), k
+        print("OK", len(expected))
+    """)
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK")
+
+
+async def test_prefetch_of_warm_model_returns_at_once(model_dir: Path,
+                                                      settings: Settings) -> None:
+    first = await prefetch(str(model_dir), settings=settings)
+    second = await prefetch(str(model_dir), settings=settings)
+    assert not first.already_warm and second.already_warm
+    assert second.entry.content_hash == first.entry.content_hash and second.loader == ""
+
+
+async def test_changed_model_gets_a_new_entry(model_dir: Path, settings: Settings) -> None:
+    first = await prefetch(str(model_dir), settings=settings)
+    save_file({"extra": torch.ones(3)}, str(model_dir / "model-extra.safetensors"))
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"]["extra"] = "model-extra.safetensors"
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    second = await prefetch(str(model_dir), settings=settings)
+    assert second.entry.content_hash != first.entry.content_hash
+    with attach(str(model_dir), settings=settings) as weights:  # the newest version
+        assert same_bits(weights["extra"], torch.ones(3))
+
+
+def test_attach_of_cold_model_says_how_to_warm_it(model_dir: Path, settings: Settings) -> None:
+    with pytest.raises(NotWarmError, match="warmpool prefetch"):
+        attach(str(model_dir), settings=settings)
+    proc = run_cli("attach", str(model_dir))
+    assert proc.returncode == 1 and "warmpool prefetch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+async def test_evict_refused_while_attached_then_allowed(model_dir: Path,
+                                                         settings: Settings) -> None:
+    await prefetch(str(model_dir), settings=settings)
+    pool = Pool(settings)
+    weights = attach(str(model_dir), settings=settings)
+    assert [e.leases for e in await pool.entries()] == [1]
+    with pytest.raises(LeaseHeldError):
+        await pool.evict(str(model_dir))
+    proc = run_cli("evict", str(model_dir))
+    assert proc.returncode == 1 and "lease" in proc.stderr
+    weights.close()
+    evicted = await pool.evict(str(model_dir))
+    assert evicted.state == State.EVICTED
+    assert segments_of(settings) == []
+    with pytest.raises(NotWarmError):
+        attach(str(model_dir), settings=settings)
+
+
+async def test_force_evict_keeps_existing_views_readable(model_dir: Path,
+                                                         settings: Settings) -> None:
+    await prefetch(str(model_dir), settings=settings)
+    expected = reference(model_dir)
+    weights = attach(str(model_dir), settings=settings)
+    await Pool(settings).evict(str(model_dir), force=True)
+    assert segments_of(settings) == []  # the name is gone at once...
+    assert_bit_exact(weights, expected)  # ...the holder's mapping lives until it lets go
+    weights.close()
+
+
+async def test_sigkilled_lease_holder_frees_its_lease(model_dir: Path,
+                                                      settings: Settings) -> None:
+    await prefetch(str(model_dir), settings=settings)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from warmpool import attach
+            w = attach({str(model_dir)!r})
+            print("attached", flush=True)
+            time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "attached"
+        pool = Pool(settings)
+        assert (await pool.entries())[0].leases == 1
+        with pytest.raises(LeaseHeldError):
+            await pool.evict(str(model_dir))
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        assert (await pool.entries())[0].leases == 0
+        assert (await pool.evict(str(model_dir))).state == State.EVICTED
+    finally:
+        holder.kill()
+
+
+async def test_capacity_evicts_least_recently_attached(tmp_path: Path,
+                                                       settings: Settings) -> None:
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"m{i}"
+        write_model(d, shards=1, seed=i)
+        dirs.append(d)
+    probe = await prefetch(str(dirs[0]), settings=settings)
+    size = probe.entry.bytes
+    tight = Settings.load(host_capacity=2 * size + size // 2)  # room for two
+    await prefetch(str(dirs[1]), settings=tight)
+    time.sleep(0.01)
+    attach(str(dirs[0]), settings=tight).close()  # m0 is now the most recently used
+    await prefetch(str(dirs[2]), settings=tight)
+    states = {e.uri: e.state for e in await Pool(tight).entries()}
+    assert states[f"file://{dirs[0]}/"] == State.WARM
+    assert states[f"file://{dirs[1]}/"] == State.EVICTED
+    assert states[f"file://{dirs[2]}/"] == State.WARM
+    assert len(segments_of(settings)) == 2
+
+
+async def test_capacity_error_when_nothing_can_be_evicted(tmp_path: Path,
+                                                          settings: Settings) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_model(a, shards=1, seed=1)
+    write_model(b, shards=1, seed=2)
+    size = (await prefetch(str(a), settings=settings)).entry.bytes
+    tight = Settings.load(host_capacity=size + size // 2)
+    held = attach(str(a), settings=tight)
+    try:
+        with pytest.raises(CapacityError) as info:
+            await prefetch(str(b), settings=tight)
+        assert info.value.needed >= size
+    finally:
+        held.close()
+    states = {e.uri: e.state for e in await Pool(tight).entries()}
+    assert states[f"file://{b}/"] == State.FAILED
+    assert len(segments_of(settings)) == 1
+
+
+async def test_corrupt_shard_is_refused_and_leaves_nothing(model_dir: Path,
+                                                           settings: Settings) -> None:
+    shard = sorted(model_dir.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 3])  # truncated: the last tensor runs off the end
+    with pytest.raises(SafetensorsError) as info:
+        await prefetch(str(model_dir), settings=settings)
+    assert shard.name in str(info.value)
+    entries = await Pool(settings).entries()
+    assert [e.state for e in entries] == [State.FAILED] and shard.name in entries[0].error
+    assert segments_of(settings) == []
+
+
+async def test_file_changed_after_listing_fails_cleanly(model_dir: Path,
+                                                        settings: Settings) -> None:
+    """A shard rewritten with other shapes between metadata and streaming."""
+    from warmpool import cache as cache_module
+
+    real_fetch = cache_module.MetadataCache.fetch
+
+    async def fetch_then_rewrite(self, uri, store=None):  # type: ignore[no-untyped-def]
+        cached = await real_fetch(self, uri, store)
+        shard = model_dir / cached.shards[0]
+        names = list(load_file(str(shard)))
+        save_file({n: torch.zeros(2, 2, dtype=torch.int64) for n in names}, str(shard))
+        return cached
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cache_module.MetadataCache, "fetch", fetch_then_rewrite)
+        with pytest.raises(StreamError):
+            await prefetch(str(model_dir), settings=settings, loader="native")
+    assert segments_of(settings) == []
+    assert (await Pool(settings).entries())[0].state == State.FAILED
+
+
+PREFETCH_THAT_STALLS = """
+import asyncio, sys, time
+from warmpool.config import Settings
+from warmpool.prefetch import prefetch
+
+def factory(total):
+    def on_chunk(n):
+        print("streaming", flush=True)
+        time.sleep(60)
+    return on_chunk
+
+asyncio.run(prefetch(sys.argv[1], settings=Settings.load(), loader="native", progress=factory))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+async def test_interrupted_prefetch_leaves_no_segment(model_dir: Path, settings: Settings,
+                                                      sig: signal.Signals) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", PREFETCH_THAT_STALLS, str(model_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "streaming"
+        assert any(".part-" in s for s in segments_of(settings))  # a partial exists now
+        proc.send_signal(sig)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    if sig == signal.SIGINT:  # cleaned up by the process itself
+        assert segments_of(settings) == []
+    pool = Pool(settings)
+    await pool.reclaim()  # what any next command does first
+    assert segments_of(settings) == []
+    entry = (await pool.entries())[0]
+    assert entry.state == State.FAILED and "interrupted" in (entry.error or "")
+    # And the model can still be warmed afterwards.
+    assert (await prefetch(str(model_dir), settings=settings)).entry.state == State.WARM
+
+
+async def test_two_concurrent_prefetches_stream_once(model_dir: Path,
+                                                     settings: Settings) -> None:
+    a, b = await asyncio.gather(prefetch(str(model_dir), settings=settings),
+                                prefetch(str(model_dir), settings=settings))
+    assert sorted([a.already_warm, b.already_warm]) == [False, True]
+    assert len(segments_of(settings)) == 1
+
+
+def test_status_and_cli_round_trip(model_dir: Path, settings: Settings) -> None:
+    assert run_cli("prefetch", str(model_dir)).returncode == 0
+    proc = run_cli("status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [entry] = json.loads(proc.stdout)
+    for field in ("uri", "content_hash", "state", "device", "bytes", "leases"):
+        assert field in entry
+    assert entry["state"] == "warm" and entry["leases"] == 0
+    assert entry["uri"] == f"file://{model_dir}/"
+    attached = run_cli("attach", str(model_dir), "--verify", "--json")
+    assert attached.returncode == 0, attached.stderr
+    assert json.loads(attached.stdout)["verified"] is True
+    assert run_cli("evict", entry["content_hash"][:12]).returncode == 0
+    assert json.loads(run_cli("status", "--json").stdout)[0]["state"] == "evicted"
+
+
+def test_bad_uri_is_a_clear_error(settings: Settings) -> None:
+    proc = run_cli("prefetch", "ftp://host/model")
+    assert proc.returncode == 2 and "unsupported scheme" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = run_cli("prefetch", "/nonexistent/model/dir")
+    assert missing.returncode == 1 and "no such directory" in missing.stderr
+
+
+def test_runtime_dir_is_private(settings: Settings) -> None:
+    Pool(settings)
+    assert os.stat(settings.runtime_dir).st_mode & 0o777 == 0o700

@@ -1,0 +1,139 @@
+"""What serving processes call: ``attach(uri_or_hash, device)`` → zero-copy tensors.
+
+On the host tier attach reads one small JSON record from the private runtime directory,
+maps the model's shared-memory segment read-only (one ``mmap``, no page touched) and
+builds one view per tensor: its cost grows with the number of tensors, not with bytes,
+and it never reads the source files (they may be gone). A lease is held from the call
+until ``close()`` or the process's death, and keeps the entry from being evicted.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from warmpool.config import Settings
+from warmpool.errors import NotWarmError
+from warmpool.layout import Layout
+from warmpool.leases import Lease, Leases
+from warmpool.locks import file_lock
+from warmpool.pool import HOST_DEVICE, is_hash_ref, normalise_ref
+from warmpool.tiers.host import HostTier, Resident, map_readonly
+from warmpool.views import tensor_views
+
+
+class AttachedModel(Mapping[str, torch.Tensor]):
+    """A read-only mapping of tensor name → view, plus the lease that keeps it alive.
+
+    Use it as a context manager, or call :meth:`close` when the engine no longer needs
+    the views (after copying into its own layout, say) so the pool may free the memory.
+    """
+
+    def __init__(self, uri: str, content_hash: str, device: str, layout: Layout,
+                 tensors: Mapping[str, torch.Tensor], transport: str,
+                 closer: Any) -> None:
+        self.uri = uri
+        self.content_hash = content_hash
+        self.device = device
+        self.layout = layout
+        self.transport = transport
+        self._tensors = tensors
+        self._closer = closer
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        return self._tensors
+
+    @property
+    def closed(self) -> bool:
+        return self._closer is None
+
+    def close(self) -> None:
+        """End the lease. Views already handed out stay readable until dropped."""
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            closer()
+
+    def __enter__(self) -> AttachedModel:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"AttachedModel({self.uri!r}, device={self.device!r}, tensors={len(self)}, "
+                f"bytes={self.layout.total_bytes}, transport={self.transport!r})")
+
+
+def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = None,
+           holder: str = "") -> AttachedModel:
+    """Attach to the warm model ``ref`` (a URI or a content hash) on ``device``."""
+    settings = settings or Settings.load()
+    if device != HOST_DEVICE:
+        from warmpool.tiers.gpu import attach_gpu
+
+        gpu = attach_gpu(ref, device, settings)
+        return AttachedModel(gpu.uri, gpu.content_hash, device, gpu.layout, gpu.tensors,
+                             gpu.transport, gpu.close)
+    host = HostTier(settings.runtime_dir)
+    resident = _resolve(host, ref)
+    with file_lock(host.lock_path(resident.key), exclusive=False):
+        # Re-read under the lock: an eviction may have won the race since _resolve.
+        current = host.resident(resident.content_hash)
+        if current is None:
+            raise _not_warm(ref)
+        lease = Leases(settings.runtime_dir).acquire(current.key, holder)
+    try:
+        mapping, buffer = map_readonly(current.segment, current.layout.total_bytes)
+        tensors = tensor_views(buffer, current.layout)
+    except BaseException:
+        lease.release()
+        raise
+    return AttachedModel(current.uri, current.content_hash, HOST_DEVICE, current.layout,
+                         tensors, "shm", _HostCloser(lease, mapping))
+
+
+class _HostCloser:
+    """Ends the lease; the mapping is left to the views (unmapping under a live view
+    would turn a later read into a crash), and goes when the last of them does."""
+
+    def __init__(self, lease: Lease, mapping: mmap.mmap) -> None:
+        self.lease = lease
+        self.mapping = mapping
+
+    def __call__(self) -> None:
+        self.lease.release()
+
+
+def _resolve(host: HostTier, ref: str) -> Resident:
+    try:
+        wanted = normalise_ref(ref)
+    except Exception:  # noqa: BLE001 - any unparsable ref is simply not warm
+        raise _not_warm(ref) from None
+    residents = host.residents()
+    if is_hash_ref(wanted):
+        matches = [r for r in residents if r.content_hash.startswith(wanted)]
+    else:
+        matches = [r for r in residents if r.uri == wanted]
+    if not matches:
+        raise _not_warm(ref)
+    return max(matches, key=lambda r: r.created_at)
+
+
+def _not_warm(ref: str, device: str = HOST_DEVICE) -> NotWarmError:
+    return NotWarmError(f"{ref} is not warm on {device}: run `warmpool prefetch {ref}` "
+                        f"first (and `warmpool status` to see what is warm)")

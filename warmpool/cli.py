@@ -1,0 +1,279 @@
+"""The ``warmpool`` command.
+
+Every subcommand prints a human summary by default and one JSON document with
+``--json``; any :class:`~warmpool.errors.WarmpoolError` becomes one clear line on stderr
+and exit code 1 (2 for a bad argument), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from warmpool.config import Settings, parse_bytes
+from warmpool.errors import ConfigError, InvalidURIError, WarmpoolError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Keep LLM weights warm: prefetch, stream, attach in milliseconds.")
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts.")
+ConfigOpt = typer.Option(None, "--config", envvar="WARMPOOL_CONFIG", help="Config file.")
+
+
+def _settings(config: Optional[Path], **overrides: Any) -> Settings:
+    return Settings.load(config, **overrides)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _fail(exc: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    code = 2 if isinstance(exc, (InvalidURIError, ConfigError)) else 1
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn our errors into one line and an exit code, keeping typer's signature."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except WarmpoolError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _emit(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Log debug lines.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+@_guard
+def generate(directory: Path = typer.Argument(..., help="Where to write the model."),
+             preset: str = typer.Option("tiny", help="tiny | small | llama-3-8b"),
+             layers: Optional[int] = typer.Option(None, help="Override the layer count."),
+             shards: int = typer.Option(2, help="Number of safetensors shards."),
+             seed: int = typer.Option(0),
+             as_json: bool = JsonOpt) -> None:
+    """Write a Llama-shaped checkpoint with random weights (no download needed)."""
+    from dataclasses import replace
+
+    from warmpool.generate import PRESETS, generate_model
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    shape = PRESETS[preset] if layers is None else replace(PRESETS[preset], layers=layers)
+    summary = generate_model(directory, shape, shards=shards, seed=seed)
+    if as_json:
+        _emit(summary)
+    else:
+        out.print(f"wrote {summary['tensors']} tensors, {summary['bytes'] / 1e9:.2f} GB "
+                  f"in {len(summary['files'])} shards to {directory}")
+
+
+@app.command()
+@_guard
+def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Fetch a model's small files and safetensors headers into the local cache."""
+    from warmpool.cache import MetadataCache
+    from warmpool.uri import parse_uri
+
+    settings = _settings(config)
+    model = _run(MetadataCache(settings.cache_dir).fetch(parse_uri(uri)))
+    data = model.to_json()
+    if as_json:
+        _emit(data)
+        return
+    out.print(f"[bold]{data['uri']}[/]  complete={data['complete']}")
+    out.print(f"  content hash  {data['content_hash']}")
+    out.print(f"  cache dir     {data['cache_dir']}")
+    out.print(f"  files         {', '.join(data['files'])}")
+    out.print(f"  shards        {len(data['shards'])} ({data['tensors']} tensors, "
+              f"{data['bytes'] / 1e9:.3f} GB)")
+
+
+@app.command()
+@_guard
+def prefetch(uri: str,
+             device: str = typer.Option("cpu", help="cpu, or cuda:N (needs running workers)."),
+             tp: int = typer.Option(1, help="Tensor-parallel group size (GPU workers)."),
+             layout: str = typer.Option("replicated", help="replicated | sharded (GPU workers)."),
+             loader: str = typer.Option("auto", help="auto | runai | native"),
+             concurrency: Optional[int] = typer.Option(None, help="Streamer concurrency."),
+             memory_limit: Optional[str] = typer.Option(None, help="Streamer host buffer, e.g. 2GiB."),
+             distributed: Optional[bool] = typer.Option(None, help="Distributed streaming."),
+             as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Make a model warm (metadata, then weights); exit 0 only when it is."""
+    if loader not in ("auto", "runai", "native"):
+        raise ConfigError(f"unknown loader {loader!r}")
+    settings = _settings(config, concurrency=concurrency,
+                         memory_limit=parse_bytes(memory_limit), distributed=distributed)
+    if device != "cpu" or tp > 1:
+        from warmpool.workers.client import prefetch_via_workers
+
+        result = prefetch_via_workers(uri, device=device, tp=tp, layout=layout,
+                                      loader=loader, settings=settings)
+    else:
+        result = _prefetch_host(uri, settings, loader, show_progress=not as_json)
+    data = result if isinstance(result, dict) else result.to_json()
+    if as_json:
+        _emit(data)
+    else:
+        verb = "already warm" if data.get("already_warm") else "warm"
+        out.print(f"{verb}: {data['uri']} on {data['device']}  {data['bytes'] / 1e9:.3f} GB, "
+                  f"{data['tensors']} tensors in {data['seconds']:.2f} s"
+                  + (f" ({data['bytes'] / data['seconds'] / 1e9:.2f} GB/s, {data['loader']})"
+                     if not data.get("already_warm") and data["seconds"] else ""))
+    if data["state"] != "warm":
+        raise typer.Exit(1)
+
+
+def _prefetch_host(uri: str, settings: Settings, loader: str, show_progress: bool) -> Any:
+    from warmpool.prefetch import prefetch as do_prefetch
+
+    progress = Progress("[progress.description]{task.description}", BarColumn(),
+                        DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                        console=err, transient=True,
+                        disable=not (show_progress and err.is_terminal))
+
+    def factory(total: int) -> Callable[[int], None]:
+        task = progress.add_task("streaming", total=total)
+        return lambda n: progress.update(task, advance=n)
+
+    with progress:
+        return _run(do_prefetch(uri, settings=settings, loader=loader,  # type: ignore[arg-type]
+                                progress=factory))
+
+
+@app.command()
+@_guard
+def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """List the pool's entries."""
+    from warmpool.pool import Pool
+
+    settings = _settings(config)
+    entries = _run(Pool(settings).entries())
+    if as_json:
+        _emit([{**e.to_json(), "leases": e.leases} for e in entries])
+        return
+    table = Table("state", "device", "GB", "tensors", "leases", "hash", "uri", "updated")
+    for e in sorted(entries, key=lambda e: e.updated_at, reverse=True):
+        table.add_row(e.state.value, e.device, f"{e.bytes / 1e9:.3f}", str(e.tensors),
+                      str(e.leases), e.content_hash[:12], e.uri,
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
+    out.print(table if entries else "the pool is empty")
+
+
+@app.command()
+@_guard
+def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
+          device: str = typer.Option("cpu"),
+          force: bool = typer.Option(False, "--force", help="Evict even while leased."),
+          as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Free a model's resident memory (refused while a lease is live)."""
+    from warmpool.pool import Pool
+
+    entry = _run(Pool(_settings(config)).evict(ref, device, force=force))
+    if as_json:
+        _emit(entry.to_json())
+    else:
+        out.print(f"evicted {entry.uri} ({entry.content_hash[:12]}) from {entry.device}")
+
+
+@app.command("attach")
+@_guard
+def attach_cmd(ref: str, device: str = typer.Option("cpu"),
+               verify: bool = typer.Option(False, help="Compare every tensor with the source "
+                                           "files (reads them: slow)."),
+               as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Attach to a warm model, as a serving process would, and report the cost."""
+    from warmpool.attach import attach
+
+    settings = _settings(config)
+    start = time.perf_counter()
+    with attach(ref, device, settings=settings, holder="warmpool attach") as model:
+        seconds = time.perf_counter() - start
+        data = {"uri": model.uri, "content_hash": model.content_hash, "device": device,
+                "tensors": len(model), "bytes": model.layout.total_bytes,
+                "transport": model.transport, "attach_ms": round(seconds * 1e3, 3)}
+        if verify:
+            data["verified"] = _verify(model)
+    if as_json:
+        _emit(data)
+    else:
+        out.print(f"attached {data['uri']}: {data['tensors']} tensors, "
+                  f"{data['bytes'] / 1e9:.3f} GB via {data['transport']} in "
+                  f"{data['attach_ms']:.2f} ms" + (" — verified bit-exact" if verify else ""))
+
+
+def _verify(model: Any) -> bool:
+    """Bit-exact comparison against safetensors reading the same (local) files."""
+    from safetensors import safe_open
+
+    from warmpool.errors import StreamError
+    from warmpool.uri import parse_uri
+
+    root = parse_uri(model.uri).path
+    for file in model.layout.files:
+        with safe_open(str(root / file), framework="pt") as f:
+            for name in f.keys():
+                expected = f.get_tensor(name)
+                got = model[name].cpu()
+                if got.dtype != expected.dtype or not _same_bytes(got, expected):
+                    raise StreamError(f"tensor {name!r} differs from {root / file}")
+    return True
+
+
+def _same_bytes(a: Any, b: Any) -> bool:
+    return a.shape == b.shape and bool(
+        (a.reshape(-1).view(__import__("torch").uint8) ==
+         b.reshape(-1).view(__import__("torch").uint8)).all())
+
+
+def _mount_optional(name: str, module: str) -> None:
+    try:
+        sub = __import__(module, fromlist=["app"]).app
+    except ImportError:
+        return
+    app.add_typer(sub, name=name)
+
+
+_mount_optional("workers", "warmpool.workers.cli")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

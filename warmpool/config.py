@@ -1,0 +1,199 @@
+"""Settings: defaults that suit the machine, overridden by a config file, then the
+environment, then command-line flags (each later source wins).
+
+The streamer's tunables use the names the serving engines use in
+``--model-loader-extra-config`` (``concurrency``, ``memory_limit``, ``distributed``), so
+a platform engineer can copy a value from a vLLM command line. ``RUNAI_STREAMER_*``
+variables already set in the environment are honoured and win over our defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from warmpool.errors import ConfigError
+
+GiB = 1 << 30
+
+
+def parse_bytes(value: str | int | None) -> int | None:
+    """``"16GiB"``, ``"500MB"``, ``"1e9"`` or an int → bytes; ``None``/``""`` → None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower().replace("_", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 1 << 10,
+             "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "b": 1}
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            number = text[: -len(suffix)].strip()
+            break
+    else:
+        number, mult = text, 1
+    try:
+        result = int(float(number) * mult)
+    except ValueError:
+        raise ConfigError(f"not a byte size: {value!r} (try 16GiB or 500MB)") from None
+    if result < -1:
+        raise ConfigError(f"byte size must be >= -1: {value!r}")
+    return result
+
+
+@dataclass(frozen=True)
+class StreamerOptions:
+    """runai-model-streamer tunables, under the engines' names."""
+
+    concurrency: int | None = None
+    memory_limit: int | None = None  # bytes of host staging buffer; -1 unlimited
+    distributed: bool = False
+
+    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The ``RUNAI_STREAMER_*`` variables for a streamer run.
+
+        Variables already in ``base`` (the caller's environment) win: an operator who set
+        ``RUNAI_STREAMER_CONCURRENCY`` by hand meant it.
+        """
+        env = dict(os.environ if base is None else base)
+        cores = os.cpu_count() or 2
+        defaults = {
+            "RUNAI_STREAMER_CONCURRENCY": str(self.concurrency or max(4, min(16, cores * 2))),
+            # A bounded staging buffer keeps host memory flat however large the model.
+            "RUNAI_STREAMER_MEMORY_LIMIT": str(
+                self.memory_limit if self.memory_limit is not None else 2 * GiB
+            ),
+            # O_DIRECT (the streamer's default) re-reads from disk what the page cache
+            # already holds; buffered io_uring is 3x faster from a warm cache (FACTS.md).
+            "RUNAI_STREAMER_FS_STRATEGY": "io_uring_buffered",
+        }
+        explicit = {"RUNAI_STREAMER_CONCURRENCY": self.concurrency,
+                    "RUNAI_STREAMER_MEMORY_LIMIT": self.memory_limit}
+        for key, value in defaults.items():
+            if explicit.get(key) is not None or key not in env:
+                env[key] = value
+        # SGLang's docs name RUNAI_STREAMER_S3_ENDPOINT, which 0.17 ignores: map it.
+        if "RUNAI_STREAMER_S3_ENDPOINT" in env and "AWS_ENDPOINT_URL" not in env:
+            env["AWS_ENDPOINT_URL"] = env["RUNAI_STREAMER_S3_ENDPOINT"]
+        if self.distributed:
+            env.setdefault("RUNAI_STREAMER_DIST", "1")
+        return env
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "warmpool"
+
+
+def _default_runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return Path(base) / "warmpool"
+    return Path(f"/tmp/warmpool-{os.getuid()}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    runtime_dir: Path = field(default_factory=_default_runtime_dir)
+    host_capacity: int | None = None  # bytes the host tier may hold; None = 80% of /dev/shm
+    redis_url: str | None = None
+    watch: tuple[str, ...] = ()
+    streamer: StreamerOptions = StreamerOptions()
+    metrics_port: int = 9464
+    node: str = field(default_factory=lambda: os.uname().nodename)
+
+    @classmethod
+    def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+        """Defaults ← config file (``WARMPOOL_CONFIG``) ← environment ← ``overrides``."""
+        settings = cls()
+        path = config_file or os.environ.get("WARMPOOL_CONFIG")
+        if path:
+            settings = settings._merge(_read_config_file(Path(path)))
+        settings = settings._merge(_from_environment())
+        return settings._merge({k: v for k, v in overrides.items() if v is not None})
+
+    def _merge(self, values: dict[str, Any]) -> Settings:
+        streamer_keys = {"concurrency", "memory_limit", "distributed"}
+        top: dict[str, Any] = {}
+        streamer: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in streamer_keys:
+                streamer[key] = parse_bytes(value) if key == "memory_limit" else value
+            elif key in ("cache_dir", "runtime_dir"):
+                top[key] = Path(value).expanduser()
+            elif key == "host_capacity":
+                top[key] = parse_bytes(value)
+            elif key == "watch":
+                top[key] = tuple(value.split(",") if isinstance(value, str) else value)
+            elif key in ("redis_url", "metrics_port", "node"):
+                top[key] = value
+            else:
+                raise ConfigError(f"unknown setting {key!r}")
+        if streamer:
+            top["streamer"] = replace(self.streamer, **streamer)
+        return replace(self, **top)
+
+
+def _from_environment() -> dict[str, Any]:
+    names = {
+        "WARMPOOL_CACHE_DIR": "cache_dir",
+        "WARMPOOL_RUNTIME_DIR": "runtime_dir",
+        "WARMPOOL_HOST_CAPACITY": "host_capacity",
+        "WARMPOOL_REDIS_URL": "redis_url",
+        "WARMPOOL_WATCH": "watch",
+        "WARMPOOL_NODE": "node",
+    }
+    found: dict[str, Any] = {}
+    for var, key in names.items():
+        if os.environ.get(var):
+            found[key] = os.environ[var]
+    if os.environ.get("WARMPOOL_METRICS_PORT"):
+        found["metrics_port"] = int(os.environ["WARMPOOL_METRICS_PORT"])
+    return found
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """TOML, JSON or YAML, by extension; the keys are Settings' field names."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # type: ignore[import-untyped]
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # noqa: BLE001 - any parser's error is a config error
+        raise ConfigError(f"config file {path} does not parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    streamer = data.pop("streamer", {}) or {}
+    return {**data, **streamer}
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check that an existing one is ours and private.
+
+    Sockets, leases and segment records live here; a directory another user can write
+    would let them swap a socket or forge a layout.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to us ({os.getuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path

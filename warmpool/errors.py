@@ -1,0 +1,105 @@
+"""The exceptions a caller can catch by meaning.
+
+Every error warmpool raises on purpose derives from :class:`WarmpoolError`, so a
+serving process can ``except WarmpoolError`` around ``attach`` and a CLI can turn any
+of them into one clear line and a non-zero exit code. Sub-classes group by what the
+caller can do about it: fix the input, retry later, or free capacity.
+"""
+
+from __future__ import annotations
+
+
+class WarmpoolError(Exception):
+    """Base of every deliberate warmpool error."""
+
+
+class InvalidURIError(WarmpoolError, ValueError):
+    """A string that is not a model location warmpool understands."""
+
+
+class ConfigError(WarmpoolError, ValueError):
+    """A configuration value (flag, variable or file) that cannot be used."""
+
+
+# --- storage ---------------------------------------------------------------------
+
+
+class StorageError(WarmpoolError):
+    """A storage operation failed; ``key`` names the object, ``reason`` says why."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ObjectNotFoundError(StorageError):
+    """The object (or bucket/container) does not exist. Not retried."""
+
+
+class AccessDeniedError(StorageError):
+    """Credentials were refused. Not retried."""
+
+
+class TransientStorageError(StorageError):
+    """A failure that a retry may cure (timeouts, 5xx, throttling, resets)."""
+
+
+class UnsafeKeyError(StorageError, ValueError):
+    """An object key that would escape its model directory (``..``, absolute paths)."""
+
+
+# --- model contents ----------------------------------------------------------------
+
+
+class SafetensorsError(WarmpoolError, ValueError):
+    """A safetensors file is malformed. ``file`` and ``tensor`` say where."""
+
+    def __init__(self, message: str, *, file: str, tensor: str | None = None) -> None:
+        where = f"{file}: tensor {tensor!r}: " if tensor is not None else f"{file}: "
+        super().__init__(where + message)
+        self.file = file
+        self.tensor = tensor
+
+
+class IncompleteModelError(WarmpoolError):
+    """The prefix does not (yet) hold a complete model; ``missing`` lists what lacks."""
+
+    def __init__(self, message: str, *, missing: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+
+
+# --- the pool ------------------------------------------------------------------------
+
+
+class PoolError(WarmpoolError):
+    """A pool operation was refused."""
+
+
+class NotWarmError(PoolError, LookupError):
+    """``attach`` was asked for a model that is not warm on that device."""
+
+
+class CapacityError(PoolError):
+    """Not enough room on a tier, even after evicting what may be evicted."""
+
+    def __init__(self, message: str, *, needed: int, free: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+
+
+class LeaseHeldError(PoolError):
+    """Eviction refused because a serving process holds a lease."""
+
+
+class StreamError(WarmpoolError):
+    """Streaming weights into a resident buffer failed; nothing partial stays."""
+
+
+class WorkerError(WarmpoolError):
+    """A worker process failed, died or answered with an error."""
+
+
+class ProtocolError(WarmpoolError):
+    """A message on a local socket was malformed, oversized or from a foreign uid."""

@@ -1,0 +1,95 @@
+"""The one small interface every storage backend implements.
+
+Keys handed to and returned by a :class:`Store` are *relative* to the model prefix
+(``config.json``, ``sub/model-00001-of-00004.safetensors``): the rest of warmpool never
+sees bucket names or absolute paths, and every key coming back from a listing is checked
+by :func:`validate_relative_key` before it can become a file name.
+"""
+
+from __future__ import annotations
+
+import abc
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from warmpool.errors import UnsafeKeyError
+from warmpool.uri import ModelURI
+
+#: Downloads are streamed to disk in pieces of this size, never whole into memory.
+DOWNLOAD_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, order=True)
+class ObjectInfo:
+    """One object under a model prefix: relative key, size in bytes, etag or generation."""
+
+    key: str
+    size: int
+    etag: str
+
+
+def validate_relative_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative path, else raise :class:`UnsafeKeyError`.
+
+    Object stores allow any byte string as a key; a key such as ``../../etc/passwd`` or
+    ``/root/.ssh/x`` must never become a path under the cache directory.
+    """
+    if not key or "\x00" in key or "\\" in key:
+        raise UnsafeKeyError(f"unsafe object key {key!r}", key=key)
+    if key.startswith("/") or posixpath.isabs(key):
+        raise UnsafeKeyError(f"absolute object key {key!r} refused", key=key)
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafeKeyError(f"object key {key!r} has an empty, '.' or '..' segment", key=key)
+    return key
+
+
+class Store(abc.ABC):
+    """Async access to the objects under one model prefix.
+
+    Implementations retry transient failures themselves (see :mod:`warmpool.retry`) and
+    translate backend errors into :mod:`warmpool.errors` classes that name the key.
+    """
+
+    def __init__(self, uri: ModelURI) -> None:
+        self.uri = uri
+
+    @abc.abstractmethod
+    async def list(self) -> list[ObjectInfo]:
+        """Every object under the prefix (all pages), sorted by key."""
+
+    @abc.abstractmethod
+    async def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of ``key`` from ``start``; fewer only at the end of the object."""
+
+    @abc.abstractmethod
+    async def download(self, key: str, dest: Path) -> int:
+        """Stream ``key`` into the file ``dest`` (created or truncated); return the bytes."""
+
+    async def read_into(self, key: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` from ``key`` at ``start``; backends may override to avoid a copy."""
+        data = await self.read_range(key, start, len(out))
+        if len(data) != len(out):
+            from warmpool.errors import StorageError
+
+            raise StorageError(
+                f"{self.uri.child(key)}: short read at {start}: wanted {len(out)}, got {len(data)}",
+                key=key,
+            )
+        out[:] = data
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

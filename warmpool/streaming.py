@@ -1,0 +1,181 @@
+"""Streaming weights into a resident buffer: runai-model-streamer, or our own clients.
+
+Both loaders fill the same thing: a flat uint8 tensor (a host segment or a device
+buffer) laid out by a :class:`~warmpool.layout.Layout`. runai-model-streamer reads local
+files, ``s3://`` and ``gs://``; ``az://`` has no streamer support against Azurite in
+0.17 (FACTS.md), so it — and anything forced with ``loader="native"`` — comes through
+our async backend with concurrent ranged reads straight into the buffer.
+
+Memory stays bounded: the streamer runs with ``owned=False`` and a ``memory_limit``, and
+each tensor is copied into place before the iteration moves on (the streamer reuses
+that memory afterwards — a retained view would silently read the next tensor's bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+
+from warmpool.config import StreamerOptions
+from warmpool.errors import StreamError, WarmpoolError
+from warmpool.layout import Layout, Slot
+from warmpool.storage import open_store
+from warmpool.storage.base import Store
+from warmpool.uri import ModelURI
+from warmpool.views import TORCH_DTYPES
+
+Progress = Callable[[int], None]
+Loader = Literal["auto", "runai", "native"]
+
+#: Schemes runai-model-streamer 0.17 streams for us.
+RUNAI_SCHEMES = ("file", "s3", "gs")
+#: Native ranged reads: pieces of at most this many bytes, this many in flight.
+NATIVE_PIECE = 16 << 20
+NATIVE_CONCURRENCY = 16
+
+_environ_lock = threading.Lock()
+
+
+def choose_loader(uri: ModelURI, loader: Loader = "auto") -> Literal["runai", "native"]:
+    if loader == "native":
+        return "native"
+    if uri.scheme in RUNAI_SCHEMES:
+        return "runai"
+    if loader == "runai":
+        raise StreamError(f"runai-model-streamer cannot stream {uri.scheme}:// here; "
+                          "use loader 'native' (or 'auto')")
+    return "native"
+
+
+async def fill_buffer(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
+                      options: StreamerOptions = StreamerOptions(), loader: Loader = "auto",
+                      files: list[str] | None = None, progress: Progress | None = None,
+                      store: Store | None = None) -> str:
+    """Stream every slot of ``layout`` (or of ``files``) into ``target``; return the loader used."""
+    chosen = choose_loader(uri, loader)
+    report = progress or (lambda n: None)
+    if chosen == "runai":
+        await asyncio.to_thread(stream_runai, uri, layout, target, options=options,
+                                files=files, progress=report)
+    elif store is not None:
+        await stream_native(store, layout, target, files=files, progress=report)
+    else:
+        async with open_store(uri) as opened:
+            await stream_native(opened, layout, target, files=files, progress=report)
+    return chosen
+
+
+def _runai_path(uri: ModelURI, key: str) -> str:
+    return str(uri.path / key) if uri.is_local else uri.child(key)
+
+
+def streamer_environment(options: StreamerOptions) -> dict[str, str]:
+    """The variables a streamer run needs, including what test servers need."""
+    env = options.environment()
+    if env.get("AWS_ENDPOINT_URL"):
+        # S3-compatible servers answer path-style only.
+        env.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
+        env.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    emulator = env.get("STORAGE_EMULATOR_HOST")
+    if emulator and "CLOUD_STORAGE_EMULATOR_ENDPOINT" not in env:
+        env["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = (
+            emulator if emulator.startswith("http") else f"http://{emulator}")
+    return env
+
+
+@contextmanager
+def patched_environ(env: dict[str, str]) -> Iterator[None]:
+    """The streamer reads its settings from the process environment when it opens."""
+    with _environ_lock:
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
+                 options: StreamerOptions, files: list[str] | None = None,
+                 progress: Progress, distributed: bool = False) -> None:
+    """Fill ``target`` with runai-model-streamer (blocking; run it in a thread)."""
+    from runai_model_streamer import SafetensorsStreamer
+
+    slots = {s.name: s for s in layout.slots if files is None or s.file in files}
+    wanted_files = sorted({s.file for s in slots.values()})
+    paths = [_runai_path(uri, f) for f in wanted_files]
+    filled = 0
+    try:
+        # Held for the whole run: the native library reads some variables (endpoints,
+        # timeouts) when a request starts, not only when the streamer opens.
+        with patched_environ(streamer_environment(options)), SafetensorsStreamer() as streamer:
+            streamer.stream_files(paths, device="cpu", is_distributed=distributed, owned=False)
+            for name, tensor in streamer.get_tensors():
+                slot = slots.get(name)
+                if slot is None:
+                    raise StreamError(f"{uri}: streamer yielded unexpected tensor {name!r}")
+                _copy_into(target, slot, tensor, uri)
+                filled += 1
+                progress(slot.nbytes)
+    except WarmpoolError:
+        raise
+    except Exception as exc:  # the streamer raises plain exceptions from C++
+        raise StreamError(f"{uri}: runai-model-streamer failed: {exc}") from exc
+    if filled != len(slots):
+        raise StreamError(f"{uri}: streamed {filled} of {len(slots)} tensors")
+
+
+def _copy_into(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: ModelURI) -> None:
+    if tensor.dtype != TORCH_DTYPES[slot.dtype] or tuple(tensor.shape) != slot.shape:
+        raise StreamError(
+            f"{uri.child(slot.file)}: tensor {slot.name!r} arrived as {tensor.dtype} "
+            f"{tuple(tensor.shape)}, header said {slot.dtype} {slot.shape} (file changed?)")
+    if slot.nbytes:
+        flat = tensor.reshape(-1).view(torch.uint8)
+        target[slot.offset : slot.offset + slot.nbytes].copy_(flat)
+
+
+async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
+                        files: list[str] | None = None, progress: Progress,
+                        concurrency: int = NATIVE_CONCURRENCY) -> None:
+    """Fill ``target`` with concurrent ranged reads through our own async client.
+
+    A host target is written in place (no intermediate copy); a device target goes
+    through one host bytes object per piece.
+    """
+    gate = asyncio.Semaphore(concurrency)
+    on_host = target.device.type == "cpu"
+    view = memoryview(target.numpy()) if on_host else None
+
+    async def piece(slot: Slot, start: int, length: int) -> None:
+        async with gate:
+            dst = slot.offset + start
+            if view is not None:
+                await store.read_into(slot.file, slot.file_offset + start, view[dst : dst + length])
+            else:
+                data = await store.read_range(slot.file, slot.file_offset + start, length)
+                if len(data) != length:
+                    raise StreamError(f"{store.uri.child(slot.file)}: short read of "
+                                      f"{slot.name!r}")
+                target[dst : dst + length].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            progress(length)
+
+    jobs = [piece(s, start, min(NATIVE_PIECE, s.nbytes - start))
+            for s in layout.slots if (files is None or s.file in files)
+            for start in range(0, s.nbytes, NATIVE_PIECE)]
+    tasks = [asyncio.ensure_future(j) for j in jobs]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

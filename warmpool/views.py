@@ -1,0 +1,37 @@
+"""Zero-copy tensor views over one flat byte buffer, host or device alike."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+import torch
+
+from warmpool.layout import Layout
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64, "C64": torch.complex64,
+    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+}
+if hasattr(torch, "float8_e8m0fnu"):
+    TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+
+
+def tensor_views(buffer: torch.Tensor, layout: Layout) -> Mapping[str, torch.Tensor]:
+    """name → tensor, each a view of ``buffer`` (a flat uint8 tensor); nothing is copied.
+
+    The returned mapping is read-only: the buffer is shared by every serving process,
+    so nobody may swap a tensor in it.
+    """
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise TypeError("buffer must be a flat uint8 tensor")
+    if buffer.numel() < layout.total_bytes:
+        raise ValueError(f"buffer holds {buffer.numel()} bytes, layout needs {layout.total_bytes}")
+    views: dict[str, torch.Tensor] = {}
+    for s in layout.slots:
+        raw = buffer[s.offset : s.offset + s.nbytes]
+        views[s.name] = raw.view(TORCH_DTYPES[s.dtype]).view(s.shape)
+    return MappingProxyType(views)
