@@ -8,6 +8,7 @@ the partial segment and records ``failed`` with the error, so nothing half-loade
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ async def _fill(pool: Pool, cache: MetadataCache, model: ModelURI, store: Any,
     except BaseException as exc:
         if segment is not None:
             pool.host.discard(segment)
-        reason = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else (
+        stopped = (KeyboardInterrupt, SystemExit, asyncio.CancelledError)
+        reason = "interrupted" if isinstance(exc, stopped) else (
             str(exc) if isinstance(exc, WarmpoolError) else f"{type(exc).__name__}: {exc}")
         await pool.registry.transition(entry, State.FAILED, error=reason)
         raise

@@ -61,8 +61,16 @@ async def fill_buffer(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     chosen = choose_loader(uri, loader)
     report = progress or (lambda n: None)
     if chosen == "runai":
-        await asyncio.to_thread(stream_runai, uri, layout, target, options=options,
-                                files=files, progress=report)
+        # The streamer's thread cannot be cancelled from outside; it checks this flag
+        # between tensors, so Ctrl-C or a controller shutdown stops it within one tensor
+        # instead of after the whole model.
+        stop = threading.Event()
+        try:
+            await asyncio.to_thread(stream_runai, uri, layout, target, options=options,
+                                    files=files, progress=report, stop=stop)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
     elif store is not None:
         await stream_native(store, layout, target, files=files, progress=report)
     else:
@@ -105,7 +113,8 @@ def patched_environ(env: dict[str, str]) -> Iterator[None]:
 
 def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
                  options: StreamerOptions, files: list[str] | None = None,
-                 progress: Progress, distributed: bool = False) -> None:
+                 progress: Progress, distributed: bool = False,
+                 stop: threading.Event | None = None) -> None:
     """Fill ``target`` with runai-model-streamer (blocking; run it in a thread)."""
     from runai_model_streamer import SafetensorsStreamer
 
@@ -119,6 +128,8 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
         with patched_environ(streamer_environment(options)), SafetensorsStreamer() as streamer:
             streamer.stream_files(paths, device="cpu", is_distributed=distributed, owned=False)
             for name, tensor in streamer.get_tensors():
+                if stop is not None and stop.is_set():
+                    raise StreamError(f"{uri}: streaming cancelled")
                 slot = slots.get(name)
                 if slot is None:
                     raise StreamError(f"{uri}: streamer yielded unexpected tensor {name!r}")
