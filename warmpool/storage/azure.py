@@ -1,0 +1,218 @@
+"""Azure Blob Storage via ``azure.storage.blob.aio`` (``az://container/prefix/``).
+
+Credentials: ``AZURE_STORAGE_CONNECTION_STRING`` (Azurite, account keys, SAS) or, without
+it, ``AZURE_STORAGE_ACCOUNT_URL`` with ``DefaultAzureCredential`` when azure-identity is
+installed (managed identity, workload identity, ``az login``). The SDK's own retry
+policy is switched off in favour of :func:`warmpool.retry.retry_async`, so one schedule
+applies to every backend. The release runai-model-streamer cannot read from Azurite,
+so ``az://`` weights may come through :meth:`AzureStore.read_into`: it copies each
+chunk straight into the caller's buffer instead of building the range as one ``bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import aiohttp
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    IncompleteReadError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+
+from warmpool.errors import (
+    AccessDeniedError,
+    ConfigError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientStorageError,
+)
+from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
+from warmpool.storage.base import DOWNLOAD_CHUNK, ObjectInfo, Store, validate_relative_key
+from warmpool.uri import ModelURI
+
+T = TypeVar("T")
+
+# Every GET asks for at most this much. The SDK's default first GET is 32 MiB, and while
+# it iterates it holds up to four chunks at once (measured: ~16 MiB with 4 MiB chunks), so
+# smaller chunks keep a download's memory small and independent of the blob's size.
+_GET_SIZE = 2 * DOWNLOAD_CHUNK
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "retry_total": 0,
+    "max_single_get_size": _GET_SIZE,
+    "max_chunk_get_size": _GET_SIZE,
+    "connection_timeout": 10,
+    "read_timeout": 60,
+}
+
+
+class AzureStore(Store):
+    """One ``BlobServiceClient`` per store, opened on first use and closed by :meth:`close`."""
+
+    #: Blobs per list page (the service's maximum is 5000); tests lower it.
+    page_size: int = 5000
+    #: Retry schedule for every call; tests shorten it.
+    backoff: Backoff = DEFAULT_BACKOFF
+
+    def __init__(self, uri: ModelURI, *, page_size: int | None = None,
+                 backoff: Backoff | None = None) -> None:
+        super().__init__(uri)
+        if page_size is not None:
+            self.page_size = page_size
+        if backoff is not None:
+            self.backoff = backoff
+        self._stack = AsyncExitStack()
+        self._container_client: ContainerClient | None = None
+        self._client_lock = asyncio.Lock()
+
+    async def _container(self) -> ContainerClient:
+        if self._container_client is None:
+            async with self._client_lock:
+                if self._container_client is None:
+                    service = await self._stack.enter_async_context(self._service_client())
+                    self._container_client = service.get_container_client(self.uri.bucket)
+        return self._container_client
+
+    def _service_client(self) -> BlobServiceClient:
+        conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        if conn:
+            try:
+                return BlobServiceClient.from_connection_string(conn, **_CLIENT_OPTIONS)
+            except ValueError as exc:  # the message never repeats the string (it holds keys)
+                raise ConfigError(f"AZURE_STORAGE_CONNECTION_STRING is malformed: {exc}") from None
+        account_url = os.environ.get("AZURE_STORAGE_ACCOUNT_URL")
+        if not account_url:
+            raise ConfigError(
+                f"{self.uri}: set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL "
+                "with azure-identity installed")
+        try:
+            from azure.identity.aio import DefaultAzureCredential
+        except ImportError:
+            raise ConfigError(
+                f"{self.uri}: AZURE_STORAGE_ACCOUNT_URL needs azure-identity for "
+                "DefaultAzureCredential (pip install azure-identity), or set "
+                "AZURE_STORAGE_CONNECTION_STRING") from None
+        credential = DefaultAzureCredential()
+        self._stack.push_async_callback(credential.close)
+        return BlobServiceClient(account_url, credential=credential, **_CLIENT_OPTIONS)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._container_client = None
+
+    # --- error translation -----------------------------------------------------------
+
+    def _raise(self, exc: BaseException, key: str) -> NoReturn:
+        where = self.uri.child(key)
+        code = getattr(exc, "error_code", None)
+        status = getattr(exc, "status_code", None) or 0
+        reason = f"{code or status or type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        if isinstance(exc, ResourceNotFoundError) or status == 404:
+            what = (f"no such container {self.uri.bucket!r}" if code == "ContainerNotFound"
+                    else "no such blob")
+            raise ObjectNotFoundError(f"{where}: {what} ({reason})", key=key) from exc
+        if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
+            raise AccessDeniedError(f"{where}: access denied ({reason})", key=key) from exc
+        if (isinstance(exc, (ServiceRequestError, ServiceResponseError, IncompleteReadError,
+                             aiohttp.ClientError, TimeoutError, ConnectionError))
+                or status in (408, 429) or status >= 500):
+            raise TransientStorageError(f"{where}: {reason}", key=key) from exc
+        raise StorageError(f"{where}: {reason}", key=key) from exc
+
+    async def _call(self, key: str, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` with warmpool's retries, translating SDK errors on every attempt."""
+
+        async def attempt() -> T:
+            try:
+                return await op()
+            except (AzureError, aiohttp.ClientError, TimeoutError,
+                    ConnectionError) as exc:
+                self._raise(exc, key)
+
+        return await retry_async(attempt, what=f"{what} {self.uri.child(key)}",
+                                 backoff=self.backoff)
+
+    # --- the Store interface -------------------------------------------------------------
+
+    async def list(self) -> list[ObjectInfo]:
+        """All pages (continuation tokens); each page is retried on its own."""
+        container = await self._container()
+        found: list[ObjectInfo] = []
+        token: str | None = None
+        plen = len(self.uri.prefix)
+
+        async def one_page(tok: str | None) -> tuple[list[Any], str | None]:
+            pages: Any = container.list_blobs(name_starts_with=self.uri.prefix or None,
+                                              results_per_page=self.page_size).by_page(tok)
+            try:
+                page = await pages.__anext__()
+            except StopAsyncIteration:
+                return [], None
+            return [b async for b in page], pages.continuation_token
+
+        while True:
+            blobs, token = await self._call("", "list", partial(one_page, token))
+            for blob in blobs:
+                full: str = blob.name
+                if full.endswith("/") or not full.startswith(self.uri.prefix):
+                    continue  # "directory" placeholders (hierarchical namespace, tools)
+                key = validate_relative_key(full[plen:])
+                found.append(ObjectInfo(key, int(blob.size), str(blob.etag).strip('"')))
+            if not token:
+                return sorted(found)
+
+    async def _chunks(self, key: str, start: int | None, length: int | None
+                      ) -> AsyncIterator[bytes]:
+        blob = (await self._container()).get_blob_client(self.uri.join(validate_relative_key(key)))
+        try:
+            downloader = await blob.download_blob(offset=start, length=length, max_concurrency=1)
+        except HttpResponseError as exc:
+            if exc.status_code == 416:
+                return  # start at or past the end of the blob
+            raise
+        async for chunk in downloader.chunks():
+            yield chunk
+
+    async def _read_range_once(self, key: str, start: int, length: int) -> bytes:
+        return b"".join([c async for c in self._chunks(key, start, length)])
+
+    async def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return await self._call(key, "read", lambda: self._read_range_once(key, start, length))
+
+    async def _read_into_once(self, key: str, start: int, out: memoryview) -> None:
+        done = 0
+        async for chunk in self._chunks(key, start, len(out)):
+            out[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        if done != len(out):
+            raise StorageError(f"{self.uri.child(key)}: blob ended at {start + done}, "
+                               f"{len(out) - done} bytes short", key=key)
+
+    async def read_into(self, key: str, start: int, out: memoryview) -> None:
+        if len(out):
+            await self._call(key, "read", lambda: self._read_into_once(key, start, out))
+
+    async def _download_once(self, key: str, dest: Path) -> int:
+        done = 0
+        with open(dest, "wb") as f:
+            async for chunk in self._chunks(key, None, None):
+                await asyncio.to_thread(f.write, chunk)
+                done += len(chunk)
+        return done
+
+    async def download(self, key: str, dest: Path) -> int:
+        """Stream the blob into ``dest`` a chunk at a time; a retry starts the file over."""
+        return await self._call(key, "download", lambda: self._download_once(key, dest))

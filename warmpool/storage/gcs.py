@@ -1,0 +1,168 @@
+"""Google Cloud Storage via gcloud-aio-storage (aiohttp underneath, no gRPC, no threads).
+
+An emulator is reached through ``STORAGE_EMULATOR_HOST`` (``http://host:port``), which
+gcloud-aio-storage reads itself: it then sends no credentials and skips TLS checks.
+The etag of an object is its *generation*: GCS assigns a new one on every overwrite,
+which is exactly the "bytes changed" signal the content hash needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import aiohttp
+from gcloud.aio.storage import Storage
+
+from warmpool.errors import (
+    AccessDeniedError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientStorageError,
+)
+from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
+from warmpool.storage.base import DOWNLOAD_CHUNK, ObjectInfo, Store, validate_relative_key
+from warmpool.uri import ModelURI
+
+T = TypeVar("T")
+
+# gcloud-aio's default is a 10 s *total* timeout, which would abort any download that
+# takes longer than 10 s; bound connecting and each socket read instead.
+_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+
+
+class GCSStore(Store):
+    """One gcloud-aio ``Storage`` (one aiohttp session) per store, opened on first use."""
+
+    #: Objects per list page (GCS's maximum is 1000); tests lower it.
+    page_size: int = 1000
+    #: Retry schedule for every call; tests shorten it.
+    backoff: Backoff = DEFAULT_BACKOFF
+
+    def __init__(self, uri: ModelURI, *, page_size: int | None = None,
+                 backoff: Backoff | None = None) -> None:
+        super().__init__(uri)
+        if page_size is not None:
+            self.page_size = page_size
+        if backoff is not None:
+            self.backoff = backoff
+        self._storage: Storage | None = None
+
+    def _gcs(self) -> Storage:
+        if self._storage is None:
+            self._storage = Storage()  # api_root from STORAGE_EMULATOR_HOST when set
+        return self._storage
+
+    async def close(self) -> None:
+        if self._storage is not None:
+            storage, self._storage = self._storage, None
+            await storage.close()
+
+    # --- error translation -----------------------------------------------------------
+
+    def _raise(self, exc: BaseException, key: str) -> NoReturn:
+        where = self.uri.child(key)
+        if isinstance(exc, aiohttp.ClientResponseError):
+            status = exc.status
+            reason = f"HTTP {status}: {str(exc.message)[:300]}"
+            if status == 404:
+                what = "no such bucket or object" if key else f"no such bucket {self.uri.bucket!r}"
+                raise ObjectNotFoundError(f"{where}: {what} ({reason})", key=key) from exc
+            if status in (401, 403):
+                raise AccessDeniedError(f"{where}: access denied ({reason})", key=key) from exc
+            if status in (408, 429) or status >= 500:
+                raise TransientStorageError(f"{where}: {reason}", key=key) from exc
+            raise StorageError(f"{where}: {reason}", key=key) from exc
+        if isinstance(exc, (aiohttp.ClientError, TimeoutError, ConnectionError)):
+            raise TransientStorageError(
+                f"{where}: {type(exc).__name__}: {exc or 'timed out'}", key=key) from exc
+        raise StorageError(f"{where}: {type(exc).__name__}: {exc}", key=key) from exc
+
+    async def _call(self, key: str, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` with warmpool's retries, translating SDK errors on every attempt."""
+
+        async def attempt() -> T:
+            try:
+                return await op()
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                self._raise(exc, key)
+
+        return await retry_async(attempt, what=f"{what} {self.uri.child(key)}",
+                                 backoff=self.backoff)
+
+    # --- the Store interface -------------------------------------------------------------
+
+    async def list(self) -> list[ObjectInfo]:
+        """All pages (``pageToken``); each page is retried on its own."""
+        gcs = self._gcs()
+        found: list[ObjectInfo] = []
+        token = ""
+        plen = len(self.uri.prefix)
+        while True:
+            params = {"maxResults": str(self.page_size),
+                      "fields": "items(name,size,generation),nextPageToken"}
+            if self.uri.prefix:
+                params["prefix"] = self.uri.prefix
+            if token:
+                params["pageToken"] = token
+            page: dict[str, Any] = await self._call(
+                "", "list", partial(gcs.list_objects, self.uri.bucket, params=params,
+                                    timeout=_TIMEOUT))  # type: ignore[arg-type]
+            for item in page.get("items", []):
+                full: str = item["name"]
+                if full.endswith("/") or not full.startswith(self.uri.prefix):
+                    continue  # "folder" placeholders made by the console and gsutil
+                key = validate_relative_key(full[plen:])
+                found.append(ObjectInfo(key, int(item["size"]), str(item["generation"])))
+            token = page.get("nextPageToken") or ""
+            if not token:
+                return sorted(found)
+
+    async def _read_range_once(self, key: str, start: int, length: int) -> bytes:
+        try:
+            return await self._gcs().download(
+                self.uri.bucket, self.uri.join(validate_relative_key(key)),
+                headers={"Range": f"bytes={start}-{start + length - 1}"},
+                timeout=_TIMEOUT)  # type: ignore[arg-type]
+        except aiohttp.ClientResponseError as exc:
+            if exc.status == 416:
+                return b""  # start at or past the end of the object
+            raise
+
+    async def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return await self._call(key, "read", lambda: self._read_range_once(key, start, length))
+
+    async def _download_once(self, key: str, dest: Path) -> int:
+        stream = await self._gcs().download_stream(
+            self.uri.bucket, self.uri.join(validate_relative_key(key)),
+            timeout=_TIMEOUT)  # type: ignore[arg-type]
+        done = 0
+        async with stream:
+            with open(dest, "wb") as f:
+                while chunk := await _read_full(stream.read, DOWNLOAD_CHUNK):
+                    await asyncio.to_thread(f.write, chunk)
+                    done += len(chunk)
+        return done
+
+    async def download(self, key: str, dest: Path) -> int:
+        """Stream the object into ``dest`` a chunk at a time; a retry starts the file over."""
+        return await self._call(key, "download", lambda: self._download_once(key, dest))
+
+
+async def _read_full(read: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
+    """Up to ``size`` bytes from a stream whose ``read(n)`` may return less than ``n``
+    before the end, so that each disk write is a whole chunk rather than a socket buffer."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part = await read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
