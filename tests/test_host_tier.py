@@ -367,3 +367,61 @@ def test_bad_uri_is_a_clear_error(settings: Settings) -> None:
 def test_runtime_dir_is_private(settings: Settings) -> None:
     Pool(settings)
     assert os.stat(settings.runtime_dir).st_mode & 0o777 == 0o700
+
+
+async def test_prefetch_from_every_backend_is_bit_exact(backend, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                        settings: Settings,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """local and s3/gs through runai-model-streamer, az through our ranged reads."""
+    from tests.models import model_files
+
+    # moto reads a whole object per ranged GET: give the streamer's stall timer room.
+    monkeypatch.setenv("RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS", "30000")
+    source = tmp_path / "src"
+    expected = write_model(source, shards=2, seed=7)
+    for key, data in model_files(source).items():
+        backend.put(f"models/m/{key}", data)
+    uri = backend.uri_for("models/m/")
+    # In its own process: runai-model-streamer keeps one object-store backend per process.
+    proc = run_cli("prefetch", str(uri), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["state"] == "warm"
+    assert report["loader"] == ("native" if uri.scheme == "az" else "runai")
+    shutil.rmtree(source)
+    with attach(str(uri), settings=settings) as weights:
+        assert_bit_exact(weights, expected)
+
+
+async def test_second_object_store_in_one_process_falls_back_to_native(
+        s3_backend, gcs_backend, tmp_path: Path, settings: Settings,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """runai keeps the first object-store backend it opens; a second scheme must not
+    be sent to it (it would read s3:// keys through the GCS client and fail)."""
+    from tests.models import model_files
+
+    monkeypatch.setenv("RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS", "30000")
+    source = tmp_path / "src"
+    expected = write_model(source, shards=2, seed=3)
+    uris = []
+    for backend in (gcs_backend, s3_backend):
+        for key, data in model_files(source).items():
+            backend.put(f"m/{key}", data)
+        uris.append(str(backend.uri_for("m/")))
+    code = textwrap.dedent(f"""
+        import asyncio, json
+        from warmpool.config import Settings
+        from warmpool.prefetch import prefetch
+        async def main():
+            for uri in {uris!r}:
+                r = await prefetch(uri, settings=Settings.load())
+                print(json.dumps([uri, r.loader, r.entry.state.value]))
+        asyncio.run(main())
+    """)
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    loaders = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(l, s) for _, l, s in loaders] == [("runai", "warm"), ("native", "warm")]
+    for uri in uris:
+        with attach(uri, settings=settings) as weights:
+            assert_bit_exact(weights, expected)

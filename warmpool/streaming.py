@@ -14,6 +14,7 @@ that memory afterwards — a retained view would silently read the next tensor's
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -39,17 +40,28 @@ RUNAI_SCHEMES = ("file", "s3", "gs")
 NATIVE_PIECE = 16 << 20
 NATIVE_CONCURRENCY = 16
 
+log = logging.getLogger(__name__)
 _environ_lock = threading.Lock()
+
+#: runai-model-streamer 0.17 opens ONE object-storage backend per process and keeps it
+#: until exit ("Object storage backend will be closed on process exit"): after an
+#: s3:// stream, a gs:// request goes to the S3 client and fails with "File access
+#: error" (and the reverse). We remember which one this process opened.
+_runai_object_scheme: str | None = None
 
 
 def choose_loader(uri: ModelURI, loader: Loader = "auto") -> Literal["runai", "native"]:
     if loader == "native":
         return "native"
-    if uri.scheme in RUNAI_SCHEMES:
+    conflict = (uri.scheme != "file" and _runai_object_scheme not in (None, uri.scheme))
+    if uri.scheme in RUNAI_SCHEMES and not conflict:
         return "runai"
+    why = (f"this process already streamed {_runai_object_scheme}:// with "
+           "runai-model-streamer, which keeps one object-storage backend per process"
+           if conflict else f"runai-model-streamer cannot stream {uri.scheme}:// here")
     if loader == "runai":
-        raise StreamError(f"runai-model-streamer cannot stream {uri.scheme}:// here; "
-                          "use loader 'native' (or 'auto')")
+        raise StreamError(f"{uri}: {why}; use loader 'native' (or 'auto')")
+    log.info("%s: streaming with our own client: %s", uri, why)
     return "native"
 
 
@@ -118,6 +130,9 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     """Fill ``target`` with runai-model-streamer (blocking; run it in a thread)."""
     from runai_model_streamer import SafetensorsStreamer
 
+    global _runai_object_scheme
+    if uri.scheme != "file":
+        _runai_object_scheme = _runai_object_scheme or uri.scheme
     slots = {s.name: s for s in layout.slots if files is None or s.file in files}
     wanted_files = sorted({s.file for s in slots.values()})
     paths = [_runai_path(uri, f) for f in wanted_files]

@@ -73,11 +73,14 @@ class WritableSegment:
         self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
 
     def close(self) -> None:
-        del self.buffer
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass  # a view still exists; the mapping goes when it does
+        """Drop our references; the mapping itself goes when the last view of it does.
+
+        Never ``mmap.close()`` here: torch keeps a pointer into the mapping, not a buffer
+        export, so an explicit unmap under a live view (a traceback's frame, a caller's
+        variable) turns the next read of it into a segmentation fault.
+        """
+        self.buffer = None  # type: ignore[assignment]
+        self._mmap = None  # type: ignore[assignment]
 
 
 def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
