@@ -38,14 +38,24 @@ def file_lock(path: Path, exclusive: bool = True) -> Iterator[int]:
 
 @asynccontextmanager
 async def async_file_lock(path: Path, exclusive: bool = True) -> AsyncIterator[int]:
-    """:func:`file_lock` for coroutines: the wait happens in a thread, not on the loop."""
+    """:func:`file_lock` for coroutines: the wait happens in a thread, not on the loop.
+
+    A cancelled waiter must not close the fd under the thread still blocked in
+    ``flock`` on it: the thread is left to finish, and the fd (with the lock it may
+    then hold) is closed by the callback that sees it finish.
+    """
     fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    waiting = asyncio.ensure_future(
+        asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH))
     try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        await asyncio.shield(waiting)
+    except BaseException:
+        waiting.add_done_callback(lambda _: os.close(fd))
+        raise
+    try:
         yield fd
     finally:
-        os.close(fd)
-
+        os.close(fd)  # closing the last fd of the open file description unlocks it
 
 def is_locked(path: Path) -> bool:
     """True while some process holds ``path``'s lock (a fill or eviction in progress)."""

@@ -1,7 +1,7 @@
 """The local filesystem behind the storage interface (``file://`` and plain paths).
 
-The etag of a file is its modification time and size: a rewrite changes it, which is all
-the content hash needs, without reading gigabytes to hash them.
+The etag of a file is its inode, modification time (ns) and size: a rewrite changes it,
+which is all the content hash needs, without reading gigabytes to hash them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class LocalStore(Store):
                 full = Path(dirpath, name)
                 st = full.stat()
                 key = full.relative_to(root).as_posix()
-                found.append(ObjectInfo(key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}"))
+                # inode too: a file replaced by rename keeps neither its inode nor its etag
+                found.append(ObjectInfo(key, st.st_size,
+                                        f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"))
         return sorted(found)
 
     def _path(self, key: str) -> Path:
