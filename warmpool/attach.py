@@ -86,7 +86,7 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
     if device != HOST_DEVICE:
         from warmpool.tiers.gpu import attach_gpu
 
-        gpu = attach_gpu(ref, device, settings)
+        gpu = attach_gpu(ref, device, settings, holder=holder)
         return AttachedModel(gpu.uri, gpu.content_hash, device, gpu.layout, gpu.tensors,
                              gpu.transport, gpu.close)
     host = HostTier(settings.runtime_dir)

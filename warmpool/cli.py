@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts.")
 ConfigOpt = typer.Option(None, "--config", envvar="WARMPOOL_CONFIG", help="Config file.")
+RedisOpt = typer.Option(None, "--redis", help="Redis URL of a running controller "
+                        "(default: WARMPOOL_REDIS_URL, or the config's redis_url).")
 
 
 def _settings(config: Optional[Path], **overrides: Any) -> Settings:
@@ -132,13 +134,21 @@ def prefetch(uri: str,
              concurrency: Optional[int] = typer.Option(None, help="Streamer concurrency."),
              memory_limit: Optional[str] = typer.Option(None, help="Streamer host buffer, e.g. 2GiB."),
              distributed: Optional[bool] = typer.Option(None, help="Distributed streaming."),
-             as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+             as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
+             redis: Optional[str] = RedisOpt) -> None:
     """Make a model warm (metadata, then weights); exit 0 only when it is."""
     if loader not in ("auto", "runai", "native"):
         raise ConfigError(f"unknown loader {loader!r}")
     settings = _settings(config, concurrency=concurrency,
-                         memory_limit=parse_bytes(memory_limit), distributed=distributed)
-    if device != "cpu" or tp > 1:
+                         memory_limit=parse_bytes(memory_limit), distributed=distributed,
+                         redis_url=redis)
+    from warmpool import remote
+
+    controller = remote.controller_url(settings)
+    if controller:  # a running controller owns the pool: ask it
+        result = _run(remote.prefetch(controller, uri, settings=settings, device=device, tp=tp,
+                                      layout=layout))
+    elif device != "cpu" or tp > 1:
         from warmpool.workers.client import prefetch_via_workers
 
         result = prefetch_via_workers(uri, device=device, tp=tp, layout=layout,
@@ -177,12 +187,15 @@ def _prefetch_host(uri: str, settings: Settings, loader: str, show_progress: boo
 
 @app.command()
 @_guard
-def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
+           redis: Optional[str] = RedisOpt) -> None:
     """List the pool's entries."""
+    from warmpool import remote
     from warmpool.pool import Pool
 
-    settings = _settings(config)
-    entries = _run(Pool(settings).entries())
+    settings = _settings(config, redis_url=redis)
+    controller = remote.controller_url(settings)
+    entries = _run(remote.status(controller, settings) if controller else Pool(settings).entries())
     if as_json:
         _emit([{**e.to_json(), "leases": e.leases} for e in entries])
         return
@@ -203,11 +216,17 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
     """Free a model's resident memory (refused while a lease is live)."""
     from warmpool.pool import Pool
 
-    entry = _run(Pool(_settings(config)).evict(ref, device, force=force))
-    if as_json:
-        _emit(entry.to_json())
+    settings = _settings(config)
+    if device != "cpu":
+        from warmpool.workers.client import evict_via_workers
+
+        data = evict_via_workers(ref, device=device, settings=settings, force=force)
     else:
-        out.print(f"evicted {entry.uri} ({entry.content_hash[:12]}) from {entry.device}")
+        data = _run(Pool(settings).evict(ref, device, force=force)).to_json()
+    if as_json:
+        _emit(data)
+    else:
+        out.print(f"evicted {data['uri']} ({data['content_hash'][:12]}) from {data['device']}")
 
 
 @app.command("attach")
@@ -258,6 +277,25 @@ def _same_bytes(a: Any, b: Any) -> bool:
     return a.shape == b.shape and bool(
         (a.reshape(-1).view(__import__("torch").uint8) ==
          b.reshape(-1).view(__import__("torch").uint8)).all())
+
+
+@app.command()
+@_guard
+def serve(redis: Optional[str] = typer.Option(
+              None, "--redis", help="Redis URL (default: WARMPOOL_REDIS_URL or the config's "
+              "redis_url; without one, an embedded Redis is started)."),
+          config: Optional[Path] = ConfigOpt,
+          metrics_port: Optional[int] = typer.Option(
+              None, "--metrics-port", help="Prometheus port on loopback (0: any, -1: off)."),
+          node: Optional[str] = typer.Option(None, "--node", help="Node name (default: host name)."),
+          log_level: str = typer.Option("info", "--log-level")) -> None:
+    """Run this node's controller: Redis events in, warm models out (SIGTERM stops it)."""
+    from warmpool.serve import configure_logging
+    from warmpool.serve import serve as run_controller
+
+    settings = _settings(config, redis_url=redis, metrics_port=metrics_port, node=node)
+    configure_logging(log_level)
+    raise typer.Exit(_run(run_controller(settings)))
 
 
 def _mount_optional(name: str, module: str) -> None:

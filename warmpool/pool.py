@@ -50,7 +50,10 @@ class Pool:
         out = []
         for entry in await self.registry.list():
             last = self.leases.last_attached(entry.key)
-            out.append(replace(entry, leases=self.leases.count(entry.key),
+            # Host leases are lock files here; a worker reports its own (connections).
+            leases = (self.leases.count(entry.key) if entry.device == HOST_DEVICE
+                      else entry.leases)
+            out.append(replace(entry, leases=leases,
                                last_attached_at=max(filter(None, (last, entry.last_attached_at)),
                                                     default=None)))
         return out

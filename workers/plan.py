@@ -1,0 +1,99 @@
+"""What a worker is asked to load: the model's identity, headers, and per-rank layouts.
+
+The client plans, the worker executes: the content hash (sha256 over the listing, as
+DESIGN.md defines it), every shard's validated safetensors header, and from them the
+layout each rank receives. A ``replicated`` group gives every rank the whole layout; a
+``sharded`` one gives rank r a layout over its own pre-sharded files only — by default
+``model-rank-{rank}-part-{part}.safetensors``, the names vLLM's sharded-state format
+writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+from warmpool.errors import ConfigError, IncompleteModelError
+from warmpool.identity import INDEX_FILE, check_complete, content_hash
+from warmpool.layout import Layout, plan_layout
+from warmpool.safetensors import SafetensorsHeader, read_header
+from warmpool.storage import open_store
+from warmpool.uri import ModelURI
+
+DEFAULT_SHARD_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
+LAYOUTS = ("replicated", "sharded")
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A model's identity and headers; build it from a metadata cache if you have one."""
+
+    uri: ModelURI
+    content_hash: str
+    headers: dict[str, SafetensorsHeader]  # relative key → header
+
+    def layout(self, files: list[str] | None = None) -> Layout:
+        chosen = self.headers if files is None else {k: self.headers[k] for k in files}
+        return plan_layout(self.content_hash, chosen.items())
+
+    def rank_layouts(self, world: int, kind: str = "replicated",
+                     pattern: str = DEFAULT_SHARD_PATTERN) -> list[Layout]:
+        """One layout per rank of a ``world``-sized group."""
+        if kind not in LAYOUTS:
+            raise ConfigError(f"unknown layout {kind!r}; choose {' or '.join(LAYOUTS)}")
+        if kind == "replicated":
+            return [self.layout()] * world
+        files = shard_files(list(self.headers), world, pattern)
+        return [self.layout(files[rank]) for rank in range(world)]
+
+
+def shard_regex(pattern: str) -> re.Pattern[str]:
+    if "{rank}" not in pattern:
+        raise ConfigError(f"shard pattern {pattern!r} must contain {{rank}}")
+    text = re.escape(pattern)
+    text = text.replace(re.escape("{rank}"), r"(?P<rank>\d+)")
+    text = text.replace(re.escape("{part}"), r"(?P<part>\d+)")
+    return re.compile(text + r"\Z")
+
+
+def shard_files(keys: list[str], world: int, pattern: str = DEFAULT_SHARD_PATTERN
+                ) -> list[list[str]]:
+    """Rank r's files, in part order; refuses a model sharded for another group size."""
+    regex = shard_regex(pattern)
+    by_rank: dict[int, list[tuple[int, str]]] = {}
+    for key in keys:
+        m = regex.match(key)
+        if m:
+            part = int(m.group("part")) if "part" in m.groupdict() else 0
+            by_rank.setdefault(int(m.group("rank")), []).append((part, key))
+    if not by_rank:
+        raise ConfigError(f"no file matches the shard pattern {pattern!r}; is the model "
+                          "pre-sharded? (use --layout replicated otherwise)")
+    ranks = sorted(by_rank)
+    if ranks != list(range(world)):
+        raise ConfigError(f"the model is sharded for ranks {ranks}, not for a group of "
+                          f"{world} (--tp {len(ranks)}?)")
+    return [[key for _, key in sorted(by_rank[r])] for r in range(world)]
+
+
+async def plan_model(uri: ModelURI) -> ModelPlan:
+    """List the model, check it is complete, read every shard's header (ranged reads)."""
+    async with open_store(uri) as store:
+        objects = await store.list()
+        keys = {o.key for o in objects}
+        index = await _read_whole(store, objects, INDEX_FILE) if INDEX_FILE in keys else None
+        complete = check_complete(objects, index)
+        if not complete.complete:
+            raise IncompleteModelError(f"{uri} is not a complete model: {complete.reason}",
+                                       missing=list(complete.missing))
+        sizes = {o.key: o.size for o in objects}
+        headers = await asyncio.gather(*(read_header(store, k, sizes[k])
+                                         for k in complete.shards))
+    return ModelPlan(uri, content_hash(objects), dict(zip(complete.shards, headers,
+                                                          strict=True)))
+
+
+async def _read_whole(store: object, objects: list[object], key: str) -> bytes:
+    size = next(o.size for o in objects if o.key == key)  # type: ignore[attr-defined]
+    return await store.read_range(key, 0, size)  # type: ignore[attr-defined]
