@@ -4,7 +4,8 @@ no storage read.
 The worker maps the host segment read-only and, for a GPU, page-locks that mapping
 (``cudaHostRegister`` with the read-only flag) so the upload runs at PCIe speed — about
 55 GB/s on an H100 against 8 GB/s from pageable memory (FACTS.md). The registration is
-the worker's, not each serving process's: that is the point of doing it here.
+the worker's, not each serving process's: that is the point of doing it here, and the
+worker keeps it (:class:`PinnedSegments`) so only the first promotion pays for it.
 
 Layouts need not match: a rank of a sharded group holds a subset, so slots are copied by
 tensor name (one copy per tensor), and a layout identical to the host's is copied whole
@@ -14,35 +15,81 @@ in one transfer.
 from __future__ import annotations
 
 import logging
+import mmap
+import threading
+from dataclasses import dataclass
 
 import torch
 
 from warmpool.errors import StreamError
 from warmpool.layout import Layout
-from warmpool.tiers.host import Resident, map_readonly
+from warmpool.tiers.host import SHM_DIR, Resident, map_readonly
 from warmpool.workers.devices import pin_host_memory, unpin_host_memory
 
 log = logging.getLogger(__name__)
 
 
-def promote(host: Resident, layout: Layout, target: torch.Tensor) -> None:
+@dataclass
+class _Pinned:
+    mapping: mmap.mmap
+    source: torch.Tensor
+    pinned: bool
+
+
+class PinnedSegments:
+    """The host segments this worker holds mapped and page-locked.
+
+    Locking 16 GB costs over a second (``cudaHostRegister``); doing it once per segment
+    and keeping it makes every later promotion of that model run at PCIe speed. A
+    segment whose name is gone (evicted from the host tier) is released before the next
+    promotion, so the worker never keeps an evicted model's memory alive for long.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, _Pinned] = {}
+        self._lock = threading.Lock()
+
+    def get(self, host: Resident, pin: bool) -> torch.Tensor:
+        with self._lock:
+            self.release_stale()
+            held = self._held.get(host.segment)
+            if held is None:
+                mapping, source = map_readonly(host.segment, host.layout.total_bytes)
+                pinned = pin and pin_host_memory(source.data_ptr(), source.numel())
+                held = self._held[host.segment] = _Pinned(mapping, source, pinned)
+            return held.source
+
+    def is_pinned(self, segment: str) -> bool:
+        held = self._held.get(segment)
+        return bool(held and held.pinned)
+
+    def release_stale(self) -> None:
+        for name in [n for n in self._held if not (SHM_DIR / n).exists()]:
+            self._release(name)
+
+    def release_all(self) -> None:
+        with self._lock:
+            for name in list(self._held):
+                self._release(name)
+
+    def _release(self, name: str) -> None:
+        held = self._held.pop(name)
+        if held.pinned:
+            unpin_host_memory(held.source.data_ptr())
+        # the mapping itself goes when the last view of it does (never unmap under one)
+
+
+PINNED = PinnedSegments()
+
+
+def promote(host: Resident, layout: Layout, target: torch.Tensor,
+            segments: PinnedSegments = PINNED) -> None:
     """Copy ``host``'s segment into ``target`` (laid out by ``layout``); blocking."""
-    mapping, source = map_readonly(host.segment, host.layout.total_bytes)
-    pinned = False
-    try:
-        if target.is_cuda:
-            pinned = pin_host_memory(source.data_ptr(), source.numel())
-        copy_by_layout(source, host.layout, target, layout, non_blocking=pinned)
-        if target.is_cuda:
-            torch.cuda.synchronize(target.device)
-    finally:
-        if pinned:
-            unpin_host_memory(source.data_ptr())
-        del source
-        try:
-            mapping.close()
-        except BufferError:
-            pass  # a view survives somewhere; the mapping goes with it
+    source = segments.get(host, pin=target.is_cuda)
+    pinned = segments.is_pinned(host.segment)
+    copy_by_layout(source, host.layout, target, layout, non_blocking=pinned)
+    if target.is_cuda:
+        torch.cuda.synchronize(target.device)
 
 
 def _signature(layout: Layout) -> list[tuple[object, ...]]:
