@@ -56,7 +56,7 @@ def model_dir(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("loader", ["runai", "native"])
+@pytest.mark.parametrize("loader", ["runai", "native", "pread"])
 async def test_prefetch_then_attach_is_bit_exact(model_dir: Path, settings: Settings,
                                                  loader: str) -> None:
     result = await prefetch(str(model_dir), settings=settings, loader=loader)  # type: ignore[arg-type]
@@ -271,7 +271,7 @@ async def test_corrupt_shard_is_refused_and_leaves_nothing(model_dir: Path,
     assert segments_of(settings) == []
 
 
-@pytest.mark.parametrize("loader", ["runai", "native"])
+@pytest.mark.parametrize("loader", ["runai", "native", "pread"])
 async def test_file_changed_after_listing_fails_cleanly(model_dir: Path, settings: Settings,
                                                         loader: str) -> None:
     """A shard rewritten with other shapes between metadata and streaming."""
@@ -425,3 +425,24 @@ async def test_second_object_store_in_one_process_falls_back_to_native(
     for uri in uris:
         with attach(uri, settings=settings) as weights:
             assert_bit_exact(weights, expected)
+
+
+def test_pread_jobs_cover_every_byte_once() -> None:
+    """The pread loader's plan: each tensor byte read exactly once, reads within a chunk."""
+    from warmpool.layout import plan_layout
+    from warmpool.pread_loader import plan_jobs
+    from warmpool.safetensors import parse_header
+
+    data = __import__("safetensors.torch", fromlist=["save"]).save(
+        {f"t{i}": torch.zeros(1000 + 37 * i, dtype=torch.int8) for i in range(50)})
+    layout = plan_layout("h", [("a.safetensors", parse_header(data, file="a", file_size=len(data)))])
+    jobs = plan_jobs(layout, chunk=4096)
+    covered = sorted((p.src, p.src + p.nbytes) for j in jobs for p in j.pieces)
+    flat = [b for a, z in covered for b in range(a, z)]
+    assert len(flat) == len(set(flat)) == sum(s.nbytes for s in layout.slots)
+    assert all(j.nbytes <= 4096 for j in jobs)
+    for j in jobs:  # each job is one contiguous file range
+        at = j.start
+        for p in j.pieces:
+            assert p.src == at
+            at += p.nbytes

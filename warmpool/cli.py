@@ -130,14 +130,14 @@ def prefetch(uri: str,
              device: str = typer.Option("cpu", help="cpu, or cuda:N (needs running workers)."),
              tp: int = typer.Option(1, help="Tensor-parallel group size (GPU workers)."),
              layout: str = typer.Option("replicated", help="replicated | sharded (GPU workers)."),
-             loader: str = typer.Option("auto", help="auto | runai | native"),
+             loader: str = typer.Option("auto", help="auto | runai | native | pread"),
              concurrency: Optional[int] = typer.Option(None, help="Streamer concurrency."),
              memory_limit: Optional[str] = typer.Option(None, help="Streamer host buffer, e.g. 2GiB."),
              distributed: Optional[bool] = typer.Option(None, help="Distributed streaming."),
              as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
              redis: Optional[str] = RedisOpt) -> None:
     """Make a model warm (metadata, then weights); exit 0 only when it is."""
-    if loader not in ("auto", "runai", "native"):
+    if loader not in ("auto", "runai", "native", "pread"):
         raise ConfigError(f"unknown loader {loader!r}")
     settings = _settings(config, concurrency=concurrency,
                          memory_limit=parse_bytes(memory_limit), distributed=distributed,

@@ -26,13 +26,14 @@ import torch
 from warmpool.config import StreamerOptions
 from warmpool.errors import StreamError, WarmpoolError
 from warmpool.layout import Layout, Slot
+from warmpool.pread_loader import stream_pread
 from warmpool.storage import open_store
 from warmpool.storage.base import Store
 from warmpool.uri import ModelURI
 from warmpool.views import TORCH_DTYPES
 
 Progress = Callable[[int], None]
-Loader = Literal["auto", "runai", "native"]
+Loader = Literal["auto", "runai", "native", "pread"]
 
 #: Schemes runai-model-streamer 0.17 streams for us.
 RUNAI_SCHEMES = ("file", "s3", "gs")
@@ -50,9 +51,13 @@ _environ_lock = threading.Lock()
 _runai_object_scheme: str | None = None
 
 
-def choose_loader(uri: ModelURI, loader: Loader = "auto") -> Literal["runai", "native"]:
+def choose_loader(uri: ModelURI, loader: Loader = "auto") -> Literal["runai", "native", "pread"]:
     if loader == "native":
         return "native"
+    if loader == "pread":
+        if not uri.is_local:
+            raise StreamError(f"{uri}: the pread loader reads local files only")
+        return "pread"
     conflict = (uri.scheme != "file" and _runai_object_scheme not in (None, uri.scheme))
     if uri.scheme in RUNAI_SCHEMES and not conflict:
         return "runai"
@@ -72,14 +77,18 @@ async def fill_buffer(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     """Stream every slot of ``layout`` (or of ``files``) into ``target``; return the loader used."""
     chosen = choose_loader(uri, loader)
     report = progress or (lambda n: None)
-    if chosen == "runai":
-        # The streamer's thread cannot be cancelled from outside; it checks this flag
-        # between tensors, so Ctrl-C or a controller shutdown stops it within one tensor
-        # instead of after the whole model.
+    if chosen in ("runai", "pread"):
+        # A thread cannot be cancelled from outside; the loaders check this flag
+        # between pieces, so Ctrl-C or a controller shutdown stops them within one
+        # piece instead of after the whole model.
         stop = threading.Event()
         try:
-            await asyncio.to_thread(stream_runai, uri, layout, target, options=options,
-                                    files=files, progress=report, stop=stop)
+            if chosen == "runai":
+                await asyncio.to_thread(stream_runai, uri, layout, target, options=options,
+                                        files=files, progress=report, stop=stop)
+            else:
+                await asyncio.to_thread(stream_pread, uri.path, layout, target, files=files,
+                                        progress=report, stop=stop)
         except asyncio.CancelledError:
             stop.set()
             raise
