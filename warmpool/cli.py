@@ -137,7 +137,9 @@ def prefetch(uri: str,
              as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
              redis: Optional[str] = RedisOpt) -> None:
     """Make a model warm (metadata, then weights); exit 0 only when it is."""
-    if loader not in ("auto", "runai", "native", "pread"):
+    from warmpool.streaming import LOADERS
+
+    if loader not in LOADERS:
         raise ConfigError(f"unknown loader {loader!r}")
     settings = _settings(config, concurrency=concurrency,
                          memory_limit=parse_bytes(memory_limit), distributed=distributed,

@@ -14,7 +14,13 @@
     p:node:<node>                     string    heartbeat (JSON capacity), expires with a TTL
     p:nodes                           set       every node that ever announced itself
     p:lock:<hash>:<node>:<device>     string    SET NX PX: one fetch/stream per entry at a time
-    p:upload-pending:<model uri>      string    debounce: uploads seen, model not complete yet
+    p:upload-pending:<model uri>      hash      debounce: uploads seen, model not complete yet
+    p:uploads-pending                 set       every model uri with an upload-pending hash
+    p:upload-check:<model uri>        string    SET NX PX: one controller checks completeness
+    p:entries:<node>                  set       the entry keys of one node
+    p:claim:<digest>                  string    SET NX PX: one controller acts on a broadcast
+    p:reply:<request id>              list      the outcome of a request, for its sender
+    p:retiring:<node>                 set       entry keys to evict once no lease holds them
 
 Entry and lock keys start with the content hash so ``SCAN p:entry:<hash>:*`` finds every
 node that holds a model (placement prefers those). Under Redis Cluster these keys hash
@@ -74,3 +80,23 @@ class RedisKeys:
     def upload_pending(self, model_uri: object) -> str:
         """``model_uri``: a :class:`~warmpool.uri.ModelURI` or its string."""
         return f"{self.prefix}:upload-pending:{model_uri}"
+
+    # --- added for the controller (issue 5) ----------------------------------------
+    def node_entries(self, node: str) -> str:
+        return f"{self.prefix}:entries:{node}"
+
+    @property
+    def uploads_pending(self) -> str:
+        return f"{self.prefix}:uploads-pending"
+
+    def upload_check(self, model_uri: object) -> str:
+        return f"{self.prefix}:upload-check:{model_uri}"
+
+    def claim(self, digest: str) -> str:
+        return f"{self.prefix}:claim:{digest}"
+
+    def reply(self, request_id: str) -> str:
+        return f"{self.prefix}:reply:{request_id}"
+
+    def retiring(self, node: str) -> str:
+        return f"{self.prefix}:retiring:{node}"

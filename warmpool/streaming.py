@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -34,6 +34,7 @@ from warmpool.views import TORCH_DTYPES
 
 Progress = Callable[[int], None]
 Loader = Literal["auto", "runai", "native", "pread"]
+LOADERS: tuple[str, ...] = get_args(Loader)
 
 #: Schemes runai-model-streamer 0.17 streams for us.
 RUNAI_SCHEMES = ("file", "s3", "gs")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
+from warmpool.streaming import LOADERS
 from warmpool.config import StreamerOptions
 from warmpool.errors import ProtocolError, WarmpoolError
 from warmpool.layout import Layout
@@ -41,7 +42,7 @@ class LoadRequest:
         if not is_hash_ref(content_hash) or layout.content_hash != content_hash:
             raise ProtocolError("load request: content_hash and layout disagree")
         loader = str(msg.get("loader", "auto"))
-        if loader not in ("auto", "runai", "native"):
+        if loader not in LOADERS:
             raise ProtocolError(f"unknown loader {loader!r}")
         streamer = msg.get("streamer") or {}
         options = replace(defaults, **{k: streamer[k] for k in ("concurrency", "memory_limit")

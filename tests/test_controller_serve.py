@@ -1,0 +1,190 @@
+"""``warmpool serve`` as a real process: SIGKILL and restart, SIGTERM, the embedded Redis,
+metrics, JSON logs, and the CLI talking to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.models import write_model
+from tests.pool_env import run_cli
+from tests.redis_server import RedisServer
+from tests.servers import Backend
+from warmpool.config import Settings
+from warmpool.keys import RedisKeys
+from warmpool.tiers.host import HostTier
+
+KEYS = RedisKeys()
+NODE = "node-under-test"
+FAST_ENV = {"WARMPOOL_DEBOUNCE_S": "0.3", "WARMPOOL_HEARTBEAT_S": "0.5",
+            "WARMPOOL_RECHECK_S": "1", "WARMPOOL_CLAIM_IDLE_S": "2",
+            "WARMPOOL_SHUTDOWN_GRACE_S": "5", "WARMPOOL_NODE": NODE}
+DEADLINE_S = 60.0
+
+
+def poll(check: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Serve:
+    """One ``warmpool serve`` subprocess, its stderr in a file."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        self.log = log
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "warmpool.cli", "serve", "--metrics-port", "0", *args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                env={**os.environ, **FAST_ENV})
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            out.append(json.loads(line))  # every line is a JSON document
+        return out
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        return next((line for line in self.lines() if line.get("event") == name), None)
+
+    def wait_event(self, name: str) -> dict[str, Any]:
+        def seen() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                pytest.fail(f"warmpool serve exited with {self.proc.returncode}:\n"
+                            + self.log.read_text(errors="replace")[-3000:])
+            return self.event(name)
+
+        return dict(poll(seen, f"a {name!r} log line"))
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def serving(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    started: list[Serve] = []
+
+    def start(*args: str) -> Serve:
+        serve = Serve(tmp_path / f"serve-{len(started)}.log", *args)
+        started.append(serve)
+        serve.wait_event("serving")
+        return serve
+
+    yield start
+    for serve in started:
+        serve.kill()
+
+
+def read_entry(client: redis.Redis, content_hash: str) -> dict[str, Any] | None:
+    raw = client.hget(KEYS.entry(content_hash, "cpu", NODE), "entry")
+    return None if raw is None else dict(json.loads(raw))
+
+
+def test_serve_killed_and_restarted_reconciles_then_stops_cleanly(
+        serving: Callable[..., Serve], redis_server: RedisServer, s3_backend: Backend,
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_model(tmp_path / "src", shards=2)
+    for path in sorted((tmp_path / "src").iterdir()):
+        s3_backend.put("m/" + path.name, path.read_bytes())
+    uri = str(s3_backend.uri_for("m/"))
+    first = serving("--redis", redis_server.url)
+
+    # The CLI goes through the controller when a Redis is configured.
+    monkeypatch.setenv("WARMPOOL_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("WARMPOOL_NODE", NODE)
+    proc = run_cli("prefetch", uri, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["state"] == "warm" and report["node"] == NODE and report["request_id"]
+    port = first.wait_event("metrics_listening")["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'warmpool_models_streamed_total{device="cpu"} 1.0' in text
+    assert 'warmpool_events_received_total{source="stream"} 1.0' in text
+    assert "warmpool_time_to_warm_seconds_bucket" in text
+    streamed_bytes = float(text.split('warmpool_bytes_streamed_total{device="cpu"} ')[1].split()[0])
+    assert 0 < streamed_bytes <= report["bytes"]  # tensor bytes; the entry adds alignment
+    assert 'warmpool_models{state="warm"} 1.0' in text
+    assert 'warmpool_pool_bytes{device="cpu",kind="used"}' in text
+
+    client = redis.Redis.from_url(redis_server.url)
+    before = read_entry(client, report["content_hash"])
+    assert before is not None
+    first.kill()  # SIGKILL: no goodbye, heartbeat and entries stay behind
+    HostTier(settings.runtime_dir).remove_all()  # and the host rebooted
+
+    second = serving("--redis", redis_server.url)
+    assert second.wait_event("reconcile")["count"] == 1
+    after = poll(lambda: _warm_after(client, report["content_hash"], before["created_at"]),
+                 "the reconciled entry")
+    assert after["history"][0][0] == "pending"
+    assert second.terminate() == 0
+    assert second.event("stopped") is not None
+    assert not client.exists(KEYS.node(NODE))  # a clean stop takes the heartbeat down
+    client.close()
+
+
+def _warm_after(client: redis.Redis, content_hash: str, created_at: float
+                ) -> dict[str, Any] | None:
+    entry = read_entry(client, content_hash)
+    if entry and entry["state"] == "warm" and entry["created_at"] > created_at:
+        return entry
+    return None
+
+
+def test_serve_without_redis_embeds_one_and_the_cli_finds_it(
+        serving: Callable[..., Serve], settings: Settings, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    write_model(model_dir, shards=1)
+    serve = serving()
+    announced = serve.wait_event("embedded_redis")
+    assert announced["level"] == "warning" and "embedded" in announced["msg"]
+    url_file = settings.runtime_dir / "redis" / "redis.url"
+    assert url_file.read_text().startswith("unix://")
+    assert (settings.runtime_dir / "redis").stat().st_mode & 0o077 == 0
+
+    os.environ["WARMPOOL_NODE"] = NODE  # run_cli passes the environment on
+    try:
+        proc = run_cli("prefetch", str(model_dir), "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["request_id"]  # answered by the controller
+        status = run_cli("status", "--json")
+        assert [(e["state"], e["node"], e["device"]) for e in json.loads(status.stdout)] \
+            == [("warm", NODE, "cpu")]
+    finally:
+        del os.environ["WARMPOOL_NODE"]
+    assert serve.terminate() == 0
+    assert not url_file.exists()
+
+
+def test_prefetch_with_redis_but_no_controller_says_so(redis_server: RedisServer,
+                                                       settings: Settings, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    write_model(tmp_path / "model", shards=1)
+    monkeypatch.setenv("WARMPOOL_REDIS_URL", redis_server.url)
+    proc = run_cli("prefetch", str(tmp_path / "model"))
+    assert proc.returncode == 1
+    assert "no warmpool controller is running" in proc.stderr
