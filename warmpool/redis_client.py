@@ -90,3 +90,15 @@ async def _sleep_or_stop(seconds: float, stopping: asyncio.Event) -> None:
         await asyncio.wait_for(stopping.wait(), seconds)
     except TimeoutError:
         pass
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs (credentials are never logged)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

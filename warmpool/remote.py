@@ -18,6 +18,7 @@ from typing import Any
 
 from warmpool.config import Settings
 from warmpool.embedded_redis import running_url
+from warmpool.redis_client import redact
 from warmpool.errors import WarmpoolError
 from warmpool.keys import RedisKeys
 from warmpool.leases import Leases
@@ -52,7 +53,7 @@ async def prefetch(url: str, uri: str, *, settings: Settings, device: str = "cpu
         reply = await _wait_reply(redis, keys, request_id, settings.node,
                                   timeout_s or DEFAULT_TIMEOUT_S)
     except CONNECTION_ERRORS as exc:
-        raise ControllerError(f"cannot reach Redis at {url}: {exc}") from None
+        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
     finally:
         await redis.aclose()
     if reply.get("state") != "warm":
@@ -67,7 +68,7 @@ async def status(url: str, settings: Settings, keys: RedisKeys = RedisKeys()) ->
     try:
         entries = await RedisRegistry(redis, keys, settings.node).list_cluster()
     except CONNECTION_ERRORS as exc:
-        raise ControllerError(f"cannot reach Redis at {url}: {exc}") from None
+        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
     finally:
         await redis.aclose()
     leases = Leases(settings.runtime_dir)
@@ -79,7 +80,7 @@ async def _require_controller(redis: Any, keys: RedisKeys, node: str, url: str) 
     if not await redis.exists(keys.node(node)):
         raise ControllerError(
             f"no warmpool controller is running for node {node!r} (no heartbeat in the Redis "
-            f"at {url}); start `warmpool serve` there, or unset WARMPOOL_REDIS_URL to "
+            f"at {redact(url)}); start `warmpool serve` there, or unset WARMPOOL_REDIS_URL to "
             "prefetch in this process")
 
 
