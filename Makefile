@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= /tmp/warmpool-demo-model
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-dev demo demo-s3 test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: install
 	$(BIN)/warmpool prefetch $(DEMO_DIR)
 	$(BIN)/warmpool attach $(DEMO_DIR) --verify
 	$(BIN)/warmpool status
+
+demo-s3: install-dev
+	$(BIN)/python examples/s3_demo.py $(DEMO_DIR)
 
 test: install-dev
 	$(BIN)/pytest -q

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -27,7 +28,8 @@ from warmpool.errors import ConfigError, InvalidURIError, WarmpoolError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Keep LLM weights warm: prefetch, stream, attach in milliseconds.")
-out = Console()
+# Hashes, paths and tables stay whole on one line in pipes and logs.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True)
 T = TypeVar("T")
 
@@ -75,6 +77,8 @@ def _emit(data: Any) -> None:
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Log debug lines.")) -> None:
+    # runai-model-streamer sets its own logger's level from this variable at import.
+    os.environ.setdefault("RUNAI_STREAMER_LOG_LEVEL", "DEBUG" if verbose else "WARNING")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

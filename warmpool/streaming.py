@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -136,29 +136,39 @@ def patched_environ(env: dict[str, str]) -> Iterator[None]:
 def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
                  options: StreamerOptions, files: list[str] | None = None,
                  progress: Progress, distributed: bool = False,
-                 stop: threading.Event | None = None) -> None:
-    """Fill ``target`` with runai-model-streamer (blocking; run it in a thread)."""
+                 stop: threading.Event | None = None, stream_device: str = "cpu",
+                 extra_env: dict[str, str] | None = None,
+                 on_open: Callable[[Any], None] | None = None) -> int:
+    """Fill ``target`` with runai-model-streamer (blocking; run it in a thread).
+
+    ``stream_device`` is where the streamer lands tensors (a group streaming with NCCL
+    broadcasts between device buffers); ``on_open`` sees the streamer before it starts
+    (the worker group counts its storage reads there). Returns the tensors copied.
+    """
     from runai_model_streamer import SafetensorsStreamer
 
     global _runai_object_scheme
     if uri.scheme != "file":
         _runai_object_scheme = _runai_object_scheme or uri.scheme
     slots = {s.name: s for s in layout.slots if files is None or s.file in files}
-    wanted_files = sorted({s.file for s in slots.values()})
-    paths = [_runai_path(uri, f) for f in wanted_files]
+    paths = [_runai_path(uri, f) for f in sorted({s.file for s in slots.values()})]
+    env = {**streamer_environment(options), **(extra_env or {})}
     filled = 0
     try:
         # Held for the whole run: the native library reads some variables (endpoints,
         # timeouts) when a request starts, not only when the streamer opens.
-        with patched_environ(streamer_environment(options)), SafetensorsStreamer() as streamer:
-            streamer.stream_files(paths, device="cpu", is_distributed=distributed, owned=False)
+        with patched_environ(env), SafetensorsStreamer() as streamer:
+            if on_open is not None:
+                on_open(streamer)
+            streamer.stream_files(paths, device=stream_device, is_distributed=distributed,
+                                  owned=False)
             for name, tensor in streamer.get_tensors():
                 if stop is not None and stop.is_set():
                     raise StreamError(f"{uri}: streaming cancelled")
                 slot = slots.get(name)
                 if slot is None:
                     raise StreamError(f"{uri}: streamer yielded unexpected tensor {name!r}")
-                _copy_into(target, slot, tensor, uri)
+                copy_slot(target, slot, tensor, uri)
                 filled += 1
                 progress(slot.nbytes)
     except WarmpoolError:
@@ -167,9 +177,12 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
         raise StreamError(f"{uri}: runai-model-streamer failed: {exc}") from exc
     if filled != len(slots):
         raise StreamError(f"{uri}: streamed {filled} of {len(slots)} tensors")
+    return filled
 
 
-def _copy_into(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: ModelURI) -> None:
+def copy_slot(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: ModelURI) -> None:
+    """Copy one streamed tensor's bytes into its slot, after checking it is the tensor the
+    header promised (a file rewritten since its header was read is refused)."""
     if tensor.dtype != TORCH_DTYPES[slot.dtype] or tuple(tensor.shape) != slot.shape:
         raise StreamError(
             f"{uri.child(slot.file)}: tensor {slot.name!r} arrived as {tensor.dtype} "

@@ -19,6 +19,7 @@ range submitted to storage — the rank's partition and its own header reads —
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,11 +29,9 @@ from typing import Any
 import torch
 
 from warmpool.config import StreamerOptions
-from warmpool.errors import StreamError, WarmpoolError
-from warmpool.layout import Layout, Slot
-from warmpool.streaming import patched_environ, streamer_environment
+from warmpool.layout import Layout
+from warmpool.streaming import stream_runai
 from warmpool.uri import ModelURI
-from warmpool.views import TORCH_DTYPES
 from warmpool.workers.devices import DeviceSpec
 
 #: The distributed streamer's device staging buffers (two per rank) default to 1 GiB
@@ -112,43 +111,14 @@ def stream_counted(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
                    options: StreamerOptions, distributed: bool, stream_device: str,
                    progress: Callable[[int], None]) -> RankResult:
     """runai-model-streamer into ``target``, counting the bytes read from storage."""
-    from runai_model_streamer import SafetensorsStreamer
-
     started = time.perf_counter()
-    slots = {s.name: s for s in layout.slots}
-    paths = [str(uri.path / f) if uri.is_local else uri.child(f) for f in layout.files]
-    env = streamer_environment(options)
-    env.setdefault(DIST_BUFFER_VAR, str(DIST_BUFFER_BYTES))
-    filled = 0
-    try:
-        with patched_environ(env), SafetensorsStreamer() as streamer:
-            counter = ReadCounter.install(streamer)
-            streamer.stream_files(paths, device=stream_device, is_distributed=distributed,
-                                  owned=False)
-            for name, tensor in streamer.get_tensors():
-                slot = slots.get(name)
-                if slot is None:
-                    raise StreamError(f"{uri}: streamer yielded unexpected tensor {name!r}")
-                copy_slot(target, slot, tensor, uri)
-                filled += 1
-                progress(slot.nbytes)
-    except WarmpoolError:
-        raise
-    except Exception as exc:  # the streamer raises plain exceptions from C++
-        raise StreamError(f"{uri}: runai-model-streamer failed: {exc}") from exc
-    if filled != len(slots):
-        raise StreamError(f"{uri}: streamed {filled} of {len(slots)} tensors")
-    return RankResult(filled, counter.bytes, time.perf_counter() - started)
-
-
-def copy_slot(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: ModelURI) -> None:
-    if tensor.dtype != TORCH_DTYPES[slot.dtype] or tuple(tensor.shape) != slot.shape:
-        raise StreamError(
-            f"{uri.child(slot.file)}: tensor {slot.name!r} arrived as {tensor.dtype} "
-            f"{tuple(tensor.shape)}, header said {slot.dtype} {slot.shape} (file changed?)")
-    if slot.nbytes:
-        flat = tensor.reshape(-1).view(torch.uint8)
-        target[slot.offset : slot.offset + slot.nbytes].copy_(flat)
+    counters: list[ReadCounter] = []
+    filled = stream_runai(uri, layout, target, options=options, progress=progress,
+                          distributed=distributed, stream_device=stream_device,
+                          extra_env={DIST_BUFFER_VAR: os.environ.get(DIST_BUFFER_VAR,
+                                                                     str(DIST_BUFFER_BYTES))},
+                          on_open=lambda streamer: counters.append(ReadCounter.install(streamer)))
+    return RankResult(filled, counters[0].bytes, time.perf_counter() - started)
 
 
 class ReadCounter:

@@ -9,7 +9,9 @@ by :func:`validate_relative_key` before it can become a file name.
 from __future__ import annotations
 
 import abc
+import asyncio
 import posixpath
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -93,3 +95,27 @@ class Store(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+async def read_full(read: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
+    """Up to ``size`` bytes from a stream whose ``read(n)`` may return less than ``n``
+    before the end, so that each disk write is a whole chunk rather than a socket buffer."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part = await read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+async def stream_to_file(read: Callable[[int], Awaitable[bytes]], dest: Path) -> int:
+    """Copy a response body into ``dest`` a chunk at a time; never whole into memory."""
+    done = 0
+    with open(dest, "wb") as f:
+        while chunk := await read_full(read, DOWNLOAD_CHUNK):
+            await asyncio.to_thread(f.write, chunk)
+            done += len(chunk)
+    return done

@@ -8,7 +8,6 @@ which is exactly the "bytes changed" signal the content hash needs.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from warmpool.errors import (
     TransientStorageError,
 )
 from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
-from warmpool.storage.base import DOWNLOAD_CHUNK, ObjectInfo, Store, validate_relative_key
+from warmpool.storage.base import ObjectInfo, Store, stream_to_file, validate_relative_key
 from warmpool.uri import ModelURI
 
 T = TypeVar("T")
@@ -141,28 +140,10 @@ class GCSStore(Store):
         stream = await self._gcs().download_stream(
             self.uri.bucket, self.uri.join(validate_relative_key(key)),
             timeout=_TIMEOUT)  # type: ignore[arg-type]
-        done = 0
         async with stream:
-            with open(dest, "wb") as f:
-                while chunk := await _read_full(stream.read, DOWNLOAD_CHUNK):
-                    await asyncio.to_thread(f.write, chunk)
-                    done += len(chunk)
-        return done
+            return await stream_to_file(stream.read, dest)
 
     async def download(self, key: str, dest: Path) -> int:
         """Stream the object into ``dest`` a chunk at a time; a retry starts the file over."""
         return await self._call(key, "download", lambda: self._download_once(key, dest))
 
-
-async def _read_full(read: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
-    """Up to ``size`` bytes from a stream whose ``read(n)`` may return less than ``n``
-    before the end, so that each disk write is a whole chunk rather than a socket buffer."""
-    parts: list[bytes] = []
-    got = 0
-    while got < size:
-        part = await read(size - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
