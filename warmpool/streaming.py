@@ -105,9 +105,9 @@ def _runai_path(uri: ModelURI, key: str) -> str:
     return str(uri.path / key) if uri.is_local else uri.child(key)
 
 
-def streamer_environment(options: StreamerOptions) -> dict[str, str]:
+def streamer_environment(options: StreamerOptions, largest_tensor: int = 0) -> dict[str, str]:
     """The variables a streamer run needs, including what test servers need."""
-    env = options.environment()
+    env = options.environment(largest_tensor=largest_tensor)
     if env.get("AWS_ENDPOINT_URL"):
         # S3-compatible servers answer path-style only.
         env.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
@@ -152,7 +152,8 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
         _runai_object_scheme = _runai_object_scheme or uri.scheme
     slots = {s.name: s for s in layout.slots if files is None or s.file in files}
     paths = [_runai_path(uri, f) for f in sorted({s.file for s in slots.values()})]
-    env = {**streamer_environment(options), **(extra_env or {})}
+    largest = max((s.nbytes for s in slots.values()), default=0)
+    env = {**streamer_environment(options, largest), **(extra_env or {})}
     filled = 0
     try:
         # Held for the whole run: the native library reads some variables (endpoints,
