@@ -162,6 +162,21 @@ def test_attach_on_cuda_is_bit_exact_and_fast(tmp_path: Path, transport: str) ->
         assert f"verified {transport}" in out
 
 
+@pytest.mark.parametrize("loader", ["pread", "native"])
+def test_other_loaders_fill_a_device_buffer_bit_exactly(tmp_path: Path, loader: str) -> None:
+    """pread (pinned staging, async copies on per-thread streams) and native ranged reads
+    land the same bytes as safetensors reads, whatever the chunking."""
+    settings = settings_for(tmp_path)
+    model = tmp_path / "m"
+    expected = write_model(model, shards=3)
+    with direct_workers(settings, ["cuda:0"]):
+        result = prefetch_via_workers(str(model), device="cuda:0", settings=settings,
+                                      loader=loader)
+        assert result["loader"] == loader
+        with attach_gpu(str(model), "cuda:0", settings) as attached:
+            assert_bit_exact(attached.tensors, expected)
+
+
 def test_promotion_from_the_host_tier_uploads_without_reading_storage(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     model = tmp_path / "m"
