@@ -15,8 +15,10 @@ and for the worker going away.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -69,8 +71,16 @@ class GpuAttachment:
         """End the lease. Views already handed out stay valid until dropped: the mapping
         goes with the last of them (and, for cuda-vmm, the memory with the last mapping)."""
         channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
+        if channel is None:
+            return
+        # Wake the watcher (blocked in recv on this socket) and wait for it: closing the
+        # fd under a blocked recv neither wakes it reliably nor is safe, and a thread
+        # still inside recv at interpreter exit has been seen to abort the process.
+        with contextlib.suppress(OSError):
+            channel.sock.shutdown(socket.SHUT_RDWR)
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
+        channel.close()
 
     def _watch(self) -> None:
         channel = self._channel
