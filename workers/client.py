@@ -66,7 +66,7 @@ def prefetch_via_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
     """Make ``uri`` warm on ``device`` (and the next ``tp - 1`` devices); a summary dict
     shaped like :meth:`warmpool.prefetch.PrefetchResult.to_json`."""
     started = time.perf_counter()
-    plan = plan or asyncio.run(plan_model(parse_uri(uri)))
+    plan = plan or asyncio.run(plan_model(parse_uri(uri), settings.cache_dir))
     devices = group_devices(device, tp)
     records = [worker_for(settings, d) for d in devices]
     layouts = plan.rank_layouts(len(devices), layout, shard_pattern)

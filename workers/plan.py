@@ -10,15 +10,14 @@ writes.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from warmpool.errors import ConfigError, IncompleteModelError
-from warmpool.identity import INDEX_FILE, check_complete, content_hash
+from warmpool.config import Settings
+from warmpool.errors import ConfigError
 from warmpool.layout import Layout, plan_layout
-from warmpool.safetensors import SafetensorsHeader, read_header
-from warmpool.storage import open_store
+from warmpool.safetensors import SafetensorsHeader
 from warmpool.uri import ModelURI
 
 DEFAULT_SHARD_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
@@ -77,23 +76,11 @@ def shard_files(keys: list[str], world: int, pattern: str = DEFAULT_SHARD_PATTER
     return [[key for _, key in sorted(by_rank[r])] for r in range(world)]
 
 
-async def plan_model(uri: ModelURI) -> ModelPlan:
-    """List the model, check it is complete, read every shard's header (ranged reads)."""
-    async with open_store(uri) as store:
-        objects = await store.list()
-        keys = {o.key for o in objects}
-        index = await _read_whole(store, objects, INDEX_FILE) if INDEX_FILE in keys else None
-        complete = check_complete(objects, index)
-        if not complete.complete:
-            raise IncompleteModelError(f"{uri} is not a complete model: {complete.reason}",
-                                       missing=list(complete.missing))
-        sizes = {o.key: o.size for o in objects}
-        headers = await asyncio.gather(*(read_header(store, k, sizes[k])
-                                         for k in complete.shards))
-    return ModelPlan(uri, content_hash(objects), dict(zip(complete.shards, headers,
-                                                          strict=True)))
+async def plan_model(uri: ModelURI, cache_dir: Path | None = None) -> ModelPlan:
+    """The model's identity and headers, through the metadata cache like every prefetch:
+    one listing, the small files and headers fetched once and reused."""
+    from warmpool.cache import MetadataCache
 
-
-async def _read_whole(store: object, objects: list[object], key: str) -> bytes:
-    size = next(o.size for o in objects if o.key == key)  # type: ignore[attr-defined]
-    return await store.read_range(key, 0, size)  # type: ignore[attr-defined]
+    root = cache_dir if cache_dir is not None else Settings.load().cache_dir
+    cached = await MetadataCache(root).fetch(uri)
+    return ModelPlan(uri, cached.content_hash, dict(cached.headers))
