@@ -173,7 +173,7 @@ def test_promotion_copies_a_subset_layout_by_tensor_name(tmp_path: Path) -> None
     import asyncio as aio
 
     write_even_model(tmp_path / "m", files=2, per_file=3, tensor_bytes=4096)
-    plan = aio.run(plan_model(parse_uri(str(tmp_path / "m"))))
+    plan = aio.run(plan_model(parse_uri(str(tmp_path / "m")), tmp_path / "cache"))
     full, part = plan.layout(), plan.layout([sorted(plan.headers)[1]])
     source = torch.randint(0, 255, (full.total_bytes,), dtype=torch.uint8)
     target = torch.zeros(part.total_bytes, dtype=torch.uint8)
@@ -189,7 +189,7 @@ async def test_a_failed_stream_leaves_nothing_resident_and_records_the_error(
         tmp_path: Path, start_worker: StartWorker) -> None:
     worker, settings = await start_worker()
     write_model(tmp_path / "m")
-    plan = await plan_model(parse_uri(str(tmp_path / "m")))
+    plan = await plan_model(parse_uri(str(tmp_path / "m")), tmp_path / "cache")
     victim = sorted((tmp_path / "m").glob("*.safetensors"))[0]
     victim.write_bytes(victim.read_bytes()[:-8])  # truncated after the headers were read
     with pytest.raises(StorageError, match="bytes short"):
@@ -213,7 +213,7 @@ def test_layout_of_a_plan_matches_plan_layout(tmp_path: Path) -> None:
     import asyncio as aio
 
     write_model(tmp_path / "m")
-    plan = aio.run(plan_model(parse_uri(str(tmp_path / "m"))))
+    plan = aio.run(plan_model(parse_uri(str(tmp_path / "m")), tmp_path / "cache"))
     assert plan.layout() == plan_layout(plan.content_hash, plan.headers.items())
 
 
@@ -287,3 +287,21 @@ def test_eviction_policy_takes_least_recently_attached_and_spares_leased_and_pin
     finally:
         for r in everyone:
             r.buffer.free()
+
+
+async def test_host_segments_are_held_and_released_when_evicted(tmp_path: Path) -> None:
+    """The GPU worker's background locker: it holds every host-warm segment and lets go
+    of one as soon as the host tier evicts it (so it never pins an evicted model)."""
+    from warmpool.tiers.host import HostTier
+    from warmpool.workers.promote import PinnedSegments
+
+    settings = settings_for(tmp_path)
+    write_model(tmp_path / "m", shards=2)
+    plan = await publish_host_copy(settings, tmp_path / "m")
+    host = HostTier(settings.runtime_dir)
+    segments = PinnedSegments()
+    segments.sync(host.residents(), pin=False)  # no GPU here: mapped, not page-locked
+    assert segments.held() == [host.segment_name(plan.content_hash)]
+    host.remove(plan.content_hash)
+    segments.sync(host.residents(), pin=False)
+    assert segments.held() == []

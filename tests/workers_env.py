@@ -97,7 +97,7 @@ def write_sharded_model(directory: Path, *, ranks: int = 2, parts: int = 2
 async def publish_host_copy(settings: Settings, model_dir: Path) -> ModelPlan:
     """Put ``model_dir`` on the host tier (a published shared-memory segment) with the
     host tier's own API, independent of the prefetch pipeline."""
-    plan = await plan_model(parse_uri(str(model_dir)))
+    plan = await plan_model(parse_uri(str(model_dir)), settings.cache_dir)
     host = HostTier(settings.runtime_dir)
     layout = plan.layout()
     segment = host.create(plan.content_hash, layout.total_bytes)

@@ -59,6 +59,20 @@ class PinnedSegments:
                 held = self._held[host.segment] = _Pinned(mapping, source, pinned)
             return held.source
 
+    def sync(self, residents: list[Resident], pin: bool) -> None:
+        """Hold every host-warm model (page-locked when ``pin``), release vanished ones.
+
+        A GPU worker runs this in the background so that the first promotion of a model
+        warmed on the host tier already finds it locked (DESIGN.md, "Two tiers").
+        """
+        with self._lock:
+            self.release_stale()
+        for resident in residents:
+            self.get(resident, pin)
+
+    def held(self) -> list[str]:
+        return sorted(self._held)
+
     def is_pinned(self, segment: str) -> bool:
         held = self._held.get(segment)
         return bool(held and held.pinned)

@@ -49,7 +49,7 @@ from warmpool.workers.devices import (DeviceSpec, cuda_free_bytes, device_uuid,
                                       normalise_uuid, parse_device)
 from warmpool.workers.group import staging_bytes
 from warmpool.workers.process import die_with_parent, fast_exit
-from warmpool.workers.promote import promote
+from warmpool.workers.promote import PINNED, promote
 from warmpool.workers.protocol import (AsyncChannel, Message, check_peer, check_socket_path,
                                        error_reply, ok, socket_dir)
 from warmpool.workers.requests import Connection, LoadRequest, Reply
@@ -59,6 +59,8 @@ log = logging.getLogger("warmpool.worker")
 
 #: Kept free on the device for the CUDA context, cuBLAS workspaces and the like.
 DEFAULT_HEADROOM = 512 << 20
+#: GPU workers page-lock host-tier segments in the background (WARMPOOL_PIN_HOST=0: don't).
+PIN_HOST_SEGMENTS = os.environ.get("WARMPOOL_PIN_HOST", "1") != "0"
 #: How long eviction waits for holders to act on a ``detach`` notice.
 DEFAULT_GRACE_S = 5.0
 
@@ -104,7 +106,13 @@ class Worker:
                 self.transport, self.capacity)
             discovery.write_record(self.runtime_dir, self.record)
             log.info("worker %s (%s) listening on %s", self.device, self.uuid, self.socket_path)
-            await self._accept_until_stopped(listener)
+            locker = (asyncio.create_task(self._keep_host_segments_locked())
+                      if self.device.kind == "cuda" and PIN_HOST_SEGMENTS else None)
+            try:
+                await self._accept_until_stopped(listener)
+            finally:
+                if locker is not None:
+                    locker.cancel()
         finally:
             if listener is not None:
                 listener.close()
@@ -117,6 +125,15 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _keep_host_segments_locked(self, every_s: float = 10.0) -> None:
+        """Page-lock what the host tier holds, ahead of any promotion (see promote.py)."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.to_thread(PINNED.sync, self.host.residents(), True)
+            except Exception:  # noqa: BLE001 - best effort; promotion pins on demand anyway
+                log.exception("could not page-lock the host tier's segments")
+            await asyncio.sleep(every_s)
 
     def _listen(self) -> socket.socket:
         self.socket_path.unlink(missing_ok=True)  # a dead predecessor's; we hold the lock
