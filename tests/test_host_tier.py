@@ -446,3 +446,20 @@ def test_pread_jobs_cover_every_byte_once() -> None:
         for p in j.pieces:
             assert p.src == at
             at += p.nbytes
+
+
+async def test_streamer_memory_limit_reaches_the_streamer(model_dir: Path,
+                                                           settings: Settings) -> None:
+    """memory_limit (the engines' name) bounds runai's staging buffer: a limit below the
+    largest tensor is refused by the streamer itself, and nothing is left behind; the
+    smallest legal one (0 = the largest tensor only) still streams bit-exactly."""
+    from dataclasses import replace
+
+    too_small = replace(settings, streamer=replace(settings.streamer, memory_limit=16))
+    with pytest.raises(StreamError):
+        await prefetch(str(model_dir), settings=too_small, loader="runai")
+    assert segments_of(settings) == []
+    tight = replace(settings, streamer=replace(settings.streamer, memory_limit=0))
+    await prefetch(str(model_dir), settings=tight, loader="runai")
+    with attach(str(model_dir), settings=settings) as weights:
+        assert_bit_exact(weights, reference(model_dir))
