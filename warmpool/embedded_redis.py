@@ -72,7 +72,9 @@ class EmbeddedRedis:
              "--dir", str(self.dir), "--dbfilename", "warmpool.rdb", "--save", "30 1",
              "--appendonly", "no", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent)
+            # Its own session: a Ctrl-C at the terminal goes to serve, which stops Redis
+            # last, after the controller let go of it; it still dies with serve.
+            preexec_fn=_die_with_parent, start_new_session=True)
         self._wait_ready()
         self.url_file.write_text(self.url)
         log.warning("no Redis configured: started an embedded redis-server (%s, pid %d) at %s; "
