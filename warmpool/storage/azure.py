@@ -38,7 +38,7 @@ from warmpool.errors import (
     StorageError,
     TransientStorageError,
 )
-from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
+from warmpool.retry import Backoff, retry_async
 from warmpool.storage.base import DOWNLOAD_CHUNK, ObjectInfo, Store, validate_relative_key
 from warmpool.uri import ModelURI
 
@@ -60,18 +60,11 @@ _CLIENT_OPTIONS: dict[str, Any] = {
 class AzureStore(Store):
     """One ``BlobServiceClient`` per store, opened on first use and closed by :meth:`close`."""
 
-    #: Blobs per list page (the service's maximum is 5000); tests lower it.
-    page_size: int = 5000
-    #: Retry schedule for every call; tests shorten it.
-    backoff: Backoff = DEFAULT_BACKOFF
+    page_size = 5000  # the service's maximum
 
     def __init__(self, uri: ModelURI, *, page_size: int | None = None,
                  backoff: Backoff | None = None) -> None:
-        super().__init__(uri)
-        if page_size is not None:
-            self.page_size = page_size
-        if backoff is not None:
-            self.backoff = backoff
+        super().__init__(uri, page_size=page_size, backoff=backoff)
         self._stack = AsyncExitStack()
         self._container_client: ContainerClient | None = None
         self._client_lock = asyncio.Lock()

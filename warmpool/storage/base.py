@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from warmpool.errors import UnsafeKeyError
+from warmpool.retry import DEFAULT_BACKOFF, Backoff
 from warmpool.uri import ModelURI
 
 #: Downloads are streamed to disk in pieces of this size, never whole into memory.
@@ -55,8 +56,18 @@ class Store(abc.ABC):
     translate backend errors into :mod:`warmpool.errors` classes that name the key.
     """
 
-    def __init__(self, uri: ModelURI) -> None:
+    #: Objects per list page (each service's maximum by default); tests lower it.
+    page_size: int = 1000
+    #: Retry schedule for every call; tests shorten it.
+    backoff: Backoff = DEFAULT_BACKOFF
+
+    def __init__(self, uri: ModelURI, *, page_size: int | None = None,
+                 backoff: Backoff | None = None) -> None:
         self.uri = uri
+        if page_size is not None:
+            self.page_size = page_size
+        if backoff is not None:
+            self.backoff = backoff
 
     @abc.abstractmethod
     async def list(self) -> list[ObjectInfo]:

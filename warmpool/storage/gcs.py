@@ -22,7 +22,7 @@ from warmpool.errors import (
     StorageError,
     TransientStorageError,
 )
-from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
+from warmpool.retry import Backoff, retry_async
 from warmpool.storage.base import ObjectInfo, Store, stream_to_file, validate_relative_key
 from warmpool.uri import ModelURI
 
@@ -36,18 +36,9 @@ _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
 class GCSStore(Store):
     """One gcloud-aio ``Storage`` (one aiohttp session) per store, opened on first use."""
 
-    #: Objects per list page (GCS's maximum is 1000); tests lower it.
-    page_size: int = 1000
-    #: Retry schedule for every call; tests shorten it.
-    backoff: Backoff = DEFAULT_BACKOFF
-
     def __init__(self, uri: ModelURI, *, page_size: int | None = None,
                  backoff: Backoff | None = None) -> None:
-        super().__init__(uri)
-        if page_size is not None:
-            self.page_size = page_size
-        if backoff is not None:
-            self.backoff = backoff
+        super().__init__(uri, page_size=page_size, backoff=backoff)
         self._storage: Storage | None = None
 
     def _gcs(self) -> Storage:

@@ -29,7 +29,7 @@ from warmpool.errors import (
     StorageError,
     TransientStorageError,
 )
-from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
+from warmpool.retry import Backoff, retry_async
 from warmpool.storage.base import ObjectInfo, Store, stream_to_file, validate_relative_key
 from warmpool.uri import ModelURI
 
@@ -74,18 +74,9 @@ def _endpoint_url() -> str | None:
 class S3Store(Store):
     """One aiobotocore client per store, opened on first use and closed by :meth:`close`."""
 
-    #: Keys per ListObjectsV2 page (S3's maximum); tests lower it to exercise paging.
-    page_size: int = 1000
-    #: Retry schedule for every call; tests shorten it.
-    backoff: Backoff = DEFAULT_BACKOFF
-
     def __init__(self, uri: ModelURI, *, page_size: int | None = None,
                  backoff: Backoff | None = None) -> None:
-        super().__init__(uri)
-        if page_size is not None:
-            self.page_size = page_size
-        if backoff is not None:
-            self.backoff = backoff
+        super().__init__(uri, page_size=page_size, backoff=backoff)
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._client_lock = asyncio.Lock()
