@@ -188,18 +188,23 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return {**data, **streamer}
 
 
-def private_dir(path: Path) -> Path:
+def private_dir(path: Path, *, repair: bool = True) -> Path:
     """Create ``path`` (mode 0700) or check that an existing one is ours and private.
 
     Sockets, leases and segment records live here; a directory another user can write
-    would let them swap a socket or forge a layout.
+    would let them swap a socket or forge a layout. A loose mode on a directory of ours
+    is tightened, or refused when ``repair`` is False (the socket directory: something
+    may already have been swapped in, so a person should look first).
     """
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.lstat()
     if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{path} is not a directory")
+        raise ConfigError(f"{path} is not a directory (a symlink?); refusing to use it")
     if st.st_uid != os.getuid():
         raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to us ({os.getuid()})")
     if st.st_mode & 0o077:
+        if not repair:
+            raise ConfigError(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; it must be 0700 "
+                              "(someone may have replaced a socket in it: check, then chmod 700)")
         os.chmod(path, 0o700)
     return path

@@ -25,7 +25,6 @@ import array
 import asyncio
 import os
 import socket
-import stat
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -180,20 +179,7 @@ def check_peer(sock: socket.socket) -> PeerCred:
 def socket_dir(runtime_dir: Path) -> Path:
     """``<runtime_dir>/workers``: created 0700, or refused if its owner or mode is wrong."""
     private_dir(runtime_dir)
-    path = runtime_dir / "workers"
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{path} is not a directory (a symlink?); refusing to use it")
-    if st.st_uid != os.getuid():
-        raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to us ({os.getuid()})")
-    if st.st_mode & 0o077:
-        raise ConfigError(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; it must be 0700 "
-                          "(someone may have replaced a socket in it: check, then chmod 700)")
-    return path
+    return private_dir(runtime_dir / "workers", repair=False)
 
 
 def check_socket_path(path: Path) -> Path:
