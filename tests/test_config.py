@@ -92,3 +92,21 @@ def test_redis_passwords_are_redacted() -> None:
     assert redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
     assert "pw" not in redact("rediss://user:pw@h/1")
     assert redact("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_loader_choice() -> None:
+    """auto: runai wherever it streams, pread for local files going to a GPU, our own
+    client for az:// (no streamer support against connection-string accounts)."""
+    from warmpool.errors import StreamError
+    from warmpool.streaming import choose_loader
+
+    local, s3, az = parse_uri("/models/m"), parse_uri("s3://b/m/"), parse_uri("az://c/m/")
+    assert choose_loader(local) == "runai"
+    assert choose_loader(local, to_device=True) == "pread"
+    assert choose_loader(s3, to_device=True) == "runai"
+    assert choose_loader(az) == "native"
+    assert choose_loader(local, "runai", to_device=True) == "runai"
+    with pytest.raises(StreamError):
+        choose_loader(s3, "pread")
+    with pytest.raises(StreamError):
+        choose_loader(az, "runai")

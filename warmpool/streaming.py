@@ -52,9 +52,17 @@ _environ_lock = threading.Lock()
 _runai_object_scheme: str | None = None
 
 
-def choose_loader(uri: ModelURI, loader: Loader = "auto") -> Literal["runai", "native", "pread"]:
+def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
+                  to_device: bool = False) -> Literal["runai", "native", "pread"]:
+    """The loader for ``uri``. ``auto`` is runai-model-streamer wherever it can stream,
+    except local files going straight to a GPU: there threads of ``preadv`` through
+    page-locked staging reached 17 GB/s against the streamer's 5 on the H100 (16 GB,
+    page cache; bench/results/gpu-h100.md). A distributed group keeps runai, which
+    splits the reads between ranks."""
     if loader == "native":
         return "native"
+    if loader == "auto" and to_device and uri.is_local:
+        return "pread"
     if loader == "pread":
         if not uri.is_local:
             raise StreamError(f"{uri}: the pread loader reads local files only")
@@ -76,7 +84,7 @@ async def fill_buffer(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
                       files: list[str] | None = None, progress: Progress | None = None,
                       store: Store | None = None) -> str:
     """Stream every slot of ``layout`` (or of ``files``) into ``target``; return the loader used."""
-    chosen = choose_loader(uri, loader)
+    chosen = choose_loader(uri, loader, to_device=target.is_cuda)
     report = progress or (lambda n: None)
     if chosen in ("runai", "pread"):
         # A thread cannot be cancelled from outside; the loaders check this flag
