@@ -150,10 +150,23 @@ async def test_changed_model_gets_a_new_entry(model_dir: Path, settings: Setting
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     index["weight_map"]["extra"] = "model-extra.safetensors"
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    held = attach(first.entry.content_hash, settings=settings)  # a holder of version 1
     second = await prefetch(str(model_dir), settings=settings)
     assert second.entry.content_hash != first.entry.content_hash
     with attach(str(model_dir), settings=settings) as weights:  # the newest version
         assert same_bits(weights["extra"], torch.ones(3))
+    states = {e.content_hash: e.state for e in await Pool(settings).entries()}
+    assert states[first.entry.content_hash] == State.WARM  # leased: kept
+    held.close()
+    third_dir_change = model_dir / "generation_config.json"
+    third_dir_change.write_text('{"do_sample": true}')
+    third = await prefetch(str(model_dir), settings=settings)
+    states = {e.content_hash: e.state for e in await Pool(settings).entries()}
+    # Unleased older versions of the same URI are retired once the new one is warm.
+    assert states[first.entry.content_hash] == State.EVICTED
+    assert states[second.entry.content_hash] == State.EVICTED
+    assert states[third.entry.content_hash] == State.WARM
+    assert len(segments_of(settings)) == 1
 
 
 def test_attach_of_cold_model_says_how_to_warm_it(model_dir: Path, settings: Settings) -> None:

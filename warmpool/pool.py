@@ -130,6 +130,22 @@ class Pool:
             self.leases.forget(entry.key)
             return await self.registry.transition(entry, State.EVICTED, error=None, leases=0)
 
+    async def retire_older(self, current: PoolEntry) -> list[PoolEntry]:
+        """Evict the other warm versions of ``current``'s URI on its device: a re-upload
+        (or a regenerated directory) must not keep the old bytes resident. Leased or
+        pinned versions stay until they are free (then capacity eviction takes them)."""
+        retired = []
+        for entry in await self.entries():
+            if (entry.uri == current.uri and entry.device == current.device
+                    and entry.content_hash != current.content_hash
+                    and entry.state == State.WARM and not entry.pinned and not entry.leases):
+                try:
+                    retired.append(await self._evict_one(entry, force=False,
+                                                         reason="superseded"))
+                except LeaseHeldError:
+                    continue  # attached between the listing and the lock: keep it
+        return retired
+
     # --- recovery ------------------------------------------------------------------
     async def reclaim(self) -> list[str]:
         """Clean up after crashed processes: orphaned segments, and entries that claim to

@@ -68,6 +68,7 @@ async def prefetch(uri: str | ModelURI, *, settings: Settings, pool: Pool | None
                 return PrefetchResult(warm, time.perf_counter() - started, "", True)
             entry = await _fill(pool, cache, model, store, listing.content_hash,
                                 loader, progress, settings)
+    await pool.retire_older(entry)
     return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False)
 
 
