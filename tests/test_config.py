@@ -95,17 +95,18 @@ def test_redis_passwords_are_redacted() -> None:
 
 
 def test_loader_choice() -> None:
-    """auto: runai wherever it streams, pread for local files going to a GPU, our own
-    client for az:// (no streamer support against connection-string accounts)."""
+    """auto: pread for local files (runai in a distributed group, which splits the
+    reads), runai for object stores, our own client for az:// (no streamer support
+    against connection-string accounts)."""
     from warmpool.errors import StreamError
     from warmpool.streaming import choose_loader
 
     local, s3, az = parse_uri("/models/m"), parse_uri("s3://b/m/"), parse_uri("az://c/m/")
-    assert choose_loader(local) == "runai"
-    assert choose_loader(local, to_device=True) == "pread"
-    assert choose_loader(s3, to_device=True) == "runai"
+    assert choose_loader(local) == "pread"
+    assert choose_loader(local, group=True) == "runai"
+    assert choose_loader(s3) == "runai"
     assert choose_loader(az) == "native"
-    assert choose_loader(local, "runai", to_device=True) == "runai"
+    assert choose_loader(local, "runai") == "runai"
     with pytest.raises(StreamError):
         choose_loader(s3, "pread")
     with pytest.raises(StreamError):

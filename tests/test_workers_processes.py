@@ -97,7 +97,7 @@ def test_the_registry_records_device_transport_and_last_attach(pool: Settings,
         assert_bit_exact(model_view, expected)
     entry = FileRegistry(pool.runtime_dir).get_sync(f"{result['content_hash']}@cpu:0")
     assert entry is not None
-    assert (entry.state, entry.transport, entry.loader) == (State.WARM, "shm-fd", "runai")
+    assert (entry.state, entry.transport, entry.loader) == (State.WARM, "shm-fd", "pread")
     assert entry.last_attached_at is not None
     assert [s for s, _ in entry.history] == ["pending", "streaming", "warm"]
 

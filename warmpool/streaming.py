@@ -53,15 +53,16 @@ _runai_object_scheme: str | None = None
 
 
 def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
-                  to_device: bool = False) -> Literal["runai", "native", "pread"]:
-    """The loader for ``uri``. ``auto`` is runai-model-streamer wherever it can stream,
-    except local files going straight to a GPU: there threads of ``preadv`` through
-    page-locked staging reached 17 GB/s against the streamer's 5 on the H100 (16 GB,
-    page cache; bench/results/gpu-h100.md). A distributed group keeps runai, which
-    splits the reads between ranks."""
+                  group: bool = False) -> Literal["runai", "native", "pread"]:
+    """The loader for ``uri``. ``auto``: threads of ``preadv`` for local files, which
+    were faster than runai-model-streamer on every machine we measured (H100, 16 GB:
+    17 GB/s against 5 into a GPU, 4.0 s against 4.6 s into shared memory; the 2-core VM,
+    2 GB into shared memory: 1.0-1.3 s against 1.3-1.9 s); runai-model-streamer for
+    object stores, and for a distributed ``group``, where it splits the reads between
+    ranks; our own async client where runai cannot stream."""
     if loader == "native":
         return "native"
-    if loader == "auto" and to_device and uri.is_local:
+    if loader == "auto" and uri.is_local and not group:
         return "pread"
     if loader == "pread":
         if not uri.is_local:
@@ -84,7 +85,7 @@ async def fill_buffer(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
                       files: list[str] | None = None, progress: Progress | None = None,
                       store: Store | None = None) -> str:
     """Stream every slot of ``layout`` (or of ``files``) into ``target``; return the loader used."""
-    chosen = choose_loader(uri, loader, to_device=target.is_cuda)
+    chosen = choose_loader(uri, loader)
     report = progress or (lambda n: None)
     if chosen in ("runai", "pread"):
         # A thread cannot be cancelled from outside; the loaders check this flag

@@ -73,7 +73,8 @@ class Groups:
         undoes). Phase 2: the ranks that lack the model stream it together."""
         # Decided before anything is allocated: a refusal here leaves nothing to undo.
         # A model already on the host tier is promoted rank by rank instead (no reads).
-        loader = choose_loader(parse_uri(req.uri), req.loader)  # type: ignore[arg-type]
+        loader = choose_loader(parse_uri(req.uri), req.loader,  # type: ignore[arg-type]
+                               group=True)
         distribute = loader == "runai" and self.worker.host.resident(req.content_hash) is None
         mine, prepared = await self._prepare_group(req, channels)
         todo = [i for i, ready in enumerate(prepared) if ready]  # the others hold it already
