@@ -136,6 +136,33 @@ async def test_attach_in_new_process_after_prefetcher_exit_and_source_deleted(
     assert result.stdout.startswith("OK")
 
 
+TORCH_BLOCKED_CLI = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported by an operator command")
+sys.meta_path.insert(0, NoTorch())
+from warmpool.cli import main
+sys.argv = ["warmpool", *sys.argv[1:]]
+main()
+"""
+
+
+async def test_operator_commands_do_not_import_torch(model_dir: Path,
+                                                     settings: Settings) -> None:
+    """status, metadata and evict answer in a fraction of a second because they never
+    import torch (seconds on a small machine); only streaming and attaching need it."""
+    result = await prefetch(str(model_dir), settings=settings)
+    for args in (["status", "--json"], ["metadata", str(model_dir), "--json"],
+                 ["evict", str(model_dir)]):
+        proc = subprocess.run([sys.executable, "-c", TORCH_BLOCKED_CLI, *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (args, proc.stderr)
+    statuses = {e.state for e in await Pool(settings).entries()}
+    assert result.entry.state == State.WARM and statuses == {State.EVICTED}
+
+
 async def test_prefetch_of_warm_model_returns_at_once(model_dir: Path,
                                                       settings: Settings) -> None:
     first = await prefetch(str(model_dir), settings=settings)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from warmpool.config import Settings
 from warmpool.errors import NotWarmError
@@ -23,10 +21,12 @@ from warmpool.leases import Lease, Leases
 from warmpool.locks import file_lock
 from warmpool.pool import HOST_DEVICE, is_hash_ref, normalise_ref
 from warmpool.tiers.host import HostTier, Resident, map_readonly
-from warmpool.views import tensor_views
+
+if TYPE_CHECKING:  # torch is imported when a model is attached, not with the package:
+    import torch   # `warmpool status` and friends start in a fraction of a second
 
 
-class AttachedModel(Mapping[str, torch.Tensor]):
+class AttachedModel(Mapping[str, "torch.Tensor"]):
     """A read-only mapping of tensor name → view, plus the lease that keeps it alive.
 
     Use it as a context manager, or call :meth:`close` when the engine no longer needs
@@ -99,6 +99,7 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
         lease = Leases(settings.runtime_dir).acquire(current.key, holder)
     try:
         mapping, buffer = map_readonly(current.segment, current.layout.total_bytes)
+        from warmpool.views import tensor_views
         tensors = tensor_views(buffer, current.layout)
     except BaseException:
         lease.release()

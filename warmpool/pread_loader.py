@@ -137,11 +137,14 @@ def stream_pread(root: Path, layout: Layout, target: torch.Tensor, *,
             view = memoryview(target.numpy())
             run = lambda job: _to_host(job, fds, root, view)  # noqa: E731
 
+        reporting = threading.Lock()  # callers' progress callbacks need not be thread-safe
+
         def guarded(job: Job) -> None:
             if stop is not None and stop.is_set():
                 raise StreamError(f"{root}: streaming cancelled")
             run(job)
-            progress(job.nbytes)
+            with reporting:
+                progress(job.nbytes)
 
         with ThreadPoolExecutor(threads, thread_name_prefix="warmpool-pread") as pool:
             for future in [pool.submit(guarded, j) for j in jobs]:

@@ -33,7 +33,7 @@ ProgressFactory = Callable[[int], Progress]
 class PrefetchResult:
     entry: PoolEntry
     seconds: float
-    loader: str  # "runai", "native", or "" when it was already warm
+    loader: str  # "runai", "native", "pread", or "" when it was already warm
     already_warm: bool
 
     def to_json(self) -> dict[str, Any]:

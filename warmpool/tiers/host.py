@@ -18,13 +18,15 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from warmpool.config import private_dir
 from warmpool.layout import Layout
 from warmpool.locks import try_lock
 from warmpool.registry.files import atomic_write
+
+if TYPE_CHECKING:  # imported where a segment is mapped: listing and evicting need no torch
+    import torch
 
 SHM_DIR = Path("/dev/shm")
 DEVICE = "cpu"
@@ -70,6 +72,7 @@ class WritableSegment:
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
+        import torch
         self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
 
     def close(self) -> None:
@@ -86,6 +89,7 @@ class WritableSegment:
 def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
     """Map a published segment read-only: a stray write faults instead of corrupting
     weights that other processes share. Costs one mmap, whatever the model's size."""
+    import torch
     fd = os.open(SHM_DIR / segment, os.O_RDONLY | os.O_CLOEXEC)
     try:
         mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
