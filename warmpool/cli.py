@@ -242,6 +242,8 @@ def attach_cmd(ref: str, device: str = typer.Option("cpu"),
                                            "files (reads them: slow)."),
                as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Attach to a warm model, as a serving process would, and report the cost."""
+    import torch  # noqa: F401  (a serving process has it loaded before it attaches)
+
     from warmpool.attach import attach
 
     settings = _settings(config)
