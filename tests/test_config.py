@@ -49,6 +49,26 @@ def test_unknown_setting_is_refused(tmp_path: Path) -> None:
         Settings.load(config)
 
 
+def test_controller_section_of_the_config_file_under_the_environment(tmp_path: Path) -> None:
+    from warmpool.controller import ControllerOptions
+
+    config = tmp_path / "warmpool.toml"
+    config.write_text('[controller]\ndebounce_s = 0.5\nmax_inflight = 8\nkey_prefix = "wp"\n')
+    section = Settings.load(config).controller
+    options = ControllerOptions.load(section, environ={"WARMPOOL_MAX_INFLIGHT": "4"})
+    assert (options.debounce_s, options.max_inflight, options.key_prefix) == (0.5, 4, "wp")
+    assert options.heartbeat_s == ControllerOptions().heartbeat_s  # untouched: the default
+    with pytest.raises(ConfigError, match="debounce"):
+        ControllerOptions.load({"debounce": 1}, environ={})
+    with pytest.raises(ConfigError, match="controller.max_inflight in the config file"):
+        ControllerOptions.load({"max_inflight": "many"}, environ={})
+    with pytest.raises(ConfigError, match="WARMPOOL_HEARTBEAT_S"):
+        ControllerOptions.load({}, environ={"WARMPOOL_HEARTBEAT_S": "soon"})
+    config.write_text('controller = 3\n')
+    with pytest.raises(ConfigError, match="mapping"):
+        Settings.load(config)
+
+
 def test_streamer_variables_use_engine_names_and_respect_the_operator() -> None:
     env = StreamerOptions(concurrency=12, memory_limit=1 << 30).environment({})
     assert env["RUNAI_STREAMER_CONCURRENCY"] == "12"
@@ -111,3 +131,14 @@ def test_loader_choice() -> None:
         choose_loader(s3, "pread")
     with pytest.raises(StreamError):
         choose_loader(az, "runai")
+
+
+def test_the_example_deployment_config_is_valid() -> None:
+    """deploy/warmpool.yaml is what operators copy: every key in it must load."""
+    from warmpool.controller import ControllerOptions
+
+    example = Path(__file__).resolve().parent.parent / "deploy" / "warmpool.yaml"
+    settings = Settings.load(example)
+    options = ControllerOptions.load(settings.controller, environ={})
+    assert settings.watch and settings.host_capacity == 400 << 30
+    assert options.debounce_s == 2 and options.key_prefix == "warmpool"

@@ -114,6 +114,9 @@ class Settings:
     streamer: StreamerOptions = StreamerOptions()
     metrics_port: int = 9464
     node: str = field(default_factory=lambda: os.uname().nodename)
+    # The config file's ``controller:`` section, raw; checked and typed by
+    # ControllerOptions.load, where WARMPOOL_<NAME> variables override it.
+    controller: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -140,6 +143,10 @@ class Settings:
                 top[key] = tuple(value.split(",") if isinstance(value, str) else value)
             elif key in ("redis_url", "metrics_port", "node"):
                 top[key] = value
+            elif key == "controller":
+                if not isinstance(value, dict):
+                    raise ConfigError("'controller' must be a mapping of controller settings")
+                top[key] = {**self.controller, **value}
             else:
                 raise ConfigError(f"unknown setting {key!r}")
         if streamer:

@@ -20,11 +20,13 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
 
 from warmpool.config import Settings
+from warmpool.errors import ConfigError
 from warmpool.desired import DesiredState
 from warmpool.dispatch import Dispatcher, Target
 from warmpool.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
@@ -47,7 +49,8 @@ DEAD_MAXLEN = 10_000
 
 @dataclass(frozen=True)
 class ControllerOptions:
-    """Tunables; ``WARMPOOL_<NAME>`` in the environment overrides each (see from_env)."""
+    """Tunables: the config file's ``controller:`` section, then ``WARMPOOL_<NAME>`` in
+    the environment, override the defaults (see load)."""
 
     debounce_s: float = 2.0  # quiet time after an upload event before checking the model
     recheck_s: float = 30.0  # sweep of incomplete uploads and leased old versions
@@ -62,13 +65,32 @@ class ControllerOptions:
     events_channel: str = ""  # default: <key_prefix>:events
 
     @classmethod
-    def from_env(cls, environ: Any = None, **overrides: Any) -> ControllerOptions:
+    def load(cls, file_values: Mapping[str, Any] | None = None, environ: Any = None,
+             **overrides: Any) -> ControllerOptions:
+        """Defaults ← ``file_values`` (the config file's section) ← environment ←
+        ``overrides``. An unknown name or a value of the wrong type is a ConfigError
+        naming where it came from, so a typo never silently keeps a default."""
         env = os.environ if environ is None else environ
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(file_values or {}) - known)
+        if unknown:
+            raise ConfigError(f"unknown controller setting(s) {', '.join(map(repr, unknown))} "
+                              f"in the config file; known: {', '.join(sorted(known))}")
         values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f"WARMPOOL_{f.name.upper()}")
-            if raw:
-                values[f.name] = type(getattr(cls(), f.name))(raw)
+        for name in sorted(known):
+            kind = type(getattr(defaults, name))
+            sources = [(f"controller.{name} in the config file", (file_values or {}).get(name)),
+                       (f"WARMPOOL_{name.upper()}", env.get(f"WARMPOOL_{name.upper()}") or None)]
+            for where, raw in sources:
+                if raw is None:
+                    continue
+                try:
+                    if kind is not str and isinstance(raw, bool):
+                        raise ValueError("a boolean")
+                    values[name] = kind(raw)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{where}: {raw!r} is not a valid {kind.__name__}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -59,7 +59,7 @@ def configure_logging(level: str = "INFO") -> None:
 
 async def serve(settings: Settings, *, options: ControllerOptions | None = None) -> int:
     """Run the node's controller until SIGTERM/SIGINT; the exit code."""
-    options = options or ControllerOptions.from_env()
+    options = options or ControllerOptions.load(settings.controller)
     embedded = None
     url = settings.redis_url
     if not url:
