@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import aiohttp
 from azure.core.exceptions import (
@@ -38,11 +38,10 @@ from warmpool.errors import (
     StorageError,
     TransientStorageError,
 )
-from warmpool.retry import Backoff, retry_async
+from warmpool.retry import Backoff
 from warmpool.storage.base import DOWNLOAD_CHUNK, ObjectInfo, Store, validate_relative_key
 from warmpool.uri import ModelURI
 
-T = TypeVar("T")
 
 # Every GET asks for at most this much. The SDK's default first GET is 32 MiB, and while
 # it iterates it holds up to four chunks at once (measured: ~16 MiB with 4 MiB chunks), so
@@ -59,6 +58,8 @@ _CLIENT_OPTIONS: dict[str, Any] = {
 
 class AzureStore(Store):
     """One ``BlobServiceClient`` per store, opened on first use and closed by :meth:`close`."""
+
+    sdk_errors = (AzureError, aiohttp.ClientError, TimeoutError, ConnectionError)
 
     page_size = 5000  # the service's maximum
 
@@ -122,19 +123,6 @@ class AzureStore(Store):
                 or status in (408, 429) or status >= 500):
             raise TransientStorageError(f"{where}: {reason}", key=key) from exc
         raise StorageError(f"{where}: {reason}", key=key) from exc
-
-    async def _call(self, key: str, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op`` with warmpool's retries, translating SDK errors on every attempt."""
-
-        async def attempt() -> T:
-            try:
-                return await op()
-            except (AzureError, aiohttp.ClientError, TimeoutError,
-                    ConnectionError) as exc:
-                self._raise(exc, key)
-
-        return await retry_async(attempt, what=f"{what} {self.uri.child(key)}",
-                                 backoff=self.backoff)
 
     # --- the Store interface -------------------------------------------------------------
 

@@ -15,10 +15,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar, NoReturn, TypeVar
 
 from warmpool.errors import UnsafeKeyError
-from warmpool.retry import DEFAULT_BACKOFF, Backoff
+from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
 from warmpool.uri import ModelURI
+
+T = TypeVar("T")
 
 #: Downloads are streamed to disk in pieces of this size, never whole into memory.
 DOWNLOAD_CHUNK = 1 << 20
@@ -60,6 +63,8 @@ class Store(abc.ABC):
     page_size: int = 1000
     #: Retry schedule for every call; tests shorten it.
     backoff: Backoff = DEFAULT_BACKOFF
+    #: The client library's exceptions that :meth:`_raise` translates; others propagate.
+    sdk_errors: ClassVar[tuple[type[BaseException], ...]] = (TimeoutError, ConnectionError)
 
     def __init__(self, uri: ModelURI, *, page_size: int | None = None,
                  backoff: Backoff | None = None) -> None:
@@ -80,6 +85,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def download(self, key: str, dest: Path) -> int:
         """Stream ``key`` into the file ``dest`` (created or truncated); return the bytes."""
+
+    def _raise(self, exc: BaseException, key: str) -> NoReturn:
+        """Re-raise a client library's ``exc`` as a :mod:`warmpool.errors` class naming
+        ``key``: transient (retried) or permanent (not)."""
+        raise exc
+
+    async def _call(self, key: str, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` with warmpool's retries, translating SDK errors on every attempt."""
+
+        async def attempt() -> T:
+            try:
+                return await op()
+            except self.sdk_errors as exc:
+                self._raise(exc, key)
+
+        return await retry_async(attempt, what=f"{what} {self.uri.child(key)}",
+                                 backoff=self.backoff)
 
     async def read_into(self, key: str, start: int, out: memoryview) -> None:
         """Fill ``out`` from ``key`` at ``start``; backends may override to avoid a copy."""

@@ -8,10 +8,9 @@ which is exactly the "bytes changed" signal the content hash needs.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import aiohttp
 from gcloud.aio.storage import Storage
@@ -22,11 +21,10 @@ from warmpool.errors import (
     StorageError,
     TransientStorageError,
 )
-from warmpool.retry import Backoff, retry_async
+from warmpool.retry import Backoff
 from warmpool.storage.base import ObjectInfo, Store, stream_to_file, validate_relative_key
 from warmpool.uri import ModelURI
 
-T = TypeVar("T")
 
 # gcloud-aio's default is a 10 s *total* timeout, which would abort any download that
 # takes longer than 10 s; bound connecting and each socket read instead.
@@ -35,6 +33,8 @@ _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
 
 class GCSStore(Store):
     """One gcloud-aio ``Storage`` (one aiohttp session) per store, opened on first use."""
+
+    sdk_errors = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
     def __init__(self, uri: ModelURI, *, page_size: int | None = None,
                  backoff: Backoff | None = None) -> None:
@@ -70,18 +70,6 @@ class GCSStore(Store):
             raise TransientStorageError(
                 f"{where}: {type(exc).__name__}: {exc or 'timed out'}", key=key) from exc
         raise StorageError(f"{where}: {type(exc).__name__}: {exc}", key=key) from exc
-
-    async def _call(self, key: str, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op`` with warmpool's retries, translating SDK errors on every attempt."""
-
-        async def attempt() -> T:
-            try:
-                return await op()
-            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                self._raise(exc, key)
-
-        return await retry_async(attempt, what=f"{what} {self.uri.child(key)}",
-                                 backoff=self.backoff)
 
     # --- the Store interface -------------------------------------------------------------
 

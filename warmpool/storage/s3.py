@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import aiohttp
 import botocore.exceptions as bce
@@ -29,11 +28,10 @@ from warmpool.errors import (
     StorageError,
     TransientStorageError,
 )
-from warmpool.retry import Backoff, retry_async
+from warmpool.retry import Backoff
 from warmpool.storage.base import ObjectInfo, Store, stream_to_file, validate_relative_key
 from warmpool.uri import ModelURI
 
-T = TypeVar("T")
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _DENIED = {
@@ -73,6 +71,9 @@ def _endpoint_url() -> str | None:
 
 class S3Store(Store):
     """One aiobotocore client per store, opened on first use and closed by :meth:`close`."""
+
+    sdk_errors = (bce.BotoCoreError, bce.ClientError, aiohttp.ClientError,
+                  TimeoutError, ConnectionError)
 
     def __init__(self, uri: ModelURI, *, page_size: int | None = None,
                  backoff: Backoff | None = None) -> None:
@@ -133,19 +134,6 @@ class S3Store(Store):
             raise TransientStorageError(
                 f"{where}: {type(exc).__name__}: {exc or 'timed out'}", key=key) from exc
         raise StorageError(f"{where}: {type(exc).__name__}: {exc}", key=key) from exc
-
-    async def _call(self, key: str, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op`` with warmpool's retries, translating SDK errors on every attempt."""
-
-        async def attempt() -> T:
-            try:
-                return await op()
-            except (bce.BotoCoreError, bce.ClientError, aiohttp.ClientError,
-                    TimeoutError, ConnectionError) as exc:
-                self._raise(exc, key)
-
-        return await retry_async(attempt, what=f"{what} {self.uri.child(key)}",
-                                 backoff=self.backoff)
 
     # --- the Store interface -------------------------------------------------------------
 
