@@ -163,6 +163,18 @@ async def test_operator_commands_do_not_import_torch(model_dir: Path,
     assert result.entry.state == State.WARM and statuses == {State.EVICTED}
 
 
+async def test_the_cli_prints_outside_text_as_it_is(tmp_path: Path, settings: Settings) -> None:
+    """Paths, keys and error messages are not console markup: "[v2]" stays "[v2]"."""
+    weird = tmp_path / "llama[v2][bold]"
+    write_model(weird)
+    for args in (["prefetch", str(weird)], ["metadata", str(weird)], ["status"]):
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert "llama[v2][bold]" in proc.stdout, (args, proc.stdout)
+    proc = run_cli("metadata", str(tmp_path / "gone[x]"))
+    assert proc.returncode != 0 and "gone[x]" in proc.stderr, proc.stderr
+
+
 async def test_prefetch_of_warm_model_returns_at_once(model_dir: Path,
                                                       settings: Settings) -> None:
     first = await prefetch(str(model_dir), settings=settings)

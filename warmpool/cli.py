@@ -19,6 +19,7 @@ from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
                            TransferSpeedColumn)
 from rich.table import Table
@@ -29,8 +30,10 @@ from warmpool.errors import ConfigError, InvalidURIError, WarmpoolError
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Keep LLM weights warm: prefetch, stream, attach in milliseconds.")
 # Hashes, paths and tables stay whole on one line in pipes and logs.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
-err = Console(stderr=True)
+# No console markup by default: URIs, object keys and error messages are outside text, and
+# "[s3]" in "pip install 'warmpool[s3]'" must print as it is. Styled lines opt in.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240, markup=False)
+err = Console(stderr=True, markup=False)
 T = TypeVar("T")
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts.")
@@ -48,7 +51,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _fail(exc: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False,
+              soft_wrap=True)
     code = 2 if isinstance(exc, (InvalidURIError, ConfigError)) else 1
     raise typer.Exit(code)
 
@@ -64,7 +68,7 @@ def _guard(fn: Callable[..., T]) -> Callable[..., T]:
         except WarmpoolError as exc:
             _fail(exc)
         except KeyboardInterrupt:
-            err.print("[red]interrupted[/]")
+            err.print("[red]interrupted[/]", markup=True)
             raise typer.Exit(130) from None
         raise AssertionError("unreachable")
 
@@ -120,7 +124,7 @@ def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigO
     if as_json:
         _emit(data)
         return
-    out.print(f"[bold]{data['uri']}[/]  complete={data['complete']}")
+    out.print(f"[bold]{escape(data['uri'])}[/]  complete={data['complete']}", markup=True)
     out.print(f"  content hash  {data['content_hash']}")
     out.print(f"  cache dir     {data['cache_dir']}")
     out.print(f"  files         {', '.join(data['files'])}")
