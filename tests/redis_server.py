@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,10 +46,12 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server subprocess; ``url`` stays valid across :meth:`restart`."""
 
-    def __init__(self, executable: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, executable: str, workdir: Path, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.executable = executable
         self.workdir = workdir
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,7 +60,7 @@ class RedisServer:
 
     @property
     def log(self) -> Path:
-        return self.workdir / "redis.log"
+        return self.workdir / f"redis-{self.port}.log"
 
     def start(self) -> None:
         argv = [
@@ -70,6 +72,7 @@ class RedisServer:
             "--dir", str(self.workdir),
             "--logfile", str(self.log),
             "--daemonize", "no",
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self._wait_ready()
@@ -143,4 +146,106 @@ def redis_server() -> Iterator[RedisServer]:
             server.stop()
 
 
-__all__ = ["RedisServer", "free_port", "redis_executable", "redis_server"]
+class RedisSentinel(RedisServer):
+    """redis-server in Sentinel mode, watching one master as ``mymaster`` with a quorum
+    of one and a one-second down-after: a killed master is replaced in seconds."""
+
+    SERVICE = "mymaster"
+
+    def __init__(self, executable: str, workdir: Path, master_port: int) -> None:
+        super().__init__(executable, workdir)
+        self.master_port = master_port
+
+    def start(self) -> None:
+        conf = self.workdir / f"sentinel-{self.port}.conf"  # Sentinel rewrites it: ours
+        conf.write_text("\n".join([
+            f"port {self.port}", "bind 127.0.0.1", f"dir {self.workdir}",
+            f"logfile {self.log}",
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master_port} 1",
+            f"sentinel down-after-milliseconds {self.SERVICE} 1000",
+            f"sentinel failover-timeout {self.SERVICE} 5000", ""]))
+        self.process = subprocess.Popen([self.executable, str(conf), "--sentinel"],
+                                        stdin=subprocess.DEVNULL)
+        self._wait_ready()
+
+    def ask(self, *command: str) -> list[str]:
+        """One Sentinel command; the reply's bulk strings (enough for the queries here)."""
+        import redis
+
+        client = redis.Redis(port=self.port, decode_responses=True, socket_timeout=2)
+        try:
+            reply = client.execute_command(*command)
+        finally:
+            client.close()
+        return reply if isinstance(reply, list) else [reply]
+
+    def master_port_now(self) -> int | None:
+        try:
+            reply = self.ask("SENTINEL", "get-master-addr-by-name", self.SERVICE)
+        except Exception:  # noqa: BLE001 - not ready: no answer yet
+            return None
+        return int(reply[1]) if reply and reply[0] else None
+
+
+class Failover:
+    """A master, one replica and a Sentinel: what a production Redis looks like."""
+
+    def __init__(self, workdir: Path) -> None:
+        executable = redis_executable()
+        self.master = RedisServer(executable, workdir)
+        self.replica = RedisServer(executable, workdir)
+        self.replica.extra_args = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.sentinel = RedisSentinel(executable, workdir, self.master.port)
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{RedisSentinel.SERVICE}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.master.start()
+        self.replica.start()
+        replica = redis.Redis(port=self.replica.port, decode_responses=True)
+        try:
+            _poll(lambda: replica.info("replication").get("master_link_status") == "up",
+                  "the replica to sync")
+        finally:
+            replica.close()
+        self.sentinel.start()
+        _poll(lambda: any(str(self.replica.port) in r for r in map(str, self.sentinel.ask(
+            "SENTINEL", "replicas", RedisSentinel.SERVICE))), "Sentinel to see the replica")
+
+    def fail_over(self) -> None:
+        """Kill the master, as a crash would; return when Sentinel has promoted the replica."""
+        self.master.kill()
+        _poll(lambda: self.sentinel.master_port_now() == self.replica.port,
+              "Sentinel to promote the replica", timeout=30)
+
+    def stop(self) -> None:
+        for server in (self.sentinel, self.replica, self.master):
+            server.stop()
+
+
+def _poll(check: Callable[[], object], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def redis_failover() -> Iterator[Failover]:
+    """A fresh master + replica + Sentinel for one test."""
+    with tempfile.TemporaryDirectory(prefix="warmpool-sentinel-") as tmp:
+        setup = Failover(Path(tmp))
+        try:
+            setup.start()
+            yield setup
+        finally:
+            setup.stop()
+
+
+__all__ = ["Failover", "RedisSentinel", "RedisServer", "free_port", "redis_executable",
+           "redis_failover", "redis_server"]

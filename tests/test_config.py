@@ -112,6 +112,23 @@ def test_redis_passwords_are_redacted() -> None:
     assert redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
     assert "pw" not in redact("rediss://user:pw@h/1")
     assert redact("redis://h:1/0") == "redis://h:1/0"
+    assert "p@ss" not in redact("redis://u:p@ss@h:1/0") and "ss@" not in redact("redis://u:p@ss@h/0")
+    sentinel = "redis+sentinel://:m4ster@a:26379,b/svc/2?sentinel_password=s3nt"
+    assert redact(sentinel) == "redis+sentinel://:***@a:26379,b/svc/2?sentinel_password=***"
+
+
+def test_sentinel_urls() -> None:
+    from warmpool.redis_client import SentinelURL
+
+    url = SentinelURL.parse("redis+sentinel://:m4ster@a:26380,b,[::1]:5/svc/2"
+                            "?sentinel_password=s3nt")
+    assert url.sentinels == (("a", 26380), ("b", 26379), ("::1", 5))
+    assert (url.service, url.db, url.password, url.sentinel_password) == ("svc", 2, "m4ster", "s3nt")
+    assert SentinelURL.parse("redis+sentinel://h/mymaster").db == 0
+    for bad in ("redis+sentinel://h", "redis+sentinel:///svc", "redis+sentinel://h:x/svc",
+                "redis+sentinel://h/svc/zero"):
+        with pytest.raises(ConfigError):
+            SentinelURL.parse(bad)
 
 
 def test_loader_choice() -> None:

@@ -24,13 +24,13 @@ import pytest
 import torch
 
 from tests.models import model_files, write_model
-from tests.redis_server import RedisServer
+from tests.redis_server import Failover, RedisServer
 from tests.servers import Backend
 from warmpool.attach import attach
 from warmpool.config import Settings
 from warmpool.controller import Controller, ControllerOptions
 from warmpool.keys import RedisKeys
-from warmpool.redis_client import connect
+from warmpool.redis_client import CONNECTION_ERRORS, connect
 from warmpool.registry.base import PoolEntry, State
 from warmpool.registry.redis import RedisRegistry
 from warmpool.tiers.host import HostTier
@@ -91,6 +91,7 @@ class Harness:
     settings: Settings
     tmp: Path
     redis: Any = None
+    url: str | None = None  # how controllers reach Redis; default: the server's own URL
     running: list[tuple[Controller, asyncio.Task[None]]] = field(default_factory=list)
 
     async def start(self, *, node: str | None = None, runtime: str | None = None,
@@ -101,8 +102,8 @@ class Harness:
             overrides["node"] = node
         if runtime:
             overrides["runtime_dir"] = self.tmp / runtime
-        controller = Controller(replace(self.settings, **overrides), connect(self.server.url),
-                                options=options)
+        controller = Controller(replace(self.settings, **overrides),
+                                connect(self.url or self.server.url), options=options)
         task = asyncio.create_task(controller.run())
         self.running.append((controller, task))
         await wait_until(lambda: _ready(controller, task), "the controller to start")
@@ -130,12 +131,23 @@ class Harness:
     async def publish(self, payload: bytes) -> None:
         """PUBLISH, retried until a controller hears it (pub/sub delivers at most once,
         and a controller re-subscribing after a Redis restart may not be listening yet)."""
-        await wait_until(lambda: self.redis.publish(KEYS.events_channel, payload),
-                         "a subscriber on the events channel")
+        async def heard() -> int:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                return int(await self.redis.publish(KEYS.events_channel, payload))
+            return 0
+
+        await wait_until(heard, "a subscriber on the events channel")
 
     async def xadd(self, payload: bytes, node: str | None = None) -> None:
+        """XADD, retried as a producer would while Redis fails over."""
         stream = KEYS.node_stream(node) if node else KEYS.requests_stream
-        await self.redis.xadd(stream, {"payload": payload})
+
+        async def sent() -> bool:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                return bool(await self.redis.xadd(stream, {"payload": payload}))
+            return False
+
+        await wait_until(sent, f"XADD to {stream}")
 
     async def entries(self) -> list[PoolEntry]:
         return await RedisRegistry(self.redis, KEYS).list_cluster()
@@ -399,6 +411,36 @@ async def test_redis_killed_and_restarted_mid_run(harness: Harness, s3_backend: 
     await harness.publish(s3_event(s3_backend.bucket, "models/c/config.json", b"{}"))
     await harness.wait_entry(c)
     assert await streams_counted(3, ctl) == 3  # a was not streamed again
+
+
+async def test_a_sentinel_failover_is_ridden_out(redis_failover: Failover, settings: Settings,
+                                                 s3_backend: Backend, tmp_path: Path) -> None:
+    """Production Redis: a master, a replica and Sentinel. The controller connects through
+    Sentinel; when the master dies and the replica is promoted, it finds the new master
+    and keeps serving both event paths, with the state that replication carried over."""
+    for prefix, seed in (("models/a/", 0), ("models/b/", 1), ("models/c/", 2)):
+        for name, data in make_model(tmp_path / prefix, seed=seed).files.items():
+            s3_backend.put(prefix + name, data)
+    a, b, c = (s3_backend.uri_for(f"models/{m}/") for m in "abc")
+    harness = Harness(redis_failover.master, settings, tmp_path, url=redis_failover.url)
+    harness.redis = connect(redis_failover.url)
+    try:
+        ctl = await harness.start(watch=(str(s3_backend.uri_for("models/")),))
+        await harness.xadd(ask("deploy", a))
+        await harness.wait_entry(a)
+
+        redis_failover.fail_over()
+
+        await harness.xadd(ask("deploy", b))  # a stream request, through the new master
+        await harness.wait_entry(b)
+        await harness.publish(s3_event(s3_backend.bucket, "models/c/config.json", b"{}"))
+        await harness.wait_entry(c)  # a pub/sub upload: the subscription moved too
+        assert await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{a}")
+        assert await streams_counted(3, ctl) == 3
+    finally:
+        await harness.stop_all()
+        HostTier(settings.runtime_dir).remove_all()
+        await harness.redis.aclose()
 
 
 async def test_restarted_controller_reconciles_desired_state(harness: Harness,

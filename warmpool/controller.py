@@ -282,7 +282,8 @@ class Controller:
         if self._beaten and not await self.nodes.is_live(self.node):
             restored = await self.registry.resync(), await self.desired.resync()
             await self.streams.ensure_groups()
-            log.warning("Redis lost our state; restored %d entries and %d desired models",
+            log.warning("our heartbeat was gone from Redis (restarted, failed over or out of "
+                        "reach past its TTL); wrote back %d entries and %d desired models",
                         *restored, extra={"event": "resynced"})
         await self.dispatcher.workers.mirror_all(HOST_DEVICE)  # GPU entries, into Redis
         entries = await self.pool.entries()

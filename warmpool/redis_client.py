@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote
 
 from redis import exceptions as rexc
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from warmpool.errors import ConfigError
 from warmpool.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -31,16 +36,81 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 RECONNECT = Backoff(attempts=1_000_000, base=0.1, cap=5.0)
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]
+    [?sentinel_password=...]``: the Sentinels to ask, the monitored service (master)
+    name, and the credentials of the master (in the URL's user part) and of the
+    Sentinels themselves (a query parameter: they often differ)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        if not url.startswith(SENTINEL_SCHEME):
+            raise ConfigError(f"{redact(url)} is not a {SENTINEL_SCHEME} URL")
+        rest, _, query = url[len(SENTINEL_SCHEME):].partition("?")
+        netloc, _, path = rest.partition("/")
+        userinfo, _, hosts = netloc.rpartition("@")
+        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+        sentinels = []
+        for item in filter(None, hosts.split(",")):
+            if item.startswith("["):  # [IPv6]:port
+                host, _, port = item[1:].partition("]")
+                port = port.removeprefix(":")
+            else:
+                host, _, port = item.partition(":")
+            try:
+                sentinels.append((unquote(host), int(port) if port else SENTINEL_PORT))
+            except ValueError:
+                raise ConfigError(f"{redact(url)}: bad Sentinel address {item!r}") from None
+        service, _, db = path.partition("/")
+        if not sentinels or not service:
+            raise ConfigError(f"{redact(url)}: a Sentinel URL names at least one Sentinel and "
+                              "the service, as redis+sentinel://host:26379/mymaster")
+        if not db.strip("/").isdigit() and db.strip("/"):
+            raise ConfigError(f"{redact(url)}: database {db!r} is not a number")
+        options = parse_qs(query)
+        return cls(tuple(sentinels), unquote(service), int(db.strip("/") or 0),
+                   unquote(username) or None, unquote(password) or None,
+                   options.get("sentinel_password", [None])[0])
+
+
 def connect(url: str, *, name: str = "warmpool") -> Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``).
+    """A client for ``url``: ``redis://``, ``rediss://``, ``unix://``, or
+    ``redis+sentinel://`` (see :class:`SentinelURL`), whose client asks the Sentinels for
+    the current master on every new connection, so a failover looks like one more
+    dropped connection.
 
     Commands retry three times within about a second; longer outages surface as
     :data:`CONNECTION_ERRORS` for :func:`keep_running` to ride out.
     """
-    retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3)
-    return Redis.from_url(url, retry=retry, socket_connect_timeout=2.0, socket_timeout=10.0,
-                          retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
-                          health_check_interval=15, client_name=name)
+    options: dict[str, Any] = {
+        "retry": Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [rexc.ConnectionError, rexc.TimeoutError],
+        "socket_connect_timeout": 2.0, "socket_timeout": 10.0,
+        "health_check_interval": 15, "client_name": name,
+    }
+    if url.startswith(SENTINEL_SCHEME):
+        from redis.asyncio.sentinel import Sentinel
+
+        parsed = SentinelURL.parse(url)
+        sentinel = Sentinel(list(parsed.sentinels),
+                            sentinel_kwargs={"password": parsed.sentinel_password,
+                                             "socket_connect_timeout": 2.0,
+                                             "socket_timeout": 2.0})
+        return sentinel.master_for(parsed.service, db=parsed.db, username=parsed.username,
+                                   password=parsed.password, **options)
+    return Redis.from_url(url, **options)
 
 
 async def keep_running(what: str, step: Callable[[], Awaitable[None]],
@@ -93,12 +163,7 @@ async def _sleep_or_stop(seconds: float, stopping: asyncio.Event) -> None:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs (credentials are never logged)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``url`` without its passwords, for messages and logs (credentials are never
+    logged): the user part's and a ``sentinel_password`` query parameter's."""
+    url = re.sub(r"^([a-z+]+://[^:/@]*:)[^/]*@", r"\1***@", url, flags=re.IGNORECASE)
+    return re.sub(r"([?&]sentinel_password=)[^&]*", r"\1***", url)
