@@ -188,3 +188,32 @@ def test_prefetch_with_redis_but_no_controller_says_so(redis_server: RedisServer
     proc = run_cli("prefetch", str(tmp_path / "model"))
     assert proc.returncode == 1
     assert "no warmpool controller is running" in proc.stderr
+
+
+def test_a_cli_prefetch_rides_out_a_redis_outage_and_resends_what_redis_lost(
+        serving: Callable[..., Serve], redis_server: RedisServer, settings: Settings,
+        tmp_path: Path) -> None:
+    """The CLI's request is on the stream when Redis dies for seconds and comes back
+    empty (request, stream and group gone); the controller only starts afterwards. The
+    CLI neither gives up during the outage nor waits forever: it sends the request again."""
+    model = tmp_path / "model"
+    write_model(model, shards=1)
+    client = redis.Redis.from_url(redis_server.url)
+    client.set(KEYS.node(NODE), "{}", ex=60)  # a controller's heartbeat, for the CLI's check
+    env = {**os.environ, "WARMPOOL_REDIS_URL": redis_server.url, "WARMPOOL_NODE": NODE}
+    cli = subprocess.Popen([sys.executable, "-m", "warmpool.cli", "prefetch", str(model),
+                            "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        poll(lambda: client.xlen(KEYS.node_stream(NODE)), "the CLI's request on the stream")
+        client.close()
+        redis_server.kill()
+        time.sleep(3.0)  # longer than redis-py's own reconnect retries
+        redis_server.start()  # empty: no persistence
+        serving("--redis", redis_server.url)
+        out, err = cli.communicate(timeout=90)
+    finally:
+        cli.kill()
+    assert cli.returncode == 0, err
+    report = json.loads(out)
+    assert report["state"] == "warm" and report["node"] == NODE

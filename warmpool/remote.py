@@ -13,21 +13,27 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from warmpool.config import Settings
 from warmpool.embedded_redis import running_url
-from warmpool.redis_client import redact
 from warmpool.errors import WarmpoolError
 from warmpool.keys import RedisKeys
 from warmpool.leases import Leases
-from warmpool.redis_client import CONNECTION_ERRORS, connect
+from warmpool.redis_client import CONNECTION_ERRORS, connect, redact
 from warmpool.registry.base import PoolEntry
 from warmpool.registry.redis import RedisRegistry
 from warmpool.uri import parse_uri
 
 DEFAULT_TIMEOUT_S = 3600.0
+#: A Sentinel failover or a Redis restart takes seconds: a request already sent rides it
+#: out for this long rather than report a failure for work the controller is still doing.
+OUTAGE_S = 60.0
+#: A controller whose heartbeat is missing this long has stopped (its heartbeat expires
+#: after three beats; a Redis that restarted empty gets it back within one).
+STOPPED_AFTER_S = 20.0
 
 
 class ControllerError(WarmpoolError):
@@ -45,13 +51,17 @@ async def prefetch(url: str, uri: str, *, settings: Settings, device: str = "cpu
     """Ask this node's controller to warm ``uri``; its reply (``state`` is ``warm``)."""
     redis = connect(url, name="warmpool-cli")
     try:
-        await _require_controller(redis, keys, settings.node, url)
+        await _require_controller(redis, keys, settings.node, url)  # unreachable: fail fast
         request_id = uuid.uuid4().hex
         doc = {"action": "deploy", "uri": str(parse_uri(uri)), "device": device, "tp": tp,
                "layout": layout, "node": settings.node, "request_id": request_id}
-        await redis.xadd(keys.node_stream(settings.node), {"payload": json.dumps(doc)})
+
+        async def send() -> None:
+            await redis.xadd(keys.node_stream(settings.node), {"payload": json.dumps(doc)})
+
+        await send()
         reply = await _wait_reply(redis, keys, request_id, settings.node,
-                                  timeout_s or DEFAULT_TIMEOUT_S)
+                                  timeout_s or DEFAULT_TIMEOUT_S, resend=send)
     except CONNECTION_ERRORS as exc:
         raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
     finally:
@@ -85,17 +95,38 @@ async def _require_controller(redis: Any, keys: RedisKeys, node: str, url: str) 
 
 
 async def _wait_reply(redis: Any, keys: RedisKeys, request_id: str, node: str,
-                      timeout_s: float) -> dict[str, Any]:
+                      timeout_s: float, resend: Callable[[], Awaitable[None]]
+                      ) -> dict[str, Any]:
+    """The controller's answer to ``request_id``. Redis may fail over or restart while we
+    wait: after a lost connection the request is sent again (a Redis that came back empty
+    lost it; the controller answers a repeat of a request it already did at once), and
+    only an outage longer than :data:`OUTAGE_S` is an error."""
     deadline = time.monotonic() + timeout_s
+    lost_since: float | None = None
+    missing_since: float | None = None
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if now >= deadline:
             raise ControllerError(
                 f"no answer from the controller on {node} within {timeout_s:g} s; it may "
                 "still be working on it: see `warmpool status`")
-        popped = await redis.blpop([keys.reply(request_id)], timeout=min(left, 2.0))
-        if popped is not None:
-            return dict(json.loads(popped[1]))
-        if not await redis.exists(keys.node(node)):
-            raise ControllerError(f"the controller on {node} stopped before answering")
-        await asyncio.sleep(0)
+        try:
+            if lost_since is not None:
+                await resend()
+                lost_since = None
+            popped = await redis.blpop([keys.reply(request_id)],
+                                       timeout=min(deadline - now, 2.0))
+            if popped is not None:
+                return dict(json.loads(popped[1]))
+            if await redis.exists(keys.node(node)):
+                missing_since = None
+            else:
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since > STOPPED_AFTER_S:
+                    raise ControllerError(f"the controller on {node} stopped before answering")
+        except CONNECTION_ERRORS as exc:
+            lost_since = lost_since or now
+            if now - lost_since > OUTAGE_S:
+                raise ControllerError(f"lost Redis for over {OUTAGE_S:g} s while waiting for "
+                                      f"the controller on {node}: {exc}") from None
+            await asyncio.sleep(0.5)
