@@ -395,6 +395,7 @@ async def test_redis_killed_and_restarted_mid_run(harness: Harness, s3_backend: 
     ctl = await harness.start(watch=(str(s3_backend.uri_for("models/")),))
     await harness.xadd(ask("deploy", a))
     await harness.wait_entry(a)
+    await streams_counted(1, ctl)  # a's request is done, not just its entry warm
 
     harness.server.kill()
     await asyncio.sleep(1.0)  # the controller's loops notice and back off
@@ -428,6 +429,7 @@ async def test_a_sentinel_failover_is_ridden_out(redis_failover: Failover, setti
         ctl = await harness.start(watch=(str(s3_backend.uri_for("models/")),))
         await harness.xadd(ask("deploy", a))
         await harness.wait_entry(a)
+        await streams_counted(1, ctl)
 
         redis_failover.fail_over()
 

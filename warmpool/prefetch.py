@@ -9,6 +9,7 @@ the partial segment and records ``failed`` with the error, so nothing half-loade
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from warmpool.registry.base import PoolEntry, State, entry_key
 from warmpool.storage import open_store
 from warmpool.streaming import Loader, Progress, fill_buffer
 from warmpool.uri import ModelURI, parse_uri
+
+log = logging.getLogger(__name__)
 
 #: Called with the total bytes once they are known; returns the per-chunk callback.
 ProgressFactory = Callable[[int], Progress]
@@ -68,7 +71,14 @@ async def prefetch(uri: str | ModelURI, *, settings: Settings, pool: Pool | None
                 return PrefetchResult(warm, time.perf_counter() - started, "", True)
             entry = await _fill(pool, cache, model, store, listing.content_hash,
                                 loader, progress, settings)
-    await pool.retire_older(entry)
+    try:
+        await pool.retire_older(entry)
+    except Exception as exc:  # noqa: BLE001 - the model IS warm; retiring can wait
+        # A registry that is out of reach a moment (Redis failing over) must not turn a
+        # warm model into a failed prefetch; capacity eviction or the next prefetch of
+        # this URI retires the old versions.
+        log.warning("%s is warm, but retiring its older versions failed: %s", model, exc,
+                    extra={"event": "retire_failed", "uri": str(model)})
     return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False)
 
 
