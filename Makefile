@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= /tmp/warmpool-demo-model
 
-.PHONY: install install-dev demo demo-s3 test bench clean
+.PHONY: install install-dev demo demo-s3 test typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,14 @@ demo: install
 demo-s3: install-dev
 	$(BIN)/python examples/s3_demo.py $(DEMO_DIR)
 
-test: install-dev
+test: install-dev typecheck
 	$(BIN)/pytest -q
+
+# mypy over the package as it installs: workers/ becomes warmpool.workers.
+typecheck: install-dev
+	rm -rf build/typecheck && mkdir -p build/typecheck
+	cp -r warmpool build/typecheck/warmpool && cp -r workers build/typecheck/warmpool/workers
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p warmpool
 
 bench: install
 	$(BIN)/python bench/host_tier.py

@@ -28,6 +28,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from functools import partial
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -336,10 +337,10 @@ async def _download_all(store: Store, dest: Path, files: list[ObjectInfo],
             return await fn()
 
     jobs: list[Callable[[], Awaitable[Any]]] = [
-        (lambda o=o: _download(store, o, dest / o.key))
+        partial(_download, store, o, dest / o.key)
         for o in files if not (o.key == INDEX_FILE and index_json is not None)]
-    jobs += [(lambda o=o: read_header(store, o.key, o.size)) for o in shards]
-    results = await _all([lambda fn=fn: limited(fn) for fn in jobs])
+    jobs += [partial(read_header, store, o.key, o.size) for o in shards]
+    results = await _all([partial(limited, fn) for fn in jobs])
     headers = results[len(results) - len(shards):]
     return {o.key: h for o, h in zip(shards, headers, strict=True)}
 

@@ -184,7 +184,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            import yaml  # type: ignore[import-untyped]
+            import yaml
 
             data = yaml.safe_load(text) or {}
     except Exception as exc:  # noqa: BLE001 - any parser's error is a config error

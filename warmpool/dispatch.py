@@ -231,7 +231,8 @@ class Dispatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        evicted, retiring = [], []
+        evicted: list[PoolEntry] = []
+        retiring: list[PoolEntry] = []
         for entry in await self._entries(uri, device):
             if entry.state in (State.WARM, State.FAILED, State.LOST):
                 done = await self.retire(entry)
@@ -239,7 +240,8 @@ class Dispatcher:
         state = "retiring" if retiring else State.EVICTED.value
         error = (f"{len(retiring)} version(s) still leased; evicted when the leases end"
                  if retiring else None)
-        last = (retiring or evicted or [None])[-1]
+        done_or_waiting = retiring or evicted
+        last = done_or_waiting[-1] if done_or_waiting else None
         return Outcome(uri, device, state, last, error=error)
 
     async def retire(self, entry: PoolEntry) -> bool:

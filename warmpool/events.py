@@ -186,7 +186,7 @@ def _s3_records(records: object) -> list[Event]:
     return [e for e in events if e is not None]
 
 
-def _s3_record(record: object) -> ObjectEvent | None:
+def _s3_record(record: object) -> Event | None:
     record = _mapping(record, "Records[]")
     # MinIO (and older Ceph) prefix event names with "s3:"; AWS does not.
     name = _text(record.get("eventName"), "eventName").removeprefix("s3:")

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import torch
 from safetensors.torch import save_file
@@ -58,7 +60,7 @@ PRESETS: dict[str, Shape] = {
 
 
 def generate_model(directory: Path, shape: Shape, *, shards: int = 2, seed: int = 0,
-                   dtype: torch.dtype = torch.bfloat16) -> dict[str, object]:
+                   dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """Write the checkpoint; returns a summary (bytes, tensors, files)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -26,6 +26,7 @@ import torch
 
 from warmpool.errors import StreamError
 from warmpool.layout import Layout
+from warmpool.views import byte_view
 
 Progress = Callable[[int], None]
 CHUNK = 32 << 20
@@ -134,7 +135,7 @@ def stream_pread(root: Path, layout: Layout, target: torch.Tensor, *,
             staging = _Staging.get(target.device, threads, CHUNK)
             run = lambda job: _to_device(job, fds, root, target, staging)  # noqa: E731
         else:
-            view = memoryview(target.numpy())
+            view = byte_view(target)
             run = lambda job: _to_host(job, fds, root, view)  # noqa: E731
 
         reporting = threading.Lock()  # callers' progress callbacks need not be thread-safe
@@ -168,7 +169,7 @@ def _to_device(job: Job, fds: dict[str, int], root: Path, target: torch.Tensor,
         buf = staging.buffers[k]
         stream = staging.streams[k]
         stream.synchronize()  # the previous upload from this buffer is done
-        _read_exact(fds[job.file], [memoryview(buf.numpy())[: job.nbytes]], job.start,
+        _read_exact(fds[job.file], [byte_view(buf)[: job.nbytes]], job.start,
                     root / job.file)
         with torch.cuda.stream(stream):
             at = 0

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis import exceptions as rexc
 from redis.asyncio import Redis
@@ -109,7 +110,7 @@ class StreamSource:
                 await asyncio.wait(list(self.inflight.values()), timeout=0.5,
                                    return_when=asyncio.FIRST_COMPLETED)
                 continue
-            reply = await self.redis.xreadgroup(self.group, self.consumer,
+            reply: Any = await self.redis.xreadgroup(self.group, self.consumer,
                                                 {s: ">" for s in self.streams},
                                                 count=room, block=self.block_ms)
             for stream, entries in reply or []:
@@ -178,7 +179,7 @@ class StreamSource:
 
     async def touch(self) -> None:
         """Reset the idle time of our entries in flight, so nobody claims them."""
-        by_stream: dict[str, list[bytes]] = {}
+        by_stream: dict[str, list[Any]] = {}  # entry ids, as redis-py types them
         for stream, entry_id in list(self.inflight):
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():

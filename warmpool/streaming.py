@@ -30,7 +30,7 @@ from warmpool.pread_loader import stream_pread
 from warmpool.storage import open_store
 from warmpool.storage.base import Store
 from warmpool.uri import ModelURI
-from warmpool.views import TORCH_DTYPES
+from warmpool.views import TORCH_DTYPES, byte_view
 
 Progress = Callable[[int], None]
 Loader = Literal["auto", "runai", "native", "pread"]
@@ -212,7 +212,7 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
     """
     gate = asyncio.Semaphore(concurrency)
     on_host = target.device.type == "cpu"
-    view = memoryview(target.numpy()) if on_host else None
+    view = byte_view(target) if on_host else None
 
     async def piece(slot: Slot, start: int, length: int) -> None:
         async with gate:

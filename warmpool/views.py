@@ -35,3 +35,9 @@ def tensor_views(buffer: torch.Tensor, layout: Layout) -> Mapping[str, torch.Ten
         raw = buffer[s.offset : s.offset + s.nbytes]
         views[s.name] = raw.view(TORCH_DTYPES[s.dtype]).view(s.shape)
     return MappingProxyType(views)
+
+
+def byte_view(buffer: torch.Tensor) -> memoryview:
+    """The bytes of a host tensor as a writable memoryview, for readers that fill it in
+    place (``preadv``, ``readinto``) without a copy."""
+    return memoryview(buffer.numpy())  # type: ignore[arg-type]  # numpy stubs: no Buffer on 3.11

@@ -96,8 +96,10 @@ def _fields(reply: Message) -> dict[str, Any]:
 def _summary(reply: Message, ranks: list[dict[str, Any]], devices: list[str], layout: str,
              seconds: float) -> dict[str, Any]:
     already = all(r.get("already_warm") for r in ranks)
-    total = sum(int(r.get("bytes", reply["bytes"])) for r in ranks) if layout == "sharded" \
-        else int(reply["bytes"])
+    # sharded: each rank holds only its own files, so the model is the sum of the ranks
+    sizes = ([int(r["bytes"] if "bytes" in r else reply["bytes"]) for r in ranks]
+             if layout == "sharded" else [int(reply["bytes"])])
+    total = sum(sizes)
     return {"uri": reply["uri"], "content_hash": reply["content_hash"], "state": "warm",
             "device": devices[0] if len(devices) == 1 else ",".join(devices),
             "devices": devices, "layout": layout, "bytes": total,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +133,7 @@ class Groups:
         return await self.worker.reserve(req, world)
 
     async def _abort_group(self, req: LoadRequest, mine: object, channels: list[AsyncChannel],
-                           outcomes: list[object]) -> None:
+                           outcomes: Sequence[object]) -> None:
         if isinstance(mine, Resident):
             await self.worker.fail(mine,
                                    WorkerError("group load aborted: another rank refused"))
@@ -153,6 +154,8 @@ class Groups:
             else:
                 async with self.lock:
                     target = resident.buffer.tensor
+                    if target is None:  # evicted between prepare and now
+                        raise WorkerError(f"{req.uri}: its buffer was freed before streaming")
                     result = await asyncio.to_thread(
                         stream_rank, parse_uri(req.uri), req.layout, target,
                         device=self.worker.device, run=run, options=req.options)

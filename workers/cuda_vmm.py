@@ -31,7 +31,7 @@ def driver() -> Any:
         from cuda.bindings import driver as cu  # cuda-python >= 12.6
     except ImportError:
         try:
-            from cuda import cuda as cu  # type: ignore[no-redef]  # older cuda-python
+            from cuda import cuda as cu  # older cuda-python
         except ImportError:
             raise WorkerError("the cuda-vmm transport needs cuda-python: pip install "
                               "'cuda-bindings>=12.6' (or 'warmpool[gpu]')") from None

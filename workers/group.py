@@ -138,7 +138,7 @@ class ReadCounter:
         counter = cls()
         reader = getattr(getattr(streamer, "file_streamer", None), "file_streamer", None)
         original = getattr(reader, "stream_files", None)
-        if original is None:
+        if reader is None or original is None:
             counter.bytes = None
             return counter
 

@@ -6,6 +6,7 @@ so a reader never sees half an entry and a crash never leaves one.
 
 from __future__ import annotations
 
+import builtins  # the class's own ``list`` method shadows the type in its body
 import json
 import os
 import tempfile
@@ -47,7 +48,7 @@ class FileRegistry(Registry):
     async def list(self) -> list[PoolEntry]:
         return self.list_sync()
 
-    def list_sync(self) -> list[PoolEntry]:
+    def list_sync(self) -> builtins.list[PoolEntry]:
         entries = []
         for path in sorted(self.root.glob("*.json")):
             try:

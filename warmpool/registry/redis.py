@@ -15,6 +15,7 @@ node's warm models reappear without being streamed again.
 
 from __future__ import annotations
 
+import builtins  # the class's own ``list`` method shadows the type in its body
 import json
 import os
 import time
@@ -62,7 +63,7 @@ class RedisRegistry(Registry):
         # One key at a time, no MULTI: under Redis Cluster these keys live in different
         # slots. A reader that sees the index before the hash skips the missing entry.
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(redis_key, mapping=fields)
+        pipe.hset(redis_key, mapping=fields)  # type: ignore[arg-type]  # invariant key type
         pipe.sadd(self.keys.entries_index, redis_key)
         pipe.sadd(self.keys.node_entries(self.node), redis_key)
         await pipe.execute()
@@ -83,7 +84,7 @@ class RedisRegistry(Registry):
         return await self._read(index, await self.redis.smembers(index))
 
     # --- cluster-wide -----------------------------------------------------------------
-    async def list_cluster(self) -> list[PoolEntry]:
+    async def list_cluster(self) -> builtins.list[PoolEntry]:
         """Every node's entries."""
         index = self.keys.entries_index
         return await self._read(index, await self.redis.smembers(index))
@@ -102,7 +103,7 @@ class RedisRegistry(Registry):
         if self._owns_client:
             await self.redis.aclose()
 
-    async def _read(self, index: str, members: Iterable[bytes | str]) -> list[PoolEntry]:
+    async def _read(self, index: str, members: Iterable[bytes | str]) -> builtins.list[PoolEntry]:
         names = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
         if not names:
             return []

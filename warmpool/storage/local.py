@@ -6,6 +6,7 @@ which is all the content hash needs, without reading gigabytes to hash them.
 
 from __future__ import annotations
 
+import builtins  # the class's own ``list`` method shadows the type in its body
 import asyncio
 import os
 import shutil
@@ -23,7 +24,7 @@ class LocalStore(Store):
         return await asyncio.to_thread(self._walk, root)
 
     @staticmethod
-    def _walk(root: Path) -> list[ObjectInfo]:
+    def _walk(root: Path) -> builtins.list[ObjectInfo]:
         found: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
