@@ -9,6 +9,7 @@ import os
 import signal
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,10 @@ from typer.testing import CliRunner
 
 from tests.models import write_model
 from tests.workers_env import (assert_bit_exact, run_client, settings_for,
-                                        supervised_workers, wait_for)
+                                        supervised_workers, wait_for, write_even_model)
 from warmpool.attach import attach
 from warmpool.config import Settings
-from warmpool.errors import LeaseHeldError
+from warmpool.errors import LeaseHeldError, WarmpoolError
 from warmpool.registry.base import State
 from warmpool.registry.files import FileRegistry
 from warmpool.tiers.gpu import attach_gpu
@@ -134,3 +135,35 @@ def test_a_killed_worker_is_marked_lost_and_restarted(pool: Settings, tmp_path: 
     again = prefetch_via_workers(str(model), device="cpu:0", settings=pool)
     assert not again["already_warm"]
     assert registry.get_sync(key).state == State.WARM  # type: ignore[union-attr]
+
+
+def test_a_worker_killed_mid_stream_fails_the_load_and_leaves_nothing_streaming(
+        pool: Settings, tmp_path: Path) -> None:
+    """SIGKILL while the worker fills a 1 GiB buffer: the caller gets a clear error at
+    once, the entry is `lost` (not stuck `streaming`), the restarted worker loads it."""
+    model = tmp_path / "big"
+    expected = write_even_model(model, files=4, per_file=16, tensor_bytes=16 << 20, seed=9)
+    registry = FileRegistry(pool.runtime_dir)
+    (worker,) = read_records(pool.runtime_dir)
+    with ThreadPoolExecutor(1) as background:
+        load = background.submit(prefetch_via_workers, str(model), device="cpu:0",
+                                 settings=pool)
+        streaming = wait_for(lambda: next((e for e in registry.list_sync()
+                                           if e.uri.endswith("/big/") and
+                                           e.state == State.STREAMING), None),
+                             timeout=60, every=0.002, what="the load to start streaming")
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(WarmpoolError) as failed:
+            load.result(timeout=30)
+    assert "worker" in str(failed.value).lower(), failed.value
+    entry = wait_for(lambda: (e := registry.get_sync(streaming.key)) is not None
+                     and e.state != State.STREAMING and e, timeout=15,
+                     what="the entry to leave `streaming`")
+    assert entry.state == State.LOST and "SIGKILL" in (entry.error or "")
+    wait_for(lambda: [r for r in read_records(pool.runtime_dir) if r.pid != worker.pid],
+             timeout=30, what="a restarted worker")
+    result = prefetch_via_workers(str(model), device="cpu:0", settings=pool)
+    assert not result["already_warm"]
+    with attach_gpu(str(model), "cpu:0", pool) as attached:
+        assert_bit_exact(attached.tensors, expected)
+    evict_via_workers(str(model), device="cpu:0", settings=pool)
