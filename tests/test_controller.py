@@ -34,7 +34,8 @@ from warmpool.redis_client import CONNECTION_ERRORS, connect
 from warmpool.registry.base import PoolEntry, State
 from warmpool.registry.redis import RedisRegistry
 from warmpool.tiers.host import HostTier
-from warmpool.uri import ModelURI
+from warmpool.prefetch import prefetch
+from warmpool.uri import ModelURI, parse_uri
 
 KEYS = RedisKeys()
 FAST = ControllerOptions(debounce_s=0.3, recheck_s=0.5, heartbeat_s=0.5, claim_idle_s=1.5,
@@ -443,6 +444,23 @@ async def test_a_sentinel_failover_is_ridden_out(redis_failover: Failover, setti
         await harness.stop_all()
         HostTier(settings.runtime_dir).remove_all()
         await harness.redis.aclose()
+
+
+async def test_a_controller_on_an_empty_redis_adopts_the_warm_host_tier(
+        harness: Harness, settings: Settings, tmp_path: Path) -> None:
+    """Segments warmed before this Redis knew them (it restarted empty, or is new) are
+    registered, not left as memory nobody sees; they are the pool's to evict."""
+    model = tmp_path / "m"
+    write_model(model, seed=4)
+    done = await prefetch(str(model), settings=settings)  # in-process, before any controller
+    ctl = await harness.start()
+    uri = parse_uri(str(model))
+    entry = await harness.wait_entry(uri)
+    assert (entry.content_hash, entry.bytes) == (done.entry.content_hash, done.entry.bytes)
+    assert streamed(ctl) == 0  # adopted, not streamed again
+    await harness.xadd(ask("evict", uri))
+    await harness.wait_entry(uri, State.EVICTED)
+    assert HostTier(settings.runtime_dir).resident(entry.content_hash) is None
 
 
 async def test_restarted_controller_reconciles_desired_state(harness: Harness,

@@ -217,3 +217,81 @@ def test_a_cli_prefetch_rides_out_a_redis_outage_and_resends_what_redis_lost(
     assert cli.returncode == 0, err
     report = json.loads(out)
     assert report["state"] == "warm" and report["node"] == NODE
+
+
+def test_the_embedded_redis_keeps_desired_state_across_restarts(
+        serving: Callable[..., Serve], settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The laptop default must not forget what it was asked to keep warm when `warmpool
+    serve` restarts: the embedded Redis snapshots into the runtime directory."""
+    model_dir = tmp_path / "model"
+    write_model(model_dir, shards=1)
+    first = serving()
+    monkeypatch.setenv("WARMPOOL_NODE", NODE)
+    proc = run_cli("prefetch", str(model_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert first.terminate() == 0
+    assert (settings.runtime_dir / "redis" / "warmpool.rdb").stat().st_size > 0
+    second = serving()
+    assert second.wait_event("reconcile")["count"] == 1  # the desired model, from the snapshot
+    status = run_cli("status", "--json")
+    assert [(e["state"], e["uri"]) for e in json.loads(status.stdout)] == \
+        [("warm", json.loads(proc.stdout)["uri"])]
+    assert second.terminate() == 0
+
+
+HOLD_LEASE = """
+import sys, time
+from warmpool import attach
+with attach(sys.argv[1]) as weights:
+    print("HOLDING", len(weights), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_evict_goes_through_the_controller_leased_or_not(
+        serving: Callable[..., Serve], settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a controller running, `warmpool evict` asks it (it owns the pool and would
+    re-warm a model it still wants): by hash prefix, a leased model retires when its last
+    lease ends, and --force does not wait."""
+    model_dir = tmp_path / "model"
+    write_model(model_dir, shards=1)
+    serve = serving()
+    monkeypatch.setenv("WARMPOOL_NODE", NODE)
+
+    def states() -> list[str]:
+        return [e["state"] for e in json.loads(run_cli("status", "--json").stdout)]
+
+    def warm_and_hold() -> tuple[str, subprocess.Popen[str]]:
+        proc = run_cli("prefetch", str(model_dir), "--json")
+        assert proc.returncode == 0, proc.stderr
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, str(model_dir)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline().startswith("HOLDING")
+        return json.loads(proc.stdout)["content_hash"], holder
+
+    content_hash, holder = warm_and_hold()
+    try:
+        proc = run_cli("evict", content_hash[:12])
+        assert proc.returncode == 0, proc.stderr
+        assert "leased, evicted when its leases end" in proc.stdout
+        assert HostTier(settings.runtime_dir).resident(content_hash) is not None
+    finally:
+        holder.kill()
+        holder.wait()
+    poll(lambda: HostTier(settings.runtime_dir).resident(content_hash) is None,
+         "the retired model to be evicted once its lease ended")
+    poll(lambda: states() == ["evicted"], "status to say evicted")
+
+    content_hash, holder = warm_and_hold()
+    try:
+        proc = run_cli("evict", str(model_dir), "--force")
+        assert proc.returncode == 0 and proc.stdout.startswith("evicted"), proc
+        assert HostTier(settings.runtime_dir).resident(content_hash) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    again = run_cli("evict", str(model_dir))
+    assert again.returncode == 1 and "nothing to evict" in again.stderr
+    assert serve.terminate() == 0

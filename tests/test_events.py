@@ -293,10 +293,11 @@ def test_request_actions_with_defaults(action: str) -> None:
 
 
 def test_request_with_every_field() -> None:
-    doc = {"action": "deploy", "uri": "gs://models-gcs/llama/", "device": "cuda:3", "tp": 8,
-           "layout": "sharded", "node": "gpu-node-07.example", "request_id": "req-42"}
-    assert parse(doc) == [Request("deploy", ModelURI("gs", "models-gcs", "llama/"), "cuda:3", 8,
-                                  "sharded", "gpu-node-07.example", "req-42")]
+    doc = {"action": "evict", "uri": "gs://models-gcs/llama/", "device": "cuda:3", "tp": 8,
+           "layout": "sharded", "node": "gpu-node-07.example", "request_id": "req-42",
+           "force": True}
+    assert parse(doc) == [Request("evict", ModelURI("gs", "models-gcs", "llama/"), "cuda:3", 8,
+                                  "sharded", "gpu-node-07.example", "req-42", force=True)]
 
 
 def test_request_nulls_mean_defaults() -> None:
@@ -349,6 +350,8 @@ REQ = {"action": "deploy", "uri": "s3://b/m/"}
         ({**REQ, "node": "a:b"}, "bad_field"),
         ({**REQ, "devcie": "cuda:0"}, "bad_field"),
         ({**REQ, "request_id": "x" * 200}, "bad_field"),
+        ({**REQ, "force": "yes"}, "bad_field"),
+        ({**REQ, "force": 1}, "bad_field"),
         ({"Records": {"not": "a list"}}, "bad_field"),
         ({"Records": ["nope"]}, "bad_field"),
         ({"Records": [{"eventName": 7}]}, "bad_field"),

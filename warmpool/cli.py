@@ -222,12 +222,21 @@ def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
 def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
           device: str = typer.Option("cpu"),
           force: bool = typer.Option(False, "--force", help="Evict even while leased."),
-          as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
-    """Free a model's resident memory (refused while a lease is live)."""
+          as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
+          redis: Optional[str] = RedisOpt) -> None:
+    """Free a model's resident memory (refused while a lease is live, unless --force).
+
+    With a controller running, it asks the controller, which also stops wanting the model
+    warm; a leased model is then evicted when its last lease ends."""
+    from warmpool import remote
     from warmpool.pool import Pool
 
-    settings = _settings(config)
-    if device != "cpu":
+    settings = _settings(config, redis_url=redis)
+    controller = remote.controller_url(settings)
+    if controller:  # the controller owns the pool (and would re-warm what it still wants)
+        data = _run(remote.evict(controller, ref, settings=settings, device=device,
+                                 force=force))
+    elif device != "cpu":
         from warmpool.workers.client import evict_via_workers
 
         data = evict_via_workers(ref, device=device, settings=settings, force=force)
@@ -236,7 +245,9 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
     if as_json:
         _emit(data)
     else:
-        out.print(f"evicted {data['uri']} ({data['content_hash'][:12]}) from {data['device']}")
+        verb = ("leased, evicted when its leases end:" if data.get("state") == "retiring"
+                else "evicted")
+        out.print(f"{verb} {data['uri']} ({data['content_hash'][:12]}) from {data['device']}")
 
 
 @app.command("attach")

@@ -162,6 +162,7 @@ class Controller:
     async def reconcile(self) -> int:
         """Warm again what should be warm; mark what is gone (lost/failed)."""
         await self.pool.reclaim()
+        await self._adopt()
         wants = await self.desired.all()
         for want in wants:
             target = Target(parse_uri(want.uri), want.device, want.tp, want.layout, want.pinned)
@@ -170,6 +171,12 @@ class Controller:
             log.info("reconciling %d desired model(s)", len(wants),
                      extra={"event": "reconcile", "count": len(wants)})
         return len(wants)
+
+    async def _adopt(self) -> None:
+        for entry in await self.pool.adopt_residents():
+            log.info("adopted %s (%s), warm on the host tier but unknown to Redis",
+                     entry.uri, entry.content_hash[:12],
+                     extra={"event": "adopted", "uri": entry.uri, "device": entry.device})
 
     async def converge(self) -> int:
         """Warm desired models that have no entry here, or lost theirs (a worker or a
@@ -281,6 +288,7 @@ class Controller:
         this node knows."""
         if self._beaten and not await self.nodes.is_live(self.node):
             restored = await self.registry.resync(), await self.desired.resync()
+            await self._adopt()
             await self.streams.ensure_groups()
             log.warning("our heartbeat was gone from Redis (restarted, failed over or out of "
                         "reach past its TTL); wrote back %d entries and %d desired models",

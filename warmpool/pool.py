@@ -147,6 +147,22 @@ class Pool:
         return retired
 
     # --- recovery ------------------------------------------------------------------
+    async def adopt_residents(self) -> list[PoolEntry]:
+        """Register published host segments that the registry does not know: a registry
+        that lost its data (a Redis restarted empty, or a new one) would otherwise leave
+        warm, attachable models that nobody can see, evict or count against capacity."""
+        adopted = []
+        for resident in self.host.residents():
+            if await self.registry.get(resident.key) is not None:
+                continue
+            entry = PoolEntry(uri=resident.uri, content_hash=resident.content_hash,
+                              device=HOST_DEVICE, node=self.settings.node,
+                              bytes=resident.layout.total_bytes,
+                              tensors=len(resident.layout.slots), transport="shm",
+                              created_at=resident.created_at, history=[])
+            adopted.append(await self.registry.transition(entry, State.WARM))
+        return adopted
+
     async def reclaim(self) -> list[str]:
         """Clean up after crashed processes: orphaned segments, and entries that claim to
         be streaming or warm while their segment is gone."""

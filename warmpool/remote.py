@@ -19,9 +19,10 @@ from typing import Any
 
 from warmpool.config import Settings
 from warmpool.embedded_redis import running_url
-from warmpool.errors import WarmpoolError
+from warmpool.errors import NotWarmError, WarmpoolError
 from warmpool.keys import RedisKeys
 from warmpool.leases import Leases
+from warmpool.pool import is_hash_ref, normalise_ref
 from warmpool.redis_client import CONNECTION_ERRORS, connect, redact
 from warmpool.registry.base import PoolEntry
 from warmpool.registry.redis import RedisRegistry
@@ -70,6 +71,54 @@ async def prefetch(url: str, uri: str, *, settings: Settings, device: str = "cpu
         raise ControllerError(f"the controller on {settings.node} could not warm {uri}: "
                               f"{reply.get('error') or reply.get('state')}")
     return reply
+
+
+async def evict(url: str, ref: str, *, settings: Settings, device: str = "cpu",
+                force: bool = False, timeout_s: float = 300.0,
+                keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
+    """Ask this node's controller to evict ``ref`` (a URI or a content hash) from
+    ``device``; its reply. The controller also drops the model from the node's desired
+    state, so it is not warmed again at the next reconciliation — an eviction done behind
+    its back would be undone."""
+    redis = connect(url, name="warmpool-cli")
+    try:
+        await _require_controller(redis, keys, settings.node, url)
+        uri = await _uri_of(redis, keys, ref, settings.node, device)
+        request_id = uuid.uuid4().hex
+        doc = {"action": "evict", "uri": uri, "device": device, "node": settings.node,
+               "request_id": request_id, "force": force}
+
+        async def send() -> None:
+            await redis.xadd(keys.node_stream(settings.node), {"payload": json.dumps(doc)})
+
+        await send()
+        reply = await _wait_reply(redis, keys, request_id, settings.node, timeout_s,
+                                  resend=send)
+    except CONNECTION_ERRORS as exc:
+        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
+    finally:
+        await redis.aclose()
+    if reply.get("content_hash") is None:
+        raise NotWarmError(f"nothing to evict: {ref} is not in the pool on {device} "
+                           f"of node {settings.node}")
+    if reply.get("state") not in ("evicted", "retiring"):
+        raise ControllerError(f"the controller on {settings.node} could not evict {ref}: "
+                              f"{reply.get('error') or reply.get('state')}")
+    return reply
+
+
+async def _uri_of(redis: Any, keys: RedisKeys, ref: str, node: str, device: str) -> str:
+    """The model URI that ``ref`` names: itself, or the URI of this node's entry whose
+    content hash starts with it (requests name models by URI)."""
+    wanted = normalise_ref(ref)
+    if not is_hash_ref(wanted):
+        return wanted
+    uris = {e.uri for e in await RedisRegistry(redis, keys, node).list()
+            if e.device == device and e.content_hash.startswith(wanted)}
+    if len(uris) != 1:
+        raise NotWarmError(f"{ref!r} names {'no' if not uris else 'more than one'} model on "
+                           f"{device} of node {node}" + (f": {sorted(uris)}" if uris else ""))
+    return uris.pop()
 
 
 async def status(url: str, settings: Settings, keys: RedisKeys = RedisKeys()) -> list[PoolEntry]:

@@ -38,7 +38,8 @@ STREAM_MAXLEN = 100_000
 
 def request_doc(req: Request) -> dict[str, Any]:
     doc = {"action": req.action, "uri": str(req.uri), "device": req.device, "tp": req.tp,
-           "layout": req.layout, "node": req.node, "request_id": req.request_id}
+           "layout": req.layout, "node": req.node, "request_id": req.request_id,
+           "force": req.force or None}
     return {k: v for k, v in doc.items() if v is not None}
 
 
@@ -88,7 +89,7 @@ class Router:
             entry = changed[-1] if changed else None
             return Outcome(uri, device, entry.state.value if entry else "absent", entry)
         await self.desired.remove(uri, device)
-        return await self.dispatcher.evict(uri, device)
+        return await self.dispatcher.evict(uri, device, force=req.force)
 
     async def upload_ready(self, model: ModelURI) -> None:
         """A watched upload completed: warm it on the host tier of the placed node."""

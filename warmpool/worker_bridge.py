@@ -46,14 +46,14 @@ class WorkerBridge:
                                           layout=layout, loader=loader, settings=self.settings)
         return summary, await self.mirror(entry_key(content_hash, device))
 
-    async def evict(self, entry: PoolEntry) -> None:
+    async def evict(self, entry: PoolEntry, *, force: bool = False) -> None:
         """Free ``entry``'s buffer (``LeaseHeldError`` while a serving process holds it)."""
         try:
             from warmpool.workers.client import evict_via_workers
         except ImportError:
             raise WorkerError(NO_WORKERS) from None
         await asyncio.to_thread(evict_via_workers, entry.content_hash, device=entry.device,
-                                settings=self.settings)
+                                settings=self.settings, force=force)
         await self.mirror(entry.key)
 
     async def mirror(self, key: str) -> PoolEntry | None:
