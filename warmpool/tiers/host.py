@@ -149,13 +149,21 @@ class HostTier:
             return None
         return resident if (SHM_DIR / resident.segment).exists() else None
 
-    def residents(self) -> list[Resident]:
+    def residents(self, hash_prefix: str = "") -> list[Resident]:
+        """Every published model (whose content hash starts with ``hash_prefix``): only
+        the matching records are parsed, and a record lists every tensor."""
         found = []
-        for path in sorted(self.records.glob("*.json")):
+        for path in sorted(self.records.glob(f"{hash_prefix}*@{DEVICE}.json")):
             resident = self.resident(path.name.split("@", 1)[0])
             if resident is not None:
                 found.append(resident)
         return found
+
+    def holds(self, resident: Resident) -> bool:
+        """Still published? Two stats, no parse: an eviction removes the record and the
+        segment under the entry's exclusive lock, and a content hash names its bytes."""
+        return (self._record_path(resident.content_hash).exists()
+                and (SHM_DIR / resident.segment).exists())
 
     def remove_all(self) -> None:
         """Drop every segment and record of this pool (tests and `warmpool evict --all`)."""
