@@ -28,9 +28,9 @@ import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from functools import partial
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 

@@ -265,10 +265,10 @@ def attach_cmd(ref: str, device: str = typer.Option("cpu"),
     start = time.perf_counter()
     with attach(ref, device, settings=settings, holder="warmpool attach") as model:
         seconds = time.perf_counter() - start
-        data: dict[str, Any] = {"uri": model.uri, "content_hash": model.content_hash,
-                                "device": device,
-                "tensors": len(model), "bytes": model.layout.total_bytes,
-                "transport": model.transport, "attach_ms": round(seconds * 1e3, 3)}
+        data: dict[str, Any] = {
+            "uri": model.uri, "content_hash": model.content_hash, "device": device,
+            "tensors": len(model), "bytes": model.layout.total_bytes,
+            "transport": model.transport, "attach_ms": round(seconds * 1e3, 3)}
         if verify:
             data["verified"] = _verify(model)
     if as_json:

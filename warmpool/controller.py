@@ -19,16 +19,16 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, fields, replace
 from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from redis.asyncio import Redis
 
 from warmpool.config import Settings
-from warmpool.errors import ConfigError
 from warmpool.desired import DesiredState
 from warmpool.dispatch import Dispatcher, Target
+from warmpool.errors import ConfigError
 from warmpool.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
 from warmpool.keys import RedisKeys
 from warmpool.metrics import Metrics
@@ -71,16 +71,17 @@ class ControllerOptions:
         ``overrides``. An unknown name or a value of the wrong type is a ConfigError
         naming where it came from, so a typo never silently keeps a default."""
         env = os.environ if environ is None else environ
+        file_values = file_values or {}
         defaults = cls()
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(file_values or {}) - known)
+        unknown = sorted(set(file_values) - known)
         if unknown:
             raise ConfigError(f"unknown controller setting(s) {', '.join(map(repr, unknown))} "
                               f"in the config file; known: {', '.join(sorted(known))}")
         values: dict[str, Any] = {}
         for name in sorted(known):
             kind = type(getattr(defaults, name))
-            sources = [(f"controller.{name} in the config file", (file_values or {}).get(name)),
+            sources = [(f"controller.{name} in the config file", file_values.get(name)),
                        (f"WARMPOOL_{name.upper()}", env.get(f"WARMPOOL_{name.upper()}") or None)]
             for where, raw in sources:
                 if raw is None:

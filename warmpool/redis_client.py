@@ -74,13 +74,14 @@ class SentinelURL:
             except ValueError:
                 raise ConfigError(f"{redact(url)}: bad Sentinel address {item!r}") from None
         service, _, db = path.partition("/")
+        db = db.strip("/")
         if not sentinels or not service:
             raise ConfigError(f"{redact(url)}: a Sentinel URL names at least one Sentinel and "
                               "the service, as redis+sentinel://host:26379/mymaster")
-        if not db.strip("/").isdigit() and db.strip("/"):
+        if db and not db.isdigit():
             raise ConfigError(f"{redact(url)}: database {db!r} is not a number")
         options = parse_qs(query)
-        return cls(tuple(sentinels), unquote(service), int(db.strip("/") or 0),
+        return cls(tuple(sentinels), unquote(service), int(db or 0),
                    unquote(username) or None, unquote(password) or None,
                    options.get("sentinel_password", [None])[0])
 

@@ -50,23 +50,12 @@ async def prefetch(url: str, uri: str, *, settings: Settings, device: str = "cpu
                    layout: str = "replicated", timeout_s: float | None = None,
                    keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
     """Ask this node's controller to warm ``uri``; its reply (``state`` is ``warm``)."""
-    redis = connect(url, name="warmpool-cli")
-    try:
-        await _require_controller(redis, keys, settings.node, url)  # unreachable: fail fast
-        request_id = uuid.uuid4().hex
-        doc = {"action": "deploy", "uri": str(parse_uri(uri)), "device": device, "tp": tp,
-               "layout": layout, "node": settings.node, "request_id": request_id}
+    async def doc(redis: Any) -> dict[str, Any]:
+        return {"action": "deploy", "uri": str(parse_uri(uri)), "device": device, "tp": tp,
+                "layout": layout}
 
-        async def send() -> None:
-            await redis.xadd(keys.node_stream(settings.node), {"payload": json.dumps(doc)})
-
-        await send()
-        reply = await _wait_reply(redis, keys, request_id, settings.node,
-                                  timeout_s or DEFAULT_TIMEOUT_S, resend=send)
-    except CONNECTION_ERRORS as exc:
-        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
-    finally:
-        await redis.aclose()
+    reply = await _ask(url, doc, settings=settings, keys=keys,
+                       timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
     if reply.get("state") != "warm":
         raise ControllerError(f"the controller on {settings.node} could not warm {uri}: "
                               f"{reply.get('error') or reply.get('state')}")
@@ -80,24 +69,11 @@ async def evict(url: str, ref: str, *, settings: Settings, device: str = "cpu",
     ``device``; its reply. The controller also drops the model from the node's desired
     state, so it is not warmed again at the next reconciliation — an eviction done behind
     its back would be undone."""
-    redis = connect(url, name="warmpool-cli")
-    try:
-        await _require_controller(redis, keys, settings.node, url)
-        uri = await _uri_of(redis, keys, ref, settings.node, device)
-        request_id = uuid.uuid4().hex
-        doc = {"action": "evict", "uri": uri, "device": device, "node": settings.node,
-               "request_id": request_id, "force": force}
+    async def doc(redis: Any) -> dict[str, Any]:
+        return {"action": "evict", "uri": await _uri_of(redis, keys, ref, settings.node, device),
+                "device": device, "force": force}
 
-        async def send() -> None:
-            await redis.xadd(keys.node_stream(settings.node), {"payload": json.dumps(doc)})
-
-        await send()
-        reply = await _wait_reply(redis, keys, request_id, settings.node, timeout_s,
-                                  resend=send)
-    except CONNECTION_ERRORS as exc:
-        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
-    finally:
-        await redis.aclose()
+    reply = await _ask(url, doc, settings=settings, keys=keys, timeout_s=timeout_s)
     if reply.get("content_hash") is None:
         raise NotWarmError(f"nothing to evict: {ref} is not in the pool on {device} "
                            f"of node {settings.node}")
@@ -105,6 +81,29 @@ async def evict(url: str, ref: str, *, settings: Settings, device: str = "cpu",
         raise ControllerError(f"the controller on {settings.node} could not evict {ref}: "
                               f"{reply.get('error') or reply.get('state')}")
     return reply
+
+
+async def _ask(url: str, doc: Callable[[Any], Awaitable[dict[str, Any]]], *,
+               settings: Settings, keys: RedisKeys, timeout_s: float) -> dict[str, Any]:
+    """Put the request ``doc(redis)`` returns on this node's stream, with a request id,
+    and wait for the controller's reply. No controller, or no Redis, fails at once."""
+    redis = connect(url, name="warmpool-cli")
+    try:
+        await _require_controller(redis, keys, settings.node, url)
+        request_id = uuid.uuid4().hex
+        payload = json.dumps({**await doc(redis), "node": settings.node,
+                              "request_id": request_id})
+
+        async def send() -> None:
+            await redis.xadd(keys.node_stream(settings.node), {"payload": payload})
+
+        await send()
+        return await _wait_reply(redis, keys, request_id, settings.node, timeout_s,
+                                 resend=send)
+    except CONNECTION_ERRORS as exc:
+        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
+    finally:
+        await redis.aclose()
 
 
 async def _uri_of(redis: Any, keys: RedisKeys, ref: str, node: str, device: str) -> str:
@@ -148,7 +147,7 @@ async def _wait_reply(redis: Any, keys: RedisKeys, request_id: str, node: str,
                       ) -> dict[str, Any]:
     """The controller's answer to ``request_id``. Redis may fail over or restart while we
     wait: after a lost connection the request is sent again (a Redis that came back empty
-    lost it; the controller answers a repeat of a request it already did at once), and
+    lost it; a repeat of a request done or in flight gets the same answer), and
     only an outage longer than :data:`OUTAGE_S` is an error."""
     deadline = time.monotonic() + timeout_s
     lost_since: float | None = None

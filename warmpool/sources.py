@@ -111,8 +111,8 @@ class StreamSource:
                                    return_when=asyncio.FIRST_COMPLETED)
                 continue
             reply: Any = await self.redis.xreadgroup(self.group, self.consumer,
-                                                {s: ">" for s in self.streams},
-                                                count=room, block=self.block_ms)
+                                                     {s: ">" for s in self.streams},
+                                                     count=room, block=self.block_ms)
             for stream, entries in reply or []:
                 for entry_id, fields in entries:
                     self._start(_text(stream), entry_id, fields)

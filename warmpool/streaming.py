@@ -57,7 +57,7 @@ def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
     """The loader for ``uri``. ``auto``: threads of ``preadv`` for local files, which
     were faster than runai-model-streamer on every machine we measured (H100, 16 GB:
     17 GB/s against 5 into a GPU, 4.0 s against 4.6 s into shared memory; the 2-core VM,
-    2 GB into shared memory: 1.0-1.3 s against 1.3-1.9 s); runai-model-streamer for
+    2 GB into shared memory: 1.0-1.8 s against 1.3-2.0 s); runai-model-streamer for
     object stores, and for a distributed ``group``, where it splits the reads between
     ranks; our own async client where runai cannot stream."""
     if loader == "native":

@@ -6,8 +6,8 @@ which is all the content hash needs, without reading gigabytes to hash them.
 
 from __future__ import annotations
 
-import builtins  # the class's own ``list`` method shadows the type in its body
 import asyncio
+import builtins  # the class's own ``list`` method shadows the type in its body
 import os
 import shutil
 from pathlib import Path
