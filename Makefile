@@ -36,11 +36,8 @@ demo-s3: install-dev
 test: install-dev typecheck
 	$(BIN)/pytest -q
 
-# mypy over the package as it installs: workers/ becomes warmpool.workers.
 typecheck: install-dev
-	rm -rf build/typecheck && mkdir -p build/typecheck
-	cp -r warmpool build/typecheck/warmpool && cp -r workers build/typecheck/warmpool/workers
-	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p warmpool
+	$(BIN)/mypy -p warmpool
 
 bench: install
 	$(BIN)/python bench/host_tier.py

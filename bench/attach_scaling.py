@@ -9,7 +9,7 @@ imported, as in a serving engine), and prints a table:
     python bench/attach_scaling.py --sizes 0.5,2 --counts 64,512 --reps 7
 
 Models are generated (zeros: attach never reads the bytes, and the pool is private to
-the run), warmed with ``warmpool.prefetch`` and evicted afterwards. Results go to
+the run), warmed with ``warmpool.pool.prefetch`` and evicted afterwards. Results go to
 ``bench/results/attach_scaling-<name>.md``.
 """
 
@@ -86,8 +86,8 @@ def main() -> None:
     env.pop("WARMPOOL_REDIS_URL", None)
     os.environ.update({k: env[k] for k in ("WARMPOOL_RUNTIME_DIR", "WARMPOOL_CACHE_DIR")})
     from warmpool.config import Settings
-    from warmpool.pool import Pool
-    from warmpool.prefetch import prefetch
+    from warmpool.pool.entries import Pool
+    from warmpool.pool.prefetch import prefetch
 
     settings = Settings.load()
     results = []

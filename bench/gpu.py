@@ -108,7 +108,7 @@ def main() -> None:
     os.environ["WARMPOOL_CACHE_DIR"] = str(work / "cache")
     model = args.model
     if model is None:
-        from warmpool.generate import PRESETS, generate_model
+        from warmpool.model.generate import PRESETS, generate_model
 
         model = work / "model"
         t = time.perf_counter()

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Host-tier benchmark: how long until every byte of a checkpoint has been read once?
 
-Generates a Llama-shaped checkpoint (``warmpool.generate``, ~2 GB by default), starts
+Generates a Llama-shaped checkpoint (``warmpool.model.generate``, ~2 GB by default), starts
 SeaweedFS on loopback ports and uploads the checkpoint to it, then times each method in
 a FRESH PROCESS (one subprocess per measurement, several repetitions, medians):
 
 * ``safetensors.torch.load_file`` + touch           (the obvious alternative, the baseline)
 * runai-model-streamer alone + touch                 (local directory: its default O_DIRECT
                                                       reads and buffered io_uring; S3)
-* ``warmpool.prefetch``                              (time to warm, local and S3)
-* ``warmpool.attach`` of the warm entry, alone and + touch
+* ``warmpool.pool.prefetch``                              (time to warm, local and S3)
+* ``warmpool.pool.attachment`` of the warm entry, alone and + touch
 
 "Touch" is the same for every method: a sum over an int64 view of each tensor's bytes
 (the < 8-byte tail as uint8), so every byte is read once; the sums double as a checksum
@@ -128,7 +128,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
         import torch  # noqa: F401
         from warmpool.config import Settings
-        from warmpool.prefetch import prefetch
+        from warmpool.pool.prefetch import prefetch
 
         imported = time.perf_counter()
         result = asyncio.run(prefetch(spec["uri"], settings=Settings.load()))
@@ -223,7 +223,7 @@ class Bench:
                               "is impossible there (pass --workdir on a disk).")
 
     def generate(self) -> None:
-        from warmpool.generate import PRESETS, Shape, generate_model
+        from warmpool.model.generate import PRESETS, Shape, generate_model
 
         base = PRESETS[self.args.size_preset]
         layers = self.args.layers
@@ -344,8 +344,8 @@ class Bench:
         """Evict every entry of the bench's private pool and empty its metadata cache."""
         import asyncio
 
-        from warmpool.pool import Pool
-        from warmpool.registry.base import State
+        from warmpool.pool.entries import Pool
+        from warmpool.pool.registry.base import State
 
         if self.runtime_dir.exists():
             async def go() -> None:
@@ -360,7 +360,7 @@ class Bench:
         shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def leftover_segments(self) -> list[str]:
-        from warmpool.tiers.host import SHM_DIR, HostTier
+        from warmpool.pool.host import SHM_DIR, HostTier
 
         if not self.runtime_dir.exists():
             return []
@@ -368,7 +368,7 @@ class Bench:
         return sorted(p.name for p in SHM_DIR.glob(f"{prefix}*"))
 
     def ensure_warm(self) -> None:
-        from warmpool.tiers.host import HostTier
+        from warmpool.pool.host import HostTier
 
         if HostTier(self.runtime_dir).residents() if self.runtime_dir.exists() else []:
             return
@@ -425,10 +425,10 @@ class Bench:
                             prepare="evict"))
             if cache == "cold":
                 continue  # the warm entry is shared memory, not page cache: nothing to make cold
-            rows.append(Row("attach" + c, "warmpool.attach (views only)", "shm", cache,
+            rows.append(Row("attach" + c, "warmpool.pool.attachment (views only)", "shm", cache,
                             {"method": "attach", "uri": self.local_uri}, self.pool_env(),
                             prepare="warm"))
-            rows.append(Row("attach-touch" + c, "warmpool.attach + touch", "shm", cache,
+            rows.append(Row("attach-touch" + c, "warmpool.pool.attachment + touch", "shm", cache,
                             {"method": "attach", "uri": self.local_uri, "touch": True},
                             self.pool_env(), prepare="warm"))
         wanted = set(self.args.only.split(",")) if self.args.only else None
@@ -509,7 +509,7 @@ class Bench:
         with suppress(Exception):
             left = self.leftover_segments()
             if left:
-                from warmpool.tiers.host import SHM_DIR
+                from warmpool.pool.host import SHM_DIR
 
                 for name in left:
                     (SHM_DIR / name).unlink(missing_ok=True)
@@ -579,7 +579,7 @@ class Bench:
 
 _REWARM = """
 import torch, safetensors.torch, runai_model_streamer
-for m in ("warmpool", "warmpool.attach", "warmpool.prefetch"):
+for m in ("warmpool", "warmpool.pool.attachment", "warmpool.pool.prefetch"):
     try:
         __import__(m)
     except Exception:
@@ -657,7 +657,7 @@ def headline(report: dict[str, Any]) -> list[str]:
     out = []
     attach, touched = op("attach"), op("attach-touch")
     if attach is not None:
-        out.append(f"warmpool.attach: usable views in {_seconds(attach)} "
+        out.append(f"warmpool.pool.attachment: usable views in {_seconds(attach)} "
                    f"(process wall {_seconds(rows['attach']['wall_s'])}, of which import "
                    f"{_seconds(rows['attach']['import_s'])}).")
     if touched is not None:
@@ -816,7 +816,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-preset", default="small", choices=["tiny", "small", "llama-3-8b"],
-                   help="shape of the generated model (warmpool.generate.PRESETS; default small)")
+                   help="shape of the generated model (warmpool.model.generate.PRESETS; default small)")
     p.add_argument("--layers", type=int, default=None,
                    help="number of layers (default: enough for --target-gb)")
     p.add_argument("--target-gb", type=float, default=2.0,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from warmpool.identity import INDEX_FILE
+from warmpool.model.identity import INDEX_FILE
 
 DEFAULT_DTYPES: tuple[torch.dtype, ...] = (
     torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.bool)

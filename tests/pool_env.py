@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from warmpool.config import Settings
-from warmpool.tiers.host import SHM_DIR, HostTier
+from warmpool.pool.host import SHM_DIR, HostTier
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from warmpool.uri import ModelURI, parse_uri
+from warmpool.model.uri import ModelURI, parse_uri
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

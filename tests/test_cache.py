@@ -17,14 +17,14 @@ from safetensors import safe_open
 
 from tests.models import SAFETENSORS_DTYPES, model_files, write_model
 from tests.servers import Backend
-from warmpool import cache as cache_module
-from warmpool.cache import MANIFEST, CachedModel, MetadataCache, default_cache
+from warmpool.model import cache as cache_module
+from warmpool.model.cache import MANIFEST, CachedModel, MetadataCache, default_cache
 from warmpool.config import Settings
 from warmpool.errors import (IncompleteModelError, SafetensorsError, StorageError,
                              UnsafeKeyError)
-from warmpool.identity import INDEX_FILE
+from warmpool.model.identity import INDEX_FILE
 from warmpool.storage import ObjectInfo, Store, open_store
-from warmpool.uri import ModelURI
+from warmpool.model.uri import ModelURI
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -405,9 +405,9 @@ package = types.ModuleType("warmpool")
 package.__path__ = [os.path.join(os.getcwd(), "warmpool")]
 sys.modules["warmpool"] = package
 
-from warmpool.cache import MetadataCache
+from warmpool.model.cache import MetadataCache
 from warmpool.storage import Store, open_store
-from warmpool.uri import parse_uri
+from warmpool.model.uri import parse_uri
 
 root, uri, marker, me = Path(sys.argv[1]), parse_uri(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 

@@ -9,8 +9,8 @@ import pytest
 
 from warmpool.config import Settings, StreamerOptions, parse_bytes
 from warmpool.errors import ConfigError, InvalidURIError
-from warmpool.redis_client import redact
-from warmpool.uri import parse_uri
+from warmpool.controller.redis_client import redact
+from warmpool.model.uri import parse_uri
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -50,7 +50,7 @@ def test_unknown_setting_is_refused(tmp_path: Path) -> None:
 
 
 def test_controller_section_of_the_config_file_under_the_environment(tmp_path: Path) -> None:
-    from warmpool.controller import ControllerOptions
+    from warmpool.controller.loop import ControllerOptions
 
     config = tmp_path / "warmpool.toml"
     config.write_text('[controller]\ndebounce_s = 0.5\nmax_inflight = 8\nkey_prefix = "wp"\n')
@@ -118,7 +118,7 @@ def test_redis_passwords_are_redacted() -> None:
 
 
 def test_sentinel_urls() -> None:
-    from warmpool.redis_client import SentinelURL
+    from warmpool.controller.redis_client import SentinelURL
 
     url = SentinelURL.parse("redis+sentinel://:m4ster@a:26380,b,[::1]:5/svc/2"
                             "?sentinel_password=s3nt")
@@ -136,7 +136,7 @@ def test_loader_choice() -> None:
     reads), runai for object stores, our own client for az:// (no streamer support
     against connection-string accounts)."""
     from warmpool.errors import StreamError
-    from warmpool.streaming import choose_loader
+    from warmpool.loading.streaming import choose_loader
 
     local, s3, az = parse_uri("/models/m"), parse_uri("s3://b/m/"), parse_uri("az://c/m/")
     assert choose_loader(local) == "pread"
@@ -152,7 +152,7 @@ def test_loader_choice() -> None:
 
 def test_the_example_deployment_config_is_valid() -> None:
     """deploy/warmpool.yaml is what operators copy: every key in it must load."""
-    from warmpool.controller import ControllerOptions
+    from warmpool.controller.loop import ControllerOptions
 
     example = Path(__file__).resolve().parent.parent / "deploy" / "warmpool.yaml"
     settings = Settings.load(example)

@@ -22,8 +22,8 @@ from tests.pool_env import run_cli
 from tests.redis_server import RedisServer
 from tests.servers import Backend
 from warmpool.config import Settings
-from warmpool.keys import RedisKeys
-from warmpool.tiers.host import HostTier
+from warmpool.controller.keys import RedisKeys
+from warmpool.pool.host import HostTier
 
 KEYS = RedisKeys()
 NODE = "node-under-test"

@@ -14,9 +14,9 @@ from tests.workers_env import (assert_bit_exact, direct_workers, settings_for,
                                         write_even_model, write_sharded_model)
 from warmpool.config import Settings
 from warmpool.errors import CapacityError, ConfigError
-from warmpool.registry.base import State
-from warmpool.registry.files import FileRegistry
-from warmpool.tiers.gpu import attach_gpu
+from warmpool.pool.registry.base import State
+from warmpool.pool.registry.files import FileRegistry
+from warmpool.workers.gpu_attach import attach_gpu
 from warmpool.workers.client import prefetch_via_workers, workers_status
 
 MiB = 1 << 20

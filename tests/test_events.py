@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from warmpool.errors import InvalidURIError, WarmpoolError
-from warmpool.events import (
+from warmpool.controller.events import (
     MAX_PAYLOAD_BYTES,
     BadEvent,
     ObjectRemoved,
@@ -23,8 +23,8 @@ from warmpool.events import (
     Watchlist,
     parse_event,
 )
-from warmpool.keys import RedisKeys
-from warmpool.uri import ModelURI, parse_uri
+from warmpool.controller.keys import RedisKeys
+from warmpool.model.uri import ModelURI, parse_uri
 
 
 def s3_record(

@@ -24,8 +24,8 @@ from tests.workers_env import (ROOT, assert_bit_exact, direct_workers,
                                         publish_host_copy, reference, settings_for,
                                         write_even_model)
 from warmpool.errors import CapacityError
-from warmpool.tiers.gpu import attach_gpu
-from warmpool.tiers.host import HostTier
+from warmpool.workers.gpu_attach import attach_gpu
+from warmpool.pool.host import HostTier
 from warmpool.workers.client import prefetch_via_workers
 from warmpool.workers.devices import DeviceSpec, device_uuid
 
@@ -154,7 +154,7 @@ def test_attach_on_cuda_is_bit_exact_and_fast(tmp_path: Path, transport: str) ->
             from pathlib import Path
             from tests.workers_env import assert_bit_exact, reference
             from warmpool.config import Settings
-            from warmpool.tiers.gpu import attach_gpu
+            from warmpool.workers.gpu_attach import attach_gpu
             with attach_gpu({str(model)!r}, "cuda:0", Settings.load()) as attached:
                 assert_bit_exact(attached.tensors, reference(Path({str(model)!r})))
                 print("verified", attached.transport)

@@ -20,13 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from tests.models import write_model
 from tests.pool_env import run_cli, run_python, segments_of
-from warmpool.attach import attach
+from warmpool.pool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import (CapacityError, LeaseHeldError, NotWarmError, SafetensorsError,
                              StorageError, StreamError)
-from warmpool.pool import Pool
-from warmpool.prefetch import prefetch
-from warmpool.registry.base import State
+from warmpool.pool.entries import Pool
+from warmpool.pool.prefetch import prefetch
+from warmpool.pool.registry.base import State
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -98,7 +98,7 @@ async def test_views_share_one_mapping_and_are_read_only(model_dir: Path,
     # A write through a view must fault, not silently change weights others share.
     name = next(iter(reference(model_dir)))
     code = textwrap.dedent(f"""
-        from warmpool.attach import attach
+        from warmpool.pool.attachment import attach
         w = attach({str(model_dir)!r})
         w[{name!r}].view(-1)[0] = 0
         print("WROTE")
@@ -327,7 +327,7 @@ async def test_corrupt_shard_is_refused_and_leaves_nothing(model_dir: Path,
 async def test_file_changed_after_listing_fails_cleanly(model_dir: Path, settings: Settings,
                                                         loader: str) -> None:
     """A shard rewritten with other shapes between metadata and streaming."""
-    from warmpool import cache as cache_module
+    from warmpool.model import cache as cache_module
 
     real_fetch = cache_module.MetadataCache.fetch
 
@@ -349,7 +349,7 @@ async def test_file_changed_after_listing_fails_cleanly(model_dir: Path, setting
 PREFETCH_THAT_STALLS = """
 import asyncio, sys, time
 from warmpool.config import Settings
-from warmpool.prefetch import prefetch
+from warmpool.pool.prefetch import prefetch
 
 def factory(total):
     def on_chunk(n):  # a slow stream: the signal lands while the segment is half full
@@ -463,7 +463,7 @@ async def test_second_object_store_in_one_process_falls_back_to_native(
     code = textwrap.dedent(f"""
         import asyncio, json
         from warmpool.config import Settings
-        from warmpool.prefetch import prefetch
+        from warmpool.pool.prefetch import prefetch
         async def main():
             for uri in {uris!r}:
                 r = await prefetch(uri, settings=Settings.load())
@@ -481,9 +481,9 @@ async def test_second_object_store_in_one_process_falls_back_to_native(
 
 def test_pread_jobs_cover_every_byte_once() -> None:
     """The pread loader's plan: each tensor byte read exactly once, reads within a chunk."""
-    from warmpool.layout import plan_layout
-    from warmpool.pread_loader import plan_jobs
-    from warmpool.safetensors import parse_header
+    from warmpool.pool.layout import plan_layout
+    from warmpool.loading.pread import plan_jobs
+    from warmpool.model.safetensors import parse_header
 
     data = __import__("safetensors.torch", fromlist=["save"]).save(
         {f"t{i}": torch.zeros(1000 + 37 * i, dtype=torch.int8) for i in range(50)})

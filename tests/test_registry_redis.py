@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.redis_server import RedisServer
-from warmpool.keys import RedisKeys
-from warmpool.redis_client import connect
-from warmpool.registry.base import PoolEntry, State
-from warmpool.registry.redis import RedisRegistry
+from warmpool.controller.keys import RedisKeys
+from warmpool.controller.redis_client import connect
+from warmpool.pool.registry.base import PoolEntry, State
+from warmpool.pool.registry.redis import RedisRegistry
 
 HASH_A = "a" * 64
 HASH_B = "b" * 64

@@ -26,7 +26,7 @@ from warmpool.errors import (
 )
 from warmpool.retry import Backoff
 from warmpool.storage import Store, open_store
-from warmpool.uri import ModelURI, parse_uri
+from warmpool.model.uri import ModelURI, parse_uri
 
 #: Short enough that a test never waits, long enough to count the attempts.
 FAST = Backoff(attempts=4, base=0.001, cap=0.002)

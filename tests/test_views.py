@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmpool.layout import Layout, Slot, align_up
-from warmpool.views import TORCH_DTYPES, tensor_views
+from warmpool.pool.layout import Layout, Slot, align_up
+from warmpool.pool.views import TORCH_DTYPES, tensor_views
 
 DTYPES = ["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "I64", "F64", "F8_E4M3"]
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)

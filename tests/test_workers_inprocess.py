@@ -24,12 +24,12 @@ from tests.workers_env import (assert_bit_exact, publish_host_copy, settings_for
 from warmpool.config import Settings
 from warmpool.errors import (CapacityError, LeaseHeldError, NotWarmError, StorageError,
                              WorkerError)
-from warmpool.layout import Layout, plan_layout
-from warmpool.registry.base import PoolEntry, State
-from warmpool.registry.files import FileRegistry
-from warmpool.tiers.gpu import attach_gpu
-from warmpool.tiers.host import HostTier
-from warmpool.uri import parse_uri
+from warmpool.pool.layout import Layout, plan_layout
+from warmpool.pool.registry.base import PoolEntry, State
+from warmpool.pool.registry.files import FileRegistry
+from warmpool.workers.gpu_attach import attach_gpu
+from warmpool.pool.host import HostTier
+from warmpool.model.uri import parse_uri
 from warmpool.workers import protocol
 from warmpool.workers.buffers import ShmFdBuffer
 from warmpool.workers.client import evict_via_workers, prefetch_via_workers, workers_status
@@ -292,7 +292,7 @@ def test_eviction_policy_takes_least_recently_attached_and_spares_leased_and_pin
 async def test_host_segments_are_held_and_released_when_evicted(tmp_path: Path) -> None:
     """The GPU worker's background locker: it holds every host-warm segment and lets go
     of one as soon as the host tier evicts it (so it never pins an evicted model)."""
-    from warmpool.tiers.host import HostTier
+    from warmpool.pool.host import HostTier
     from warmpool.workers.promote import PinnedSegments
 
     settings = settings_for(tmp_path)

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 from tests.models import write_model
 from tests.workers_env import (assert_bit_exact, run_client, settings_for,
                                         supervised_workers, wait_for, write_even_model)
-from warmpool.attach import attach
+from warmpool.pool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import LeaseHeldError, WarmpoolError
-from warmpool.registry.base import State
-from warmpool.registry.files import FileRegistry
-from warmpool.tiers.gpu import attach_gpu
+from warmpool.pool.registry.base import State
+from warmpool.pool.registry.files import FileRegistry
+from warmpool.workers.gpu_attach import attach_gpu
 from warmpool.workers.cli import app
 from warmpool.workers.client import (call, evict_via_workers, prefetch_via_workers,
                                      workers_status)
@@ -57,7 +57,7 @@ def test_a_separate_process_attaches_bit_exact_and_its_death_ends_its_lease(
         from pathlib import Path
         from tests.workers_env import assert_bit_exact, reference
         from warmpool.config import Settings
-        from warmpool.tiers.gpu import attach_gpu
+        from warmpool.workers.gpu_attach import attach_gpu
         attached = attach_gpu({str(model)!r}, "cpu:0", Settings.load(), holder="test holder")
         assert_bit_exact(attached.tensors, reference(Path({str(model)!r})))
         print("verified", len(attached.tensors), attached.transport, flush=True)

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from warmpool.config import Settings
-from warmpool.streaming import fill_buffer
-from warmpool.tiers.host import HostTier
-from warmpool.uri import parse_uri
+from warmpool.loading.streaming import fill_buffer
+from warmpool.pool.host import HostTier
+from warmpool.model.uri import parse_uri
 from warmpool.workers.discovery import read_records
 from warmpool.workers.plan import ModelPlan, plan_model
 

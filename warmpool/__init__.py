@@ -9,7 +9,7 @@ The public surface is small on purpose::
 Everything a caller may want to catch derives from :class:`WarmpoolError`.
 """
 
-from warmpool.attach import AttachedModel, attach
+from warmpool.pool.attachment import AttachedModel, attach
 from warmpool.errors import (
     CapacityError,
     IncompleteModelError,

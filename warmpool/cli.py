@@ -98,7 +98,7 @@ def generate(directory: Path = typer.Argument(..., help="Where to write the mode
     """Write a Llama-shaped checkpoint with random weights (no download needed)."""
     from dataclasses import replace
 
-    from warmpool.generate import PRESETS, generate_model
+    from warmpool.model.generate import PRESETS, generate_model
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -115,8 +115,8 @@ def generate(directory: Path = typer.Argument(..., help="Where to write the mode
 @_guard
 def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Fetch a model's small files and safetensors headers into the local cache."""
-    from warmpool.cache import MetadataCache
-    from warmpool.uri import parse_uri
+    from warmpool.model.cache import MetadataCache
+    from warmpool.model.uri import parse_uri
 
     settings = _settings(config)
     model = _run(MetadataCache(settings.cache_dir).fetch(parse_uri(uri)))
@@ -145,14 +145,14 @@ def prefetch(uri: str,
              as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
              redis: Optional[str] = RedisOpt) -> None:
     """Make a model warm (metadata, then weights); exit 0 only when it is."""
-    from warmpool.streaming import LOADERS
+    from warmpool.loading.streaming import LOADERS
 
     if loader not in LOADERS:
         raise ConfigError(f"unknown loader {loader!r}")
     settings = _settings(config, concurrency=concurrency,
                          memory_limit=parse_bytes(memory_limit), distributed=distributed,
                          redis_url=redis)
-    from warmpool import remote
+    from warmpool.controller import remote
 
     controller = remote.controller_url(settings)
     if controller:  # a running controller owns the pool: ask it
@@ -179,7 +179,7 @@ def prefetch(uri: str,
 
 
 def _prefetch_host(uri: str, settings: Settings, loader: str, show_progress: bool) -> Any:
-    from warmpool.prefetch import prefetch as do_prefetch
+    from warmpool.pool.prefetch import prefetch as do_prefetch
 
     progress = Progress("[progress.description]{task.description}", BarColumn(),
                         DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
@@ -200,8 +200,8 @@ def _prefetch_host(uri: str, settings: Settings, loader: str, show_progress: boo
 def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
            redis: Optional[str] = RedisOpt) -> None:
     """List the pool's entries."""
-    from warmpool import remote
-    from warmpool.pool import Pool
+    from warmpool.controller import remote
+    from warmpool.pool.entries import Pool
 
     settings = _settings(config, redis_url=redis)
     controller = remote.controller_url(settings)
@@ -228,8 +228,8 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
 
     With a controller running, it asks the controller, which also stops wanting the model
     warm; a leased model is then evicted when its last lease ends."""
-    from warmpool import remote
-    from warmpool.pool import Pool
+    from warmpool.controller import remote
+    from warmpool.pool.entries import Pool
 
     settings = _settings(config, redis_url=redis)
     controller = remote.controller_url(settings)
@@ -259,7 +259,7 @@ def attach_cmd(ref: str, device: str = typer.Option("cpu"),
     """Attach to a warm model, as a serving process would, and report the cost."""
     import torch  # noqa: F401  (a serving process has it loaded before it attaches)
 
-    from warmpool.attach import attach
+    from warmpool.pool.attachment import attach
 
     settings = _settings(config)
     start = time.perf_counter()
@@ -284,7 +284,7 @@ def _verify(model: Any) -> bool:
     from safetensors import safe_open
 
     from warmpool.errors import StreamError
-    from warmpool.uri import parse_uri
+    from warmpool.model.uri import parse_uri
 
     root = parse_uri(model.uri).path
     for file in model.layout.files:
@@ -314,8 +314,8 @@ def serve(redis: Optional[str] = typer.Option(
           node: Optional[str] = typer.Option(None, "--node", help="Node name (default: host name)."),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run this node's controller: Redis events in, warm models out (SIGTERM stops it)."""
-    from warmpool.serve import configure_logging
-    from warmpool.serve import serve as run_controller
+    from warmpool.controller.serve import configure_logging
+    from warmpool.controller.serve import serve as run_controller
 
     settings = _settings(config, redis_url=redis, metrics_port=metrics_port, node=node)
     configure_logging(log_level)

@@ -3,7 +3,7 @@
 Every call resolves a device name to its identity in *this* process (a GPU UUID, see
 :mod:`~warmpool.workers.devices`), finds the worker serving it, and speaks the framed
 protocol of :mod:`~warmpool.workers.protocol`. Attaching, which serving processes do,
-lives in :mod:`warmpool.tiers.gpu`.
+lives in :mod:`warmpool.workers.gpu_attach`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 from warmpool.config import Settings
 from warmpool.errors import ConfigError, WarmpoolError, WorkerError
-from warmpool.pool import normalise_ref
-from warmpool.uri import parse_uri
+from warmpool.pool.entries import normalise_ref
+from warmpool.model.uri import parse_uri
 from warmpool.workers.devices import DeviceSpec, device_uuid, parse_device
 from warmpool.workers.discovery import WorkerRecord, find_worker, read_records
 from warmpool.workers.plan import DEFAULT_SHARD_PATTERN, ModelPlan, plan_model
@@ -64,7 +64,7 @@ def prefetch_via_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
                          shard_pattern: str = DEFAULT_SHARD_PATTERN,
                          timeout: float | None = LOAD_TIMEOUT) -> dict[str, Any]:
     """Make ``uri`` warm on ``device`` (and the next ``tp - 1`` devices); a summary dict
-    shaped like :meth:`warmpool.prefetch.PrefetchResult.to_json`."""
+    shaped like :meth:`warmpool.pool.prefetch.PrefetchResult.to_json`."""
     started = time.perf_counter()
     plan = plan or asyncio.run(plan_model(parse_uri(uri), settings.cache_dir))
     devices = group_devices(device, tp)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from warmpool.errors import CapacityError, ProtocolError, WarmpoolError, WorkerError
 from warmpool.locks import async_file_lock
-from warmpool.streaming import choose_loader
-from warmpool.uri import parse_uri
+from warmpool.loading.streaming import choose_loader
+from warmpool.model.uri import parse_uri
 from warmpool.workers.group import (DEFAULT_TIMEOUT_S, RankRun, backend_for, master_store,
                                     stream_rank)
 from warmpool.workers.protocol import AsyncChannel, Message, ok

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from warmpool.errors import WorkerError
-from warmpool.registry.files import atomic_write
+from warmpool.pool.registry.files import atomic_write
 from warmpool.workers.devices import normalise_uuid
 from warmpool.workers.protocol import socket_dir
 

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from warmpool.config import StreamerOptions
-from warmpool.layout import Layout
-from warmpool.streaming import stream_runai
-from warmpool.uri import ModelURI
+from warmpool.pool.layout import Layout
+from warmpool.loading.streaming import stream_runai
+from warmpool.model.uri import ModelURI
 from warmpool.workers.devices import DeviceSpec
 
 #: The distributed streamer's device staging buffers (two per rank) default to 1 GiB

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from warmpool.config import Settings
 from warmpool.errors import ConfigError
-from warmpool.layout import Layout, plan_layout
-from warmpool.safetensors import SafetensorsHeader
-from warmpool.uri import ModelURI
+from warmpool.pool.layout import Layout, plan_layout
+from warmpool.model.safetensors import SafetensorsHeader
+from warmpool.model.uri import ModelURI
 
 DEFAULT_SHARD_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 LAYOUTS = ("replicated", "sharded")
@@ -79,7 +79,7 @@ def shard_files(keys: list[str], world: int, pattern: str = DEFAULT_SHARD_PATTER
 async def plan_model(uri: ModelURI, cache_dir: Path | None = None) -> ModelPlan:
     """The model's identity and headers, through the metadata cache like every prefetch:
     one listing, the small files and headers fetched once and reused."""
-    from warmpool.cache import MetadataCache
+    from warmpool.model.cache import MetadataCache
 
     root = cache_dir if cache_dir is not None else Settings.load().cache_dir
     cached = await MetadataCache(root).fetch(uri)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from warmpool.errors import StreamError
-from warmpool.layout import Layout
-from warmpool.tiers.host import SHM_DIR, Resident, map_readonly
+from warmpool.pool.layout import Layout
+from warmpool.pool.host import SHM_DIR, Resident, map_readonly
 from warmpool.workers.devices import pin_host_memory, unpin_host_memory
 
 log = logging.getLogger(__name__)

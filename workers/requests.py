@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from warmpool.streaming import LOADERS
+from warmpool.loading.streaming import LOADERS
 from warmpool.config import StreamerOptions
 from warmpool.errors import ProtocolError, WarmpoolError
-from warmpool.layout import Layout
-from warmpool.pool import is_hash_ref
-from warmpool.uri import parse_uri
+from warmpool.pool.layout import Layout
+from warmpool.pool.entries import is_hash_ref
+from warmpool.model.uri import parse_uri
 from warmpool.workers.protocol import AsyncChannel, Message
 from warmpool.workers.residents import Resident
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from warmpool.errors import CapacityError
-from warmpool.layout import Layout
-from warmpool.registry.base import PoolEntry
+from warmpool.pool.layout import Layout
+from warmpool.pool.registry.base import PoolEntry
 from warmpool.workers.buffers import ResidentBuffer
 
 

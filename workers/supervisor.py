@@ -27,8 +27,8 @@ from pathlib import Path
 from warmpool.config import Settings, parse_bytes
 from warmpool.errors import WorkerError
 from warmpool.locks import try_lock
-from warmpool.registry.base import Registry, State
-from warmpool.registry.files import FileRegistry
+from warmpool.pool.registry.base import Registry, State
+from warmpool.pool.registry.files import FileRegistry
 from warmpool.workers.devices import DeviceSpec, parse_device, visible_cuda_devices
 from warmpool.workers.discovery import read_records
 from warmpool.workers.protocol import socket_dir

@@ -36,12 +36,12 @@ from typing import Any
 from warmpool.config import Settings, parse_bytes
 from warmpool.errors import LeaseHeldError, NotWarmError, ProtocolError, WarmpoolError, WorkerError
 from warmpool.locks import try_lock
-from warmpool.pool import is_hash_ref, normalise_ref
-from warmpool.registry.base import PoolEntry, Registry, State
-from warmpool.registry.files import FileRegistry
-from warmpool.streaming import fill_buffer
-from warmpool.tiers.host import HostTier
-from warmpool.uri import parse_uri
+from warmpool.pool.entries import is_hash_ref, normalise_ref
+from warmpool.pool.registry.base import PoolEntry, Registry, State
+from warmpool.pool.registry.files import FileRegistry
+from warmpool.loading.streaming import fill_buffer
+from warmpool.pool.host import HostTier
+from warmpool.model.uri import parse_uri
 from warmpool.workers import discovery
 from warmpool.workers.buffers import allocate
 from warmpool.workers.coordinator import Groups

@@ -11,7 +11,7 @@ import importlib
 
 from warmpool.errors import ConfigError
 from warmpool.storage.base import ObjectInfo, Store, validate_relative_key
-from warmpool.uri import ModelURI
+from warmpool.model.uri import ModelURI
 
 __all__ = ["ObjectInfo", "Store", "open_store", "validate_relative_key"]
 

@@ -40,7 +40,7 @@ from warmpool.errors import (
 )
 from warmpool.retry import Backoff
 from warmpool.storage.base import DOWNLOAD_CHUNK, ObjectInfo, Store, validate_relative_key
-from warmpool.uri import ModelURI
+from warmpool.model.uri import ModelURI
 
 
 # Every GET asks for at most this much. The SDK's default first GET is 32 MiB, and while

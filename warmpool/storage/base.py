@@ -19,7 +19,7 @@ from typing import ClassVar, NoReturn, TypeVar
 
 from warmpool.errors import UnsafeKeyError
 from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
-from warmpool.uri import ModelURI
+from warmpool.model.uri import ModelURI
 
 T = TypeVar("T")
 

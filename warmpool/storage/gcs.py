@@ -23,7 +23,7 @@ from warmpool.errors import (
 )
 from warmpool.retry import Backoff
 from warmpool.storage.base import ObjectInfo, Store, stream_to_file, validate_relative_key
-from warmpool.uri import ModelURI
+from warmpool.model.uri import ModelURI
 
 
 # gcloud-aio's default is a 10 s *total* timeout, which would abort any download that

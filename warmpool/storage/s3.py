@@ -30,7 +30,7 @@ from warmpool.errors import (
 )
 from warmpool.retry import Backoff
 from warmpool.storage.base import ObjectInfo, Store, stream_to_file, validate_relative_key
-from warmpool.uri import ModelURI
+from warmpool.model.uri import ModelURI
 
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}

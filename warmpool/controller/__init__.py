@@ -1,0 +1,1 @@
+"""The node controller: Redis events in, warm models out."""

@@ -1,0 +1,315 @@
+"""The controller: one per node, turning Redis events into warm models.
+
+Its parts each do one job — :mod:`.sources` reads pub/sub and streams, :mod:`.events`
+parses, :mod:`.uploads` waits for complete models, :mod:`.routing` decides which node
+acts, :mod:`.dispatch` warms once, :mod:`.desired` and the Redis registry remember. This
+module wires them, reconciles at start, keeps the heartbeat, and shuts down cleanly.
+
+Payloads that cannot be acted on go to the dead-letter stream with their reason; the
+controller never stops for one. A Redis that restarts is waited out (see
+:mod:`.redis_client`), and when it came back empty the node's entries and desired state
+are written back from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from redis.asyncio import Redis
+
+from warmpool.config import Settings
+from warmpool.controller.desired import DesiredState
+from warmpool.controller.dispatch import Dispatcher, Target
+from warmpool.errors import ConfigError
+from warmpool.controller.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
+from warmpool.controller.keys import RedisKeys
+from warmpool.controller.metrics import Metrics
+from warmpool.controller.nodes import DeviceRoom, NodeInfo, Nodes
+from warmpool.pool.entries import HOST_DEVICE, Pool
+from warmpool.controller.redis_client import CONNECTION_ERRORS, keep_running, retry_until
+from warmpool.pool.registry.base import State
+from warmpool.pool.registry.redis import RedisRegistry
+from warmpool.controller.routing import Router
+from warmpool.controller.sources import PubSubSource, StreamSource
+from warmpool.controller.uploads import Uploads
+from warmpool.model.uri import ModelURI, parse_uri
+
+log = logging.getLogger(__name__)
+DEAD_PAYLOAD_BYTES = 4096  # what the dead-letter stream keeps of a refused payload
+DEAD_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    """Tunables: the config file's ``controller:`` section, then ``WARMPOOL_<NAME>`` in
+    the environment, override the defaults (see load)."""
+
+    debounce_s: float = 2.0  # quiet time after an upload event before checking the model
+    recheck_s: float = 30.0  # sweep of incomplete uploads and leased old versions
+    heartbeat_s: float = 5.0
+    claim_idle_s: float = 60.0  # a stream entry idle this long belongs to a dead consumer
+    max_deliveries: int = 5
+    max_inflight: int = 32
+    lock_ttl_s: float = 30.0
+    shutdown_grace_s: float = 10.0  # in-flight work may finish; then it is abandoned
+    loader: str = "auto"
+    key_prefix: str = "warmpool"
+    events_channel: str = ""  # default: <key_prefix>:events
+
+    @classmethod
+    def load(cls, file_values: Mapping[str, Any] | None = None, environ: Any = None,
+             **overrides: Any) -> ControllerOptions:
+        """Defaults ← ``file_values`` (the config file's section) ← environment ←
+        ``overrides``. An unknown name or a value of the wrong type is a ConfigError
+        naming where it came from, so a typo never silently keeps a default."""
+        env = os.environ if environ is None else environ
+        file_values = file_values or {}
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise ConfigError(f"unknown controller setting(s) {', '.join(map(repr, unknown))} "
+                              f"in the config file; known: {', '.join(sorted(known))}")
+        values: dict[str, Any] = {}
+        for name in sorted(known):
+            kind = type(getattr(defaults, name))
+            sources = [(f"controller.{name} in the config file", file_values.get(name)),
+                       (f"WARMPOOL_{name.upper()}", env.get(f"WARMPOOL_{name.upper()}") or None)]
+            for where, raw in sources:
+                if raw is None:
+                    continue
+                try:
+                    if kind is not str and isinstance(raw, bool):
+                        raise ValueError("a boolean")
+                    values[name] = kind(raw)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{where}: {raw!r} is not a valid {kind.__name__}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+class Controller:
+    def __init__(self, settings: Settings, redis: Redis, *,
+                 options: ControllerOptions = ControllerOptions(),
+                 metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.options = options
+        self.node = settings.node
+        self.keys = keys = RedisKeys(options.key_prefix)
+        self.metrics = metrics or Metrics()
+        self.watch = Watchlist.parse(settings.watch)
+        self.registry = RedisRegistry(redis, keys, self.node)
+        self.pool = Pool(settings, self.registry)
+        self.desired = DesiredState(redis, keys, self.node)
+        self.nodes = Nodes(redis, keys, self.node, ttl_s=options.heartbeat_s * 3)
+        self.dispatcher = Dispatcher(settings=settings, pool=self.pool, registry=self.registry,
+                                     redis=redis, keys=keys, metrics=self.metrics,
+                                     loader=options.loader,
+                                     lock_ttl_ms=int(options.lock_ttl_s * 1000))
+        self.router = Router(redis=redis, keys=keys, node=self.node, nodes=self.nodes,
+                             registry=self.registry, desired=self.desired,
+                             dispatcher=self.dispatcher)
+        self.uploads = Uploads(redis, keys, cache=self.dispatcher.cache,
+                               debounce_s=options.debounce_s, on_ready=self.router.upload_ready)
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.consumer = f"{self.node}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.pubsub = PubSubSource(redis, options.events_channel or keys.events_channel,
+                                   self.handle, self.stopping)
+        self.streams = StreamSource(
+            redis, {keys.requests_stream: "shared", keys.node_stream(self.node): "node"},
+            keys.consumer_group, self.consumer, self.handle, self.dead_letter, self.stopping,
+            max_inflight=options.max_inflight, claim_idle_ms=int(options.claim_idle_s * 1000),
+            max_deliveries=options.max_deliveries)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._beaten = False
+
+    # --- life cycle --------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start, reconcile, serve until :meth:`stop`, then shut down cleanly."""
+        try:
+            await retry_until("start", self._start, self.stopping)
+            loops = [keep_running("pubsub", self.pubsub.run_once, self.stopping),
+                     keep_running("streams", self.streams.run_once, self.stopping),
+                     keep_running("maintenance", self._maintain, self.stopping)]
+            self.ready.set()
+            log.info("controller %s serving on node %s", self.consumer, self.node,
+                     extra={"event": "serving", "node": self.node, "consumer": self.consumer,
+                            "watch": [str(p) for p in self.watch.prefixes]})
+            await asyncio.gather(*loops)
+        finally:
+            await self._shutdown()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking work; in-flight work gets ``grace_s`` (default: the option) to end."""
+        if grace_s is not None:
+            self.options = replace(self.options, shutdown_grace_s=grace_s)
+        self.stopping.set()
+
+    async def _start(self) -> None:
+        await self.streams.ensure_groups()
+        await self._beat()
+        await self.reconcile()
+
+    async def reconcile(self) -> int:
+        """Warm again what should be warm; mark what is gone (lost/failed)."""
+        await self.pool.reclaim()
+        await self._adopt()
+        wants = await self.desired.all()
+        for want in wants:
+            target = Target(parse_uri(want.uri), want.device, want.tp, want.layout, want.pinned)
+            self._spawn(self.dispatcher.warm(target), f"reconcile {want.uri}")
+        if wants:
+            log.info("reconciling %d desired model(s)", len(wants),
+                     extra={"event": "reconcile", "count": len(wants)})
+        return len(wants)
+
+    async def _adopt(self) -> None:
+        for entry in await self.pool.adopt_residents():
+            log.info("adopted %s (%s), warm on the host tier but unknown to Redis",
+                     entry.uri, entry.content_hash[:12],
+                     extra={"event": "adopted", "uri": entry.uri, "device": entry.device})
+
+    async def converge(self) -> int:
+        """Warm desired models that have no entry here, or lost theirs (a worker or a
+        segment vanished, a stream was interrupted); periodic, so a request whose warm-up
+        died with a Redis outage still ends warm. Failures stay failed until asked again,
+        and capacity evictions are not undone (that would thrash)."""
+        await self.pool.reclaim()
+        entries = await self.pool.entries()
+        started = 0
+        for want in await self.desired.all():
+            mine = [e for e in entries if e.uri == want.uri and e.device == want.device]
+            newest = max(mine, key=lambda e: e.updated_at, default=None)
+            if newest is None or newest.state == State.LOST or (
+                    newest.state == State.FAILED
+                    and (newest.error or "").startswith("interrupted")):
+                target = Target(parse_uri(want.uri), want.device, want.tp, want.layout,
+                                want.pinned)
+                self._spawn(self.dispatcher.warm(target), f"converge {want.uri}")
+                started += 1
+        return started
+
+    async def _shutdown(self) -> None:
+        """The readers have stopped: give work in flight the grace period, then cancel it
+        (streams are discarded, never left partial; stream entries stay unacknowledged)."""
+        self.stopping.set()
+        work = [*self.pubsub.tasks, *self.streams.inflight.values(), *self._tasks,
+                *self.dispatcher.tasks]
+        left: set[asyncio.Task[Any]] = set()
+        if work:
+            log.info("stopping: waiting up to %.0fs for %d task(s) in flight",
+                     self.options.shutdown_grace_s, len(work), extra={"event": "draining"})
+            _, left = await asyncio.wait(work, timeout=self.options.shutdown_grace_s)
+        if left:
+            log.warning("abandoning %d task(s); their stream entries stay pending for the "
+                        "next controller", len(left), extra={"event": "abandoned"})
+        await self.uploads.close()
+        await self.dispatcher.shutdown()
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await self.nodes.leave()
+        log.info("controller %s stopped", self.consumer, extra={"event": "stopped"})
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(_logged(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- payloads ------------------------------------------------------------------------
+    async def handle(self, payload: bytes, source: str) -> None:
+        """Parse one payload and act on it; refused ones go to the dead-letter stream."""
+        self.metrics.events.labels("pubsub" if source == "pubsub" else "stream").inc()
+        try:
+            events = parse_event(payload)
+            models = [self._model_of(e) for e in events]
+        except BadEvent as exc:
+            await self.dead_letter(payload, exc.reason, exc.detail, source)
+            return
+        for event, model in zip(events, models, strict=True):
+            if isinstance(event, Request):
+                await self.router.request(event, source)
+            elif model is not None:
+                await self.uploads.seen(model)
+
+    def _model_of(self, event: Event) -> ModelURI | None:
+        if isinstance(event, Request):
+            return None
+        if isinstance(event, ObjectRemoved) and event.overwritten:
+            return None  # half of an overwrite; its upload event follows
+        model = self.watch.match(event.scheme, event.bucket, event.key)
+        if model is None:
+            raise BadEvent("not_watched", f"{event.uri} is under no watched prefix")
+        return model
+
+    async def dead_letter(self, payload: bytes, reason: str, detail: str, source: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        log.warning("refused a payload from %s: %s: %s", source, reason, detail,
+                    extra={"event": "rejected", "reason": reason, "source": source})
+        # the channel or stream it came from, so an operator can replay it there
+        where = {"pubsub": self.pubsub.channel, "shared": self.keys.requests_stream,
+                 "node": self.keys.node_stream(self.node)}.get(source, source)
+        record: dict[Any, Any] = {
+            "payload": bytes(payload[:DEAD_PAYLOAD_BYTES]), "reason": reason,
+            "detail": detail[:1024], "source": where, "node": self.node, "size": len(payload),
+            "truncated": int(len(payload) > DEAD_PAYLOAD_BYTES), "ts": repr(time.time())}
+        await self.redis.xadd(self.keys.dead_stream, record, maxlen=DEAD_MAXLEN,
+                              approximate=True)
+
+    # --- housekeeping --------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        tick = max(0.05, min(self.options.heartbeat_s, self.options.claim_idle_s / 3))
+        last_sweep = time.monotonic()
+        while not self.stopping.is_set():
+            await self._beat()
+            await self.streams.touch()
+            await self.streams.claim_once()
+            if time.monotonic() - last_sweep >= self.options.recheck_s:
+                last_sweep = time.monotonic()
+                await self.uploads.recheck_all()
+                await self.dispatcher.retry_retiring()
+                await self.converge()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), tick)
+
+    async def _beat(self) -> None:
+        """Heartbeat and gauges. A heartbeat that vanished before its TTL means Redis lost
+        its data (restarted without persistence, failed over, flushed): write back what
+        this node knows."""
+        if self._beaten and not await self.nodes.is_live(self.node):
+            restored = await self.registry.resync(), await self.desired.resync()
+            await self._adopt()
+            await self.streams.ensure_groups()
+            log.warning("our heartbeat was gone from Redis (restarted, failed over or out of "
+                        "reach past its TTL); wrote back %d entries and %d desired models",
+                        *restored, extra={"event": "resynced"})
+        await self.dispatcher.workers.mirror_all(HOST_DEVICE)  # GPU entries, into Redis
+        entries = await self.pool.entries()
+        capacity = {HOST_DEVICE: self.pool.host_capacity()}
+        used = self.metrics.observe_entries(entries, capacity)
+        devices = {d: DeviceRoom(capacity.get(d, 0), used.get(d, 0)) for d in capacity}
+        await self.nodes.beat(NodeInfo(self.node, devices))
+        self._beaten = True
+
+
+async def _logged(coro: Any, name: str) -> None:
+    """Background work (reconciliation) must not fail silently; the periodic
+    convergence retries what failed for want of Redis."""
+    try:
+        await coro
+    except CONNECTION_ERRORS as exc:
+        log.warning("%s: Redis unreachable (%s); will converge later", name, exc,
+                    extra={"event": "redis_unreachable", "task": name})
+    except Exception:  # noqa: BLE001
+        log.exception("%s failed", name)

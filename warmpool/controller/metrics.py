@@ -1,0 +1,101 @@
+"""Prometheus metrics of one controller, and the HTTP endpoint that serves them.
+
+Each :class:`Metrics` has its own ``CollectorRegistry`` rather than the global one, so
+that two controllers in one process (the tests run several) never collide. The endpoint
+binds to loopback unless told otherwise: metrics name models and buckets, which is
+nobody's business off the node without a deliberate choice (``WARMPOOL_METRICS_ADDR``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from warmpool.pool.registry.base import PoolEntry, State
+
+log = logging.getLogger(__name__)
+
+#: Seconds from "start warming" to "warm": small models take well under a second, a 70B
+#: checkpoint from object storage minutes.
+WARM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.events = Counter("warmpool_events_received", "Event payloads received.",
+                              ["source"], registry=r)
+        self.rejected = Counter("warmpool_events_rejected",
+                                "Payloads refused and dead-lettered, by reason.",
+                                ["reason"], registry=r)
+        self.models = Gauge("warmpool_models", "Pool entries of this node, by state.",
+                            ["state"], registry=r)
+        self.bytes_streamed = Counter("warmpool_bytes_streamed",
+                                      "Weight bytes streamed into resident buffers.",
+                                      ["device"], registry=r)
+        self.streamed = Counter("warmpool_models_streamed",
+                                "Models streamed to warm (already-warm hits excluded).",
+                                ["device"], registry=r)
+        self.time_to_warm = Histogram("warmpool_time_to_warm_seconds",
+                                      "Seconds from starting to warm a model to warm.",
+                                      ["device"], buckets=WARM_BUCKETS, registry=r)
+        self.occupancy = Gauge("warmpool_pool_bytes",
+                               "Bytes held and capacity of each device's pool.",
+                               ["device", "kind"], registry=r)
+        self._server: Any = None
+
+    def progress(self, device: str) -> Callable[[int], Callable[[int], None]]:
+        """A prefetch progress factory that counts streamed bytes (thread-safe)."""
+        counter = self.bytes_streamed.labels(device)
+
+        def factory(total: int) -> Callable[[int], None]:
+            return counter.inc
+
+        return factory
+
+    def observe_entries(self, entries: Iterable[PoolEntry],
+                        capacity: dict[str, int]) -> dict[str, int]:
+        """Refresh the state and occupancy gauges; returns bytes used per device."""
+        entries = list(entries)
+        states = Tally(e.state.value for e in entries)
+        for state in State:
+            self.models.labels(state.value).set(states.get(state.value, 0))
+        used: dict[str, int] = {device: 0 for device in capacity}
+        for e in entries:
+            if e.state.holds_memory:
+                used[e.device] = used.get(e.device, 0) + e.bytes
+        for device, nbytes in used.items():
+            self.occupancy.labels(device, "used").set(nbytes)
+        for device, nbytes in capacity.items():
+            self.occupancy.labels(device, "capacity").set(nbytes)
+        return used
+
+    def serve(self, port: int, addr: str | None = None) -> int | None:
+        """Serve ``/metrics`` on ``addr:port`` (port 0: any free port; < 0: off).
+
+        Returns the port bound, or None when off."""
+        if port < 0:
+            return None
+        addr = addr or os.environ.get("WARMPOOL_METRICS_ADDR", "127.0.0.1")
+        server, thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._server = (server, thread)
+        bound = int(server.server_port)
+        log.info("metrics on http://%s:%d/metrics", addr, bound,
+                 extra={"event": "metrics_listening", "port": bound, "addr": addr})
+        return bound
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        server, thread = self._server
+        self._server = None
+        server.shutdown()
+        server.server_close()
+        if isinstance(thread, threading.Thread):
+            thread.join(timeout=5)

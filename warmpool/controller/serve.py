@@ -1,0 +1,151 @@
+"""``warmpool serve``: one controller per node, wired and supervised.
+
+Order of things: settings → Redis (configured, or embedded and announced as such) →
+metrics endpoint → GPU workers (where there are GPUs) → controller. SIGTERM or SIGINT
+stops taking work, lets in-flight work finish for a grace period and abandons the rest
+(streams are cancelled, partial segments discarded, unacknowledged stream entries left
+for the next controller), then exits 0. A second signal skips the grace period.
+
+Logs are JSON lines on stderr: ``ts``, ``level``, ``logger``, ``msg`` and the structured
+fields each call passes in ``extra`` (``event``, ``uri``, ``device``, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from warmpool.config import Settings
+from warmpool.controller.loop import Controller, ControllerOptions
+from warmpool.controller.embedded_redis import EmbeddedRedis
+from warmpool.errors import ConfigError
+from warmpool.controller.metrics import Metrics
+from warmpool.controller.redis_client import connect
+
+log = logging.getLogger("warmpool.controller.serve")
+_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def serve(settings: Settings, *, options: ControllerOptions | None = None) -> int:
+    """Run the node's controller until SIGTERM/SIGINT; the exit code."""
+    options = options or ControllerOptions.load(settings.controller)
+    embedded = None
+    url = settings.redis_url
+    if not url:
+        embedded = EmbeddedRedis(settings.runtime_dir)
+        url = embedded.start()
+    redis = connect(url, name=f"warmpool-{settings.node}")
+    metrics = Metrics()
+    controller = Controller(settings, redis, options=options, metrics=metrics)
+    workers = _start_workers(settings, controller)
+    _on_signals(controller)
+    try:
+        _serve_metrics(metrics, settings.metrics_port)
+        if workers is not None:
+            await _workers_ready(workers[0])
+        await controller.run()
+    finally:
+        if workers is not None:
+            workers[0].stop()
+            await asyncio.gather(workers[1], return_exceptions=True)
+        metrics.close()
+        await redis.aclose()
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _serve_metrics(metrics: Metrics, port: int) -> None:
+    try:
+        metrics.serve(port)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror}; choose "
+                          "another with --metrics-port (0: any free port, -1: off)") from None
+
+
+def _on_signals(controller: Controller) -> None:
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    def handle(sig: signal.Signals) -> None:
+        seen.append(sig)
+        grace = 0.0 if len(seen) > 1 else None
+        log.info("%s: stopping%s", sig.name, " now" if grace == 0 else "",
+                 extra={"event": "signal", "signal": sig.name})
+        controller.stop(grace_s=grace)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+
+
+def _start_workers(settings: Settings, controller: Controller) -> Any:
+    """Supervise one GPU worker per device: ``WARMPOOL_WORKERS`` = ``auto`` (every visible
+    GPU; none on a host without one — the host tier needs no worker), ``none``, or a
+    list such as ``cuda:0,cuda:1``."""
+    wanted = os.environ.get("WARMPOOL_WORKERS", "auto").strip()
+    if wanted == "none":
+        return None
+    try:
+        from warmpool.workers.supervisor import Supervisor, WorkerSpec, parse_devices
+        from warmpool.workers.devices import visible_cuda_devices
+    except ImportError:
+        return None
+    devices = visible_cuda_devices() if wanted == "auto" else parse_devices(wanted)
+    if not devices:
+        return None
+    supervisor = Supervisor([WorkerSpec(d) for d in devices], settings.runtime_dir)
+    task = asyncio.create_task(supervisor.run(), name="workers")
+    task.add_done_callback(lambda t: _workers_ended(t, controller))
+    log.info("supervising workers for %s", ", ".join(map(str, devices)),
+             extra={"event": "workers", "devices": [str(d) for d in devices]})
+    return supervisor, task
+
+
+async def _workers_ready(supervisor: Any, timeout_s: float = 120.0) -> None:
+    """GPU requests that arrive before the workers listen would fail: wait for them (a
+    worker that does not come up is logged; the host tier serves regardless)."""
+    try:
+        await supervisor.wait_ready(timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - WorkerError, or the supervisor's own failure
+        log.error("GPU workers not ready: %s; serving the host tier only until they are",
+                  exc, extra={"event": "workers_not_ready"})
+
+
+def _workers_ended(task: asyncio.Task[None], controller: Controller) -> None:
+    if task.cancelled() or controller.stopping.is_set():
+        return
+    with contextlib.suppress(asyncio.InvalidStateError):
+        exc = task.exception()
+        if exc is not None:
+            log.error("worker supervisor failed: %s", exc, extra={"event": "workers_failed"})

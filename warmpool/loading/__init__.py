@@ -1,0 +1,1 @@
+"""Loaders: how weights get from storage into one resident buffer."""

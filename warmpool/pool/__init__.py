@@ -1,0 +1,1 @@
+"""The warm pool: entries, the host tier, leases, prefetch and attach."""

@@ -1,0 +1,158 @@
+"""What serving processes call: ``attach(uri_or_hash, device)`` → zero-copy tensors.
+
+On the host tier attach reads one small JSON record from the private runtime directory,
+maps the model's shared-memory segment read-only (one ``mmap``, no page touched) and
+builds one view per tensor: its cost grows with the number of tensors, not with bytes,
+and it never reads the source files (they may be gone). A lease is held from the call
+until ``close()`` or the process's death, and keeps the entry from being evicted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import mmap
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from warmpool.config import Settings
+from warmpool.errors import NotWarmError
+from warmpool.pool.layout import Layout
+from warmpool.pool.leases import Lease, Leases
+from warmpool.locks import file_lock
+from warmpool.pool.entries import HOST_DEVICE, is_hash_ref, normalise_ref
+from warmpool.pool.host import HostTier, Resident, map_readonly
+
+if TYPE_CHECKING:  # torch is imported when a model is attached, not with the package:
+    import torch   # `warmpool status` and friends start in a fraction of a second
+
+
+class AttachedModel(Mapping[str, "torch.Tensor"]):
+    """A read-only mapping of tensor name → view, plus the lease that keeps it alive.
+
+    Use it as a context manager, or call :meth:`close` when the engine no longer needs
+    the views (after copying into its own layout, say) so the pool may free the memory.
+    """
+
+    def __init__(self, uri: str, content_hash: str, device: str, layout: Layout,
+                 tensors: Mapping[str, torch.Tensor], transport: str,
+                 closer: Any) -> None:
+        self.uri = uri
+        self.content_hash = content_hash
+        self.device = device
+        self.layout = layout
+        self.transport = transport
+        self._tensors = tensors
+        self._closer = closer
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        return self._tensors
+
+    @property
+    def closed(self) -> bool:
+        return self._closer is None
+
+    def close(self) -> None:
+        """End the lease. Views already handed out stay readable until dropped."""
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            closer()
+
+    def __enter__(self) -> AttachedModel:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"AttachedModel({self.uri!r}, device={self.device!r}, tensors={len(self)}, "
+                f"bytes={self.layout.total_bytes}, transport={self.transport!r})")
+
+
+def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = None,
+           holder: str = "") -> AttachedModel:
+    """Attach to the warm model ``ref`` (a URI or a content hash) on ``device``."""
+    settings = settings or Settings.load()
+    if device != HOST_DEVICE:
+        from warmpool.workers.gpu_attach import attach_gpu
+
+        with _gc_paused():
+            gpu = attach_gpu(ref, device, settings, holder=holder)
+        return AttachedModel(gpu.uri, gpu.content_hash, device, gpu.layout, gpu.tensors,
+                             gpu.transport, gpu.close)
+    from warmpool.pool.views import tensor_views
+
+    host = HostTier(settings.runtime_dir)
+    with _gc_paused():
+        resident = _resolve(host, ref)
+        with file_lock(host.lock_path(resident.key), exclusive=False):
+            # Check again under the lock: an eviction may have won the race since _resolve.
+            if not host.holds(resident):
+                raise _not_warm(ref)
+            lease = Leases(settings.runtime_dir).acquire(resident.key, holder)
+        try:
+            mapping, buffer = map_readonly(resident.segment, resident.layout.total_bytes)
+            tensors = tensor_views(buffer, resident.layout)
+        except BaseException:
+            lease.release()
+            raise
+    return AttachedModel(resident.uri, resident.content_hash, HOST_DEVICE, resident.layout,
+                         tensors, "shm", _HostCloser(lease, mapping))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No garbage collection while the layout and the views are built. They are a few
+    objects per tensor, enough to trigger a full collection, and in a process that has
+    imported torch (~170,000 tracked objects) one costs 100-200 ms: most of an attach of
+    2,048 tensors. The collector runs again afterwards, as before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _HostCloser:
+    """Ends the lease; the mapping is left to the views (unmapping under a live view
+    would turn a later read into a crash), and goes when the last of them does."""
+
+    def __init__(self, lease: Lease, mapping: mmap.mmap) -> None:
+        self.lease = lease
+        self.mapping = mapping
+
+    def __call__(self) -> None:
+        self.lease.release()
+
+
+def _resolve(host: HostTier, ref: str) -> Resident:
+    try:
+        wanted = normalise_ref(ref)
+    except Exception:  # noqa: BLE001 - any unparsable ref is simply not warm
+        raise _not_warm(ref) from None
+    if is_hash_ref(wanted):
+        matches = host.residents(hash_prefix=wanted)  # parses only the matching records
+    else:
+        matches = [r for r in host.residents() if r.uri == wanted]
+    if not matches:
+        raise _not_warm(ref)
+    return max(matches, key=lambda r: r.created_at)
+
+
+def _not_warm(ref: str, device: str = HOST_DEVICE) -> NotWarmError:
+    return NotWarmError(f"{ref} is not warm on {device}: run `warmpool prefetch {ref}` "
+                        f"first (and `warmpool status` to see what is warm)")

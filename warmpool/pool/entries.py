@@ -1,0 +1,181 @@
+"""The node's pool: entries and their states, capacity, and eviction.
+
+It joins three pieces that each do one job: the registry (states, the source of truth
+for ``status``), the host tier (segments and the records attach reads) and the leases.
+Capacity is enforced when a prefetch *reserves* its bytes, before any byte is streamed:
+least-recently-attached entries without leases or pins are evicted to make room, or the
+prefetch fails at once with the free and needed bytes — never half-way through.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from warmpool.config import Settings, private_dir
+from warmpool.errors import CapacityError, InvalidURIError, LeaseHeldError, NotWarmError
+from warmpool.pool.leases import Leases
+from warmpool.locks import async_file_lock, is_locked
+from warmpool.pool.registry.base import PoolEntry, Registry, State
+from warmpool.pool.registry.files import FileRegistry
+from warmpool.pool.host import HostTier
+from warmpool.model.uri import parse_uri
+
+HASH_RE = re.compile(r"^[0-9a-f]{8,64}$")
+HOST_DEVICE = "cpu"
+
+
+def is_hash_ref(ref: str) -> bool:
+    """A content hash or an unambiguous prefix of one (8+ hex digits), not a path."""
+    return bool(HASH_RE.match(ref))
+
+
+def normalise_ref(ref: str) -> str:
+    """A hash prefix stays as it is; anything else becomes its canonical URI string."""
+    return ref if is_hash_ref(ref) else str(parse_uri(ref))
+
+
+class Pool:
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.runtime_dir = private_dir(settings.runtime_dir)
+        self.registry = registry or FileRegistry(self.runtime_dir)
+        self.host = HostTier(self.runtime_dir)
+        self.leases = Leases(self.runtime_dir)
+        self._pool_lock = self.host.locks / "pool.lock"
+
+    # --- reading -------------------------------------------------------------------
+    async def entries(self) -> list[PoolEntry]:
+        """Every entry, with live lease counts and last-attached times filled in."""
+        out = []
+        for entry in await self.registry.list():
+            last = self.leases.last_attached(entry.key)
+            # Host leases are lock files here; a worker reports its own (connections).
+            leases = (self.leases.count(entry.key) if entry.device == HOST_DEVICE
+                      else entry.leases)
+            out.append(replace(entry, leases=leases,
+                               last_attached_at=max(filter(None, (last, entry.last_attached_at)),
+                                                    default=None)))
+        return out
+
+    async def find(self, ref: str, device: str = HOST_DEVICE,
+                   states: tuple[State, ...] = (State.WARM,)) -> PoolEntry | None:
+        """The newest entry on ``device`` in one of ``states`` matching a URI or hash."""
+        try:
+            wanted = normalise_ref(ref)
+        except InvalidURIError:
+            raise NotWarmError(f"{ref!r} is neither a model URI nor a content hash") from None
+        matches = [e for e in await self.entries()
+                   if e.device == device and e.state in states
+                   and (e.content_hash.startswith(wanted) if is_hash_ref(wanted)
+                        else e.uri == wanted)]
+        return max(matches, key=lambda e: e.updated_at, default=None)
+
+    # --- capacity ------------------------------------------------------------------
+    def host_capacity(self) -> int:
+        if self.settings.host_capacity is not None:
+            return self.settings.host_capacity
+        total, _ = self.host.shm_bytes()
+        return int(total * 0.8)
+
+    async def reserve(self, entry: PoolEntry, nbytes: int) -> PoolEntry:
+        """Record ``entry`` as streaming ``nbytes``, evicting what must go to make room."""
+        async with async_file_lock(self._pool_lock):
+            capacity = self.host_capacity()
+            entries = [e for e in await self.entries()
+                       if e.device == entry.device and e.key != entry.key]
+            used = sum(e.bytes for e in entries if e.state.holds_memory)
+            _, shm_free = self.host.shm_bytes()
+            if used + nbytes > capacity or nbytes > shm_free:
+                await self._make_room(entries, nbytes, used, capacity, entry)
+            return await self.registry.transition(entry, State.STREAMING, bytes=nbytes)
+
+    async def _make_room(self, entries: list[PoolEntry], nbytes: int, used: int,
+                         capacity: int, entry: PoolEntry) -> None:
+        candidates = sorted(
+            (e for e in entries if e.state == State.WARM and not e.pinned and e.leases == 0),
+            key=lambda e: e.last_attached_at or e.created_at)
+        victims, freed = [], 0
+        for victim in candidates:
+            if used - freed + nbytes <= capacity:
+                break
+            victims.append(victim)
+            freed += victim.bytes
+        if used - freed + nbytes > capacity:
+            raise CapacityError(
+                f"{entry.uri} needs {nbytes} bytes on {entry.device}; the tier holds "
+                f"{capacity}, {used} in use, and only {freed} could be evicted (the rest is "
+                "leased, pinned or still streaming)",
+                needed=nbytes, free=capacity - used + freed)
+        for victim in victims:
+            await self._evict_one(victim, force=False, reason="capacity")
+
+    # --- eviction ------------------------------------------------------------------
+    async def evict(self, ref: str, device: str = HOST_DEVICE, force: bool = False) -> PoolEntry:
+        entry = await self.find(ref, device, states=(State.WARM, State.FAILED, State.LOST))
+        if entry is None:
+            raise NotWarmError(f"nothing to evict: {ref} is not in the pool on {device}")
+        return await self._evict_one(entry, force=force, reason="requested")
+
+    async def _evict_one(self, entry: PoolEntry, *, force: bool, reason: str) -> PoolEntry:
+        # The entry lock keeps a new attach from taking a lease between our check and
+        # the unlink (attach takes the same lock, shared, while it takes its lease).
+        async with async_file_lock(self.host.lock_path(entry.key)):
+            holders = self.leases.count(entry.key)
+            if holders and not force:
+                raise LeaseHeldError(
+                    f"{entry.uri} on {entry.device} has {holders} live lease(s); "
+                    "detach them first or evict with --force")
+            self.host.remove(entry.content_hash)
+            self.leases.forget(entry.key)
+            return await self.registry.transition(entry, State.EVICTED, error=None, leases=0)
+
+    async def retire_older(self, current: PoolEntry) -> list[PoolEntry]:
+        """Evict the other warm versions of ``current``'s URI on its device: a re-upload
+        (or a regenerated directory) must not keep the old bytes resident. Leased or
+        pinned versions stay until they are free (then capacity eviction takes them)."""
+        retired = []
+        for entry in await self.entries():
+            if (entry.uri == current.uri and entry.device == current.device
+                    and entry.content_hash != current.content_hash
+                    and entry.state == State.WARM and not entry.pinned and not entry.leases):
+                try:
+                    retired.append(await self._evict_one(entry, force=False,
+                                                         reason="superseded"))
+                except LeaseHeldError:
+                    continue  # attached between the listing and the lock: keep it
+        return retired
+
+    # --- recovery ------------------------------------------------------------------
+    async def adopt_residents(self) -> list[PoolEntry]:
+        """Register published host segments that the registry does not know: a registry
+        that lost its data (a Redis restarted empty, or a new one) would otherwise leave
+        warm, attachable models that nobody can see, evict or count against capacity."""
+        adopted = []
+        for resident in self.host.residents():
+            if await self.registry.get(resident.key) is not None:
+                continue
+            entry = PoolEntry(uri=resident.uri, content_hash=resident.content_hash,
+                              device=HOST_DEVICE, node=self.settings.node,
+                              bytes=resident.layout.total_bytes,
+                              tensors=len(resident.layout.slots), transport="shm",
+                              created_at=resident.created_at, history=[])
+            adopted.append(await self.registry.transition(entry, State.WARM))
+        return adopted
+
+    async def reclaim(self) -> list[str]:
+        """Clean up after crashed processes: orphaned segments, and entries that claim to
+        be streaming or warm while their segment is gone."""
+        removed = self.host.reclaim()
+        for entry in await self.registry.list():
+            if entry.device != HOST_DEVICE:
+                continue
+            lock = self.host.lock_path(entry.key)
+            if entry.state.active and not is_locked(lock):
+                await self.registry.transition(
+                    entry, State.FAILED, error="interrupted: the prefetching process died")
+            elif entry.state == State.WARM and self.host.resident(entry.content_hash) is None:
+                await self.registry.transition(entry, State.LOST,
+                                               error="segment vanished (host rebooted?)")
+        return removed
+

@@ -1,0 +1,217 @@
+"""The host tier: one POSIX shared-memory segment per model, and its published record.
+
+A segment is filled under a *partial* name (``…<hash>.part-<pid>``) and renamed to its
+final name only when every byte is in place, so a reader can never map half a model and
+a crashed filler leaves a name that :meth:`HostTier.reclaim` recognises. Beside it, in the
+private runtime directory, ``resident/<hash>@cpu.json`` records the URI and the layout:
+the one thing ``attach`` reads — never the source files.
+
+Segments are created mode 0600: only processes of the same user may map them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from warmpool.config import private_dir
+from warmpool.pool.layout import Layout
+from warmpool.locks import try_lock
+from warmpool.pool.registry.files import atomic_write
+
+if TYPE_CHECKING:  # imported where a segment is mapped: listing and evicting need no torch
+    import torch
+
+SHM_DIR = Path("/dev/shm")
+DEVICE = "cpu"
+
+
+@dataclass(frozen=True)
+class Resident:
+    """What attach needs: which segment, which layout, for which model."""
+
+    uri: str
+    content_hash: str
+    segment: str
+    layout: Layout
+    created_at: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.content_hash}@{DEVICE}"
+
+    def to_json(self) -> dict[str, object]:
+        return {"uri": self.uri, "content_hash": self.content_hash, "segment": self.segment,
+                "created_at": self.created_at, "layout": self.layout.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Resident:
+        return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
+                   Layout.from_json(data["layout"]),  # type: ignore[arg-type]
+                   float(data["created_at"]))  # type: ignore[arg-type]
+
+
+class WritableSegment:
+    """A segment being filled; ``buffer`` is a flat uint8 tensor over its mapping."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        import torch
+        self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
+
+    def close(self) -> None:
+        """Drop our references; the mapping itself goes when the last view of it does.
+
+        Never ``mmap.close()`` here: torch keeps a pointer into the mapping, not a buffer
+        export, so an explicit unmap under a live view (a traceback's frame, a caller's
+        variable) turns the next read of it into a segmentation fault.
+        """
+        self.buffer = None  # type: ignore[assignment]
+        self._mmap = None  # type: ignore[assignment]
+
+
+def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
+    """Map a published segment read-only: a stray write faults instead of corrupting
+    weights that other processes share. Costs one mmap, whatever the model's size."""
+    import torch
+    fd = os.open(SHM_DIR / segment, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": intended
+        buffer = torch.frombuffer(mapping, dtype=torch.uint8)
+    return mapping, buffer
+
+
+class HostTier:
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        self.records = private_dir(runtime_dir / "resident")
+        self.locks = private_dir(runtime_dir / "locks")
+        # Segment names are global to the machine: the runtime directory is part of the
+        # name so that two pools (two users, two test runs) never share a segment.
+        tag = hashlib.sha256(str(runtime_dir.resolve()).encode()).hexdigest()[:8]
+        self.prefix = f"warmpool-{os.getuid()}-{tag}-"
+
+    # --- names ---------------------------------------------------------------------
+    def segment_name(self, content_hash: str) -> str:
+        return f"{self.prefix}{content_hash}"
+
+    def lock_path(self, key: str) -> Path:
+        return self.locks / f"{key}.lock"
+
+    def _record_path(self, content_hash: str) -> Path:
+        return self.records / f"{content_hash}@{DEVICE}.json"
+
+    # --- filling -------------------------------------------------------------------
+    def create(self, content_hash: str, size: int) -> WritableSegment:
+        """A new partial segment; the caller must hold the entry's lock while filling."""
+        path = SHM_DIR / f"{self.segment_name(content_hash)}.part-{os.getpid()}"
+        path.unlink(missing_ok=True)  # our own leftover from an earlier failed attempt
+        return WritableSegment(path, size)
+
+    def publish(self, segment: WritableSegment, uri: str, layout: Layout,
+                created_at: float) -> Resident:
+        """Give a filled segment its final name and write the record attach reads."""
+        name = self.segment_name(layout.content_hash)
+        os.rename(segment.path, SHM_DIR / name)
+        resident = Resident(uri, layout.content_hash, name, layout, created_at)
+        atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
+        return resident
+
+    def discard(self, segment: WritableSegment) -> None:
+        segment.close()
+        segment.path.unlink(missing_ok=True)
+
+    # --- reading -------------------------------------------------------------------
+    def resident(self, content_hash: str) -> Resident | None:
+        try:
+            resident = Resident.from_json(json.loads(self._record_path(content_hash).read_text()))
+        except FileNotFoundError:
+            return None
+        return resident if (SHM_DIR / resident.segment).exists() else None
+
+    def residents(self, hash_prefix: str = "") -> list[Resident]:
+        """Every published model (whose content hash starts with ``hash_prefix``): only
+        the matching records are parsed, and a record lists every tensor."""
+        found = []
+        for path in sorted(self.records.glob(f"{hash_prefix}*@{DEVICE}.json")):
+            resident = self.resident(path.name.split("@", 1)[0])
+            if resident is not None:
+                found.append(resident)
+        return found
+
+    def holds(self, resident: Resident) -> bool:
+        """Still published? Two stats, no parse: an eviction removes the record and the
+        segment under the entry's exclusive lock, and a content hash names its bytes."""
+        return (self._record_path(resident.content_hash).exists()
+                and (SHM_DIR / resident.segment).exists())
+
+    def remove_all(self) -> None:
+        """Drop every segment and record of this pool (tests and `warmpool evict --all`)."""
+        for path in SHM_DIR.glob(f"{self.prefix}*"):
+            path.unlink(missing_ok=True)
+        for record in self.records.glob("*.json"):
+            record.unlink(missing_ok=True)
+
+    def remove(self, content_hash: str) -> None:
+        """Unlink the segment and its record. Processes that mapped it keep their mapping
+        until they unmap it; the memory returns to the system after the last one does."""
+        (SHM_DIR / self.segment_name(content_hash)).unlink(missing_ok=True)
+        self._record_path(content_hash).unlink(missing_ok=True)
+
+    # --- capacity and recovery -----------------------------------------------------
+    @staticmethod
+    def shm_bytes() -> tuple[int, int]:
+        """(total, free) bytes of the shared-memory filesystem."""
+        st = os.statvfs(SHM_DIR)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def reclaim(self) -> list[str]:
+        """Remove what a crashed process left: partial segments, and records or segments
+        that lack their other half. An entry whose lock is held is someone's work in
+        progress (a fill, a publish, an eviction) and is left alone."""
+        hashes = {p.name[len(self.prefix):].split(".", 1)[0]
+                  for p in SHM_DIR.glob(f"{self.prefix}*")}
+        hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.json")}
+        removed: list[str] = []
+        for content_hash in sorted(hashes):
+            fd = try_lock(self.lock_path(f"{content_hash}@{DEVICE}"))
+            if fd is None:
+                continue
+            try:
+                removed += self._reclaim_one(content_hash)
+            finally:
+                os.close(fd)
+        return removed
+
+    def _reclaim_one(self, content_hash: str) -> list[str]:
+        removed = []
+        final = SHM_DIR / self.segment_name(content_hash)
+        for partial in SHM_DIR.glob(f"{final.name}.part-*"):
+            partial.unlink(missing_ok=True)
+            removed.append(partial.name)
+        record = self._record_path(content_hash)
+        if final.exists() != record.exists():
+            final.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
+            removed.append(final.name)
+        return removed

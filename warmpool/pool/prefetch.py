@@ -1,0 +1,123 @@
+"""Prefetch: one model from its URI to a warm entry on the host tier.
+
+The order is the data flow of DESIGN.md: list → content hash → metadata cache → layout
+→ reserve room → stream into a partial segment → publish → ``warm``. Every step records
+its state in the registry; any failure (storage error, corrupt file, Ctrl-C) discards
+the partial segment and records ``failed`` with the error, so nothing half-loaded stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from warmpool.model.cache import MetadataCache
+from warmpool.config import Settings
+from warmpool.errors import WarmpoolError
+from warmpool.pool.layout import plan_layout
+from warmpool.locks import async_file_lock
+from warmpool.pool.entries import HOST_DEVICE, Pool
+from warmpool.pool.registry.base import PoolEntry, State, entry_key
+from warmpool.storage import open_store
+from warmpool.loading.streaming import Loader, Progress, fill_buffer
+from warmpool.model.uri import ModelURI, parse_uri
+
+log = logging.getLogger(__name__)
+
+#: Called with the total bytes once they are known; returns the per-chunk callback.
+ProgressFactory = Callable[[int], Progress]
+
+
+@dataclass(frozen=True)
+class PrefetchResult:
+    entry: PoolEntry
+    seconds: float
+    loader: str  # "runai", "native", "pread", or "" when it was already warm
+    already_warm: bool
+
+    def to_json(self) -> dict[str, Any]:
+        e = self.entry
+        return {"uri": e.uri, "content_hash": e.content_hash, "state": e.state.value,
+                "device": e.device, "bytes": e.bytes, "tensors": e.tensors,
+                "seconds": round(self.seconds, 4), "loader": self.loader,
+                "already_warm": self.already_warm,
+                "gb_per_s": round(e.bytes / self.seconds / 1e9, 3) if self.seconds else None}
+
+
+async def prefetch(uri: str | ModelURI, *, settings: Settings, pool: Pool | None = None,
+                   loader: Loader = "auto", progress: ProgressFactory | None = None,
+                   cache: MetadataCache | None = None) -> PrefetchResult:
+    """Make ``uri`` warm on the host tier; return at once if it already is."""
+    started = time.perf_counter()
+    model = uri if isinstance(uri, ModelURI) else parse_uri(uri)
+    pool = pool or Pool(settings)
+    cache = cache or MetadataCache(settings.cache_dir)
+    await pool.reclaim()
+    async with open_store(model) as store:
+        listing = await cache.inspect(model, store)
+        key = entry_key(listing.content_hash, HOST_DEVICE)
+        warm = await _warm_entry(pool, key)
+        if warm is not None:
+            return PrefetchResult(warm, time.perf_counter() - started, "", True)
+        # One filler per entry across processes; a second prefetch waits here and then
+        # finds the entry warm.
+        async with async_file_lock(pool.host.lock_path(key)):
+            warm = await _warm_entry(pool, key)
+            if warm is not None:
+                return PrefetchResult(warm, time.perf_counter() - started, "", True)
+            entry = await _fill(pool, cache, model, store, listing.content_hash,
+                                loader, progress, settings)
+    try:
+        await pool.retire_older(entry)
+    except Exception as exc:  # noqa: BLE001 - the model IS warm; retiring can wait
+        # A registry that is out of reach a moment (Redis failing over) must not turn a
+        # warm model into a failed prefetch; capacity eviction or the next prefetch of
+        # this URI retires the old versions.
+        log.warning("%s is warm, but retiring its older versions failed: %s", model, exc,
+                    extra={"event": "retire_failed", "uri": str(model)})
+    return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False)
+
+
+async def _warm_entry(pool: Pool, key: str) -> PoolEntry | None:
+    entry = await pool.registry.get(key)
+    if entry is None or entry.state != State.WARM:
+        return None
+    content_hash = key.split("@", 1)[0]
+    return entry if pool.host.resident(content_hash) is not None else None
+
+
+async def _fill(pool: Pool, cache: MetadataCache, model: ModelURI, store: Any,
+                content_hash: str, loader: Loader, progress: ProgressFactory | None,
+                settings: Settings) -> PoolEntry:
+    previous = await pool.registry.get(entry_key(content_hash, HOST_DEVICE))
+    entry = PoolEntry(uri=str(model), content_hash=content_hash, device=HOST_DEVICE,
+                      node=settings.node, transport="shm",
+                      created_at=time.time(), history=[],
+                      pinned=previous.pinned if previous else False)
+    entry = await pool.registry.transition(entry, State.PENDING)
+    segment = None
+    try:
+        entry = await pool.registry.transition(entry, State.FETCHING_METADATA)
+        cached = await cache.fetch(model, store)
+        layout = plan_layout(content_hash, cached.headers.items())
+        entry = await pool.reserve(entry, layout.total_bytes)
+        segment = pool.host.create(content_hash, layout.total_bytes)
+        on_chunk = progress(layout.total_bytes) if progress else None
+        used = await fill_buffer(model, layout, segment.buffer, options=settings.streamer,
+                                 loader=loader, progress=on_chunk, store=store)
+        segment.close()
+        pool.host.publish(segment, str(model), layout, entry.created_at)
+        return await pool.registry.transition(entry, State.WARM, error=None, loader=used,
+                                              tensors=len(layout.slots))
+    except BaseException as exc:
+        if segment is not None:
+            pool.host.discard(segment)
+        stopped = (KeyboardInterrupt, SystemExit, asyncio.CancelledError)
+        reason = "interrupted" if isinstance(exc, stopped) else (
+            str(exc) if isinstance(exc, WarmpoolError) else f"{type(exc).__name__}: {exc}")
+        await pool.registry.transition(entry, State.FAILED, error=reason)
+        raise

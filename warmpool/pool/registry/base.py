@@ -1,0 +1,108 @@
+"""Pool entries, their states, and the one interface every registry store implements.
+
+The registry is the single source of truth that ``warmpool status`` and dashboards read.
+Two stores implement it: :mod:`warmpool.pool.registry.files` (a private local directory, the
+embedded default) and :mod:`warmpool.pool.registry.redis` (cluster-wide, for the controller).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+
+class State(str, Enum):
+    PENDING = "pending"
+    FETCHING_METADATA = "fetching_metadata"
+    STREAMING = "streaming"
+    WARM = "warm"
+    FAILED = "failed"
+    EVICTED = "evicted"
+    LOST = "lost"  # its worker died; the memory is gone with it
+
+    @property
+    def holds_memory(self) -> bool:
+        """States whose bytes count against a tier's capacity."""
+        return self in (State.STREAMING, State.WARM)
+
+    @property
+    def active(self) -> bool:
+        return self in (State.PENDING, State.FETCHING_METADATA, State.STREAMING)
+
+
+def entry_key(content_hash: str, device: str) -> str:
+    return f"{content_hash}@{device}"
+
+
+@dataclass
+class PoolEntry:
+    """One model on one device of one node."""
+
+    uri: str
+    content_hash: str
+    device: str = "cpu"
+    state: State = State.PENDING
+    node: str = ""
+    bytes: int = 0
+    tensors: int = 0
+    transport: str = ""  # "shm", "cuda-vmm", "cuda-ipc": how attach reaches the buffer
+    loader: str = ""  # "runai" or "native": what streamed it
+    error: str | None = None
+    pinned: bool = False
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    last_attached_at: float | None = None
+    history: list[tuple[str, float]] = field(default_factory=list)
+    leases: int = 0  # filled in when read; not stored
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.content_hash, self.device)
+
+    def moved_to(self, state: State, **changes: Any) -> PoolEntry:
+        """A copy in ``state``, with the transition stamped into its history."""
+        now = time.time()
+        history = [*self.history, (state.value, now)]
+        return replace(self, state=state, updated_at=now, history=history, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["history"] = [list(h) for h in self.history]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PoolEntry:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        values["state"] = State(values["state"])
+        values["history"] = [(str(s), float(t)) for s, t in values.get("history", [])]
+        return cls(**values)
+
+
+class Registry(abc.ABC):
+    """Where pool entries are kept. Writes replace a whole entry; keys are entry_key()."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> PoolEntry | None: ...
+
+    @abc.abstractmethod
+    async def put(self, entry: PoolEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list(self) -> list[PoolEntry]: ...
+
+    async def transition(self, entry: PoolEntry, state: State, **changes: Any) -> PoolEntry:
+        """Move ``entry`` to ``state``, stamp it, and write it; returns the new entry."""
+        moved = entry.moved_to(state, **changes)
+        await self.put(moved)
+        return moved
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
