@@ -14,7 +14,7 @@ from warmpool.loading.streaming import LOADERS
 from warmpool.config import StreamerOptions
 from warmpool.errors import ProtocolError, WarmpoolError
 from warmpool.pool.layout import Layout
-from warmpool.pool.entries import is_hash_ref
+from warmpool.pool.refs import looks_like_hash
 from warmpool.model.uri import parse_uri
 from warmpool.workers.protocol import AsyncChannel, Message
 from warmpool.workers.residents import Resident
@@ -39,7 +39,7 @@ class LoadRequest:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed load request: {exc!r}") from None
-        if not is_hash_ref(content_hash) or layout.content_hash != content_hash:
+        if not looks_like_hash(content_hash) or layout.content_hash != content_hash:
             raise ProtocolError("load request: content_hash and layout disagree")
         loader = str(msg.get("loader", "auto"))
         if loader not in LOADERS:

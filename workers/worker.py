@@ -36,7 +36,7 @@ from typing import Any
 from warmpool.config import Settings, parse_bytes
 from warmpool.errors import LeaseHeldError, NotWarmError, ProtocolError, WarmpoolError, WorkerError
 from warmpool.locks import try_lock
-from warmpool.pool.entries import is_hash_ref, normalise_ref
+from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.loading.streaming import fill_buffer
@@ -378,12 +378,9 @@ class Worker:
 
     # --- attach and leases -----------------------------------------------------------
     def find(self, ref: str) -> Resident:
-        try:
-            wanted = normalise_ref(ref)
-        except WarmpoolError:
-            raise NotWarmError(f"{ref!r} is neither a model URI nor a content hash") from None
-        matches = [r for r in self.residents.values() if r.warm and (
-            r.content_hash.startswith(wanted) if is_hash_ref(wanted) else r.uri == wanted)]
+        wanted = ModelRef.canonical(ref)  # the client parsed the user's text
+        matches = [r for r in self.residents.values()
+                   if r.warm and wanted.matches(r.uri, r.content_hash)]
         if not matches:
             raise NotWarmError(f"{ref} is not warm on {self.device}: run `warmpool prefetch "
                                f"{ref} --device {self.device}` first")

@@ -21,7 +21,8 @@ from warmpool.errors import NotWarmError
 from warmpool.pool.layout import Layout
 from warmpool.pool.leases import Lease, Leases
 from warmpool.locks import file_lock
-from warmpool.pool.entries import HOST_DEVICE, is_hash_ref, normalise_ref
+from warmpool.pool.entries import HOST_DEVICE
+from warmpool.pool.refs import ModelRef
 from warmpool.pool.host import HostTier, Resident, map_readonly
 
 if TYPE_CHECKING:  # torch is imported when a model is attached, not with the package:
@@ -141,13 +142,13 @@ class _HostCloser:
 
 def _resolve(host: HostTier, ref: str) -> Resident:
     try:
-        wanted = normalise_ref(ref)
-    except Exception:  # noqa: BLE001 - any unparsable ref is simply not warm
+        wanted = ModelRef.parse(ref)
+    except NotWarmError:  # an unparsable ref is simply not warm
         raise _not_warm(ref) from None
-    if is_hash_ref(wanted):
-        matches = host.residents(hash_prefix=wanted)  # parses only the matching records
+    if wanted.is_hash:
+        matches = host.residents(hash_prefix=wanted.text)  # parses only the matching records
     else:
-        matches = [r for r in host.residents() if r.uri == wanted]
+        matches = [r for r in host.residents() if wanted.matches(r.uri, r.content_hash)]
     if not matches:
         raise _not_warm(ref)
     return max(matches, key=lambda r: r.created_at)
