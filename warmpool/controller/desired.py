@@ -50,7 +50,7 @@ def _from_json(raw: bytes | str) -> tuple[Request, str, float]:
     """
     doc: dict[str, Any] = json.loads(raw)
     if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
+        raise TypeError("not a JSON object")
     source, since = str(doc.pop("source", "request")), float(doc.pop("since", 0.0))
     if "action" not in doc:
         doc["action"] = "pin" if doc.get("pinned") else "deploy"

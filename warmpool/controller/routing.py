@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 from dataclasses import replace
-from typing import Any
 
 from redis.asyncio import Redis
 
