@@ -1,7 +1,7 @@
 """What a worker is asked to load: the model's identity, headers, and per-rank layouts.
 
-The client plans, the worker executes: the content hash (sha256 over the listing, as
-DESIGN.md defines it), every shard's validated safetensors header, and from them the
+The client plans, the worker executes: the content hash (sha256 over the listing,
+:func:`warmpool.model.identity.content_hash`), every shard's validated safetensors header, and from them the
 layout each rank receives. A ``replicated`` group gives every rank the whole layout; a
 ``sharded`` one gives rank r a layout over its own pre-sharded files only — by default
 ``model-rank-{rank}-part-{part}.safetensors``, the names vLLM's sharded-state format

@@ -17,7 +17,7 @@ from warmpool.pool.layout import Layout
 from warmpool.pool.refs import looks_like_hash
 from warmpool.model.uri import parse_uri
 from warmpool.workers.protocol import AsyncChannel, Message
-from warmpool.workers.residents import Resident
+from warmpool.workers.residents import DeviceResident
 
 
 @dataclass(frozen=True)
@@ -72,4 +72,4 @@ class Connection:
     leases: set[str] = field(default_factory=set)  # content hashes
     #: group ranks prepared by this connection's coordinator, awaiting group_stream;
     #: discarded if the coordinator goes away first.
-    prepared: dict[str, tuple[Resident, LoadRequest]] = field(default_factory=dict)
+    prepared: dict[str, tuple[DeviceResident, LoadRequest]] = field(default_factory=dict)

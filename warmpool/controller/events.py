@@ -67,9 +67,12 @@ _REQUEST_FIELDS = frozenset({"action", "uri", "device", "tp", "sharding", "node"
 class BadEvent(WarmpoolError, ValueError):
     """A payload the controller cannot act on.
 
-    ``reason`` is a stable code: ``oversized``, ``not_json``, ``unknown_shape``,
-    ``bad_action``, ``bad_uri``, ``bad_device``, ``bad_field`` or ``unsafe_key``;
-    ``detail`` says what was wrong, for a human reading the dead-letter stream.
+    ``reason`` is a stable code. Parsing gives ``oversized``, ``not_json``,
+    ``unknown_shape``, ``bad_action``, ``bad_uri``, ``bad_device``, ``bad_field`` or
+    ``unsafe_key``; the controller adds ``not_watched`` (an upload under no watched
+    prefix), and the dead-letter stream also holds ``poison`` entries (a stream entry
+    delivered too often without being done). ``detail`` says what was wrong, for a human
+    reading the dead-letter stream.
     """
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -37,7 +37,7 @@ from warmpool.model.uri import ModelURI
 
 
 # Every GET asks for at most this much. The SDK's default first GET is 32 MiB, and while
-# it iterates it holds up to four chunks at once (measured: ~16 MiB with 4 MiB chunks), so
+# it iterates it holds up to four chunks at once (docs/findings.md), so
 # smaller chunks keep a download's memory small and independent of the blob's size.
 _GET_SIZE = 2 * DOWNLOAD_CHUNK
 _CLIENT_OPTIONS: dict[str, Any] = {

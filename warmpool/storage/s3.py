@@ -39,7 +39,7 @@ _loader: Any = None
 
 def _new_session() -> Any:
     """A fresh session (it reads credentials and variables now) sharing one data loader:
-    parsing botocore's S3 service model costs ~0.1 s, the rest of a client ~15 ms."""
+    parsing botocore's S3 service model is most of the cost of a client."""
     global _loader
     session = get_session()
     if _loader is None:
