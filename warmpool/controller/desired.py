@@ -75,7 +75,8 @@ class DesiredState:
         ``source`` is ``request`` (a deploy or pin) or ``watch`` (an upload under the
         watch list)."""
         since = time.time()
-        raw = await self.redis.hget(self.key, _field(req))
+        # The mirror answers when Redis lost the request (restarted empty): a pin survives.
+        raw = await self.redis.hget(self.key, _field(req)) or self._mirror.get(_field(req))
         if raw is not None:
             current, current_source, since = _from_json(raw)
             if current.pinned:
@@ -110,7 +111,9 @@ class DesiredState:
                 continue
             found.append((since, req))
             mirror[_field(req)] = raw.decode() if isinstance(raw, bytes) else raw
-        self._mirror = mirror
+        # Learn what Redis holds, never forget from it: a Redis that restarted empty
+        # must not erase what this node was asked for (resync writes it back).
+        self._mirror.update(mirror)
         return [req for _, req in sorted(found, key=lambda pair: pair[0])]
 
     async def resync(self) -> int:
