@@ -138,8 +138,8 @@ class Request:
         return self.action == "pin"
 
     def to_doc(self) -> dict[str, Any]:
-        """The payload that :func:`parse_event` reads back as this request (defaults
-        and unset fields left out)."""
+        """The payload that :func:`parse_event` reads back as this request (fields that
+        are unset left out)."""
         doc: dict[str, Any] = {"action": self.action, "uri": str(self.uri),
                                "device": self.device, "tp": self.tp, "sharding": self.sharding,
                                "node": self.node, "request_id": self.request_id,
