@@ -144,7 +144,8 @@ class Pool:
                               device=HOST_DEVICE, node=self.settings.node,
                               bytes=resident.layout.total_bytes,
                               tensors=len(resident.layout.slots), transport="shm",
-                              created_at=resident.created_at, history=[])
+                              created_at=resident.created_at, history=[],
+                              engine=resident.engine)
             adopted.append(await self.registry.transition(entry, State.WARM))
         return adopted
 

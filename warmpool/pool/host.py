@@ -18,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from warmpool.config import private_dir
 from warmpool.pool.layout import Layout
@@ -43,20 +43,28 @@ class HostResident:
     segment: str
     layout: Layout
     created_at: float
+    #: The engine-layout key (JSON) when the segment holds an engine's processed
+    #: parameters; None for a checkpoint. Kept here so an adopting registry recovers it.
+    engine: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
         return f"{self.content_hash}@{DEVICE}"
 
-    def to_json(self) -> dict[str, object]:
-        return {"uri": self.uri, "content_hash": self.content_hash, "segment": self.segment,
-                "created_at": self.created_at, "layout": self.layout.to_json()}
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"uri": self.uri, "content_hash": self.content_hash,
+                                "segment": self.segment, "created_at": self.created_at,
+                                "layout": self.layout.to_json()}
+        if self.engine is not None:
+            data["engine"] = self.engine
+        return data
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> HostResident:
+    def from_json(cls, data: dict[str, Any]) -> HostResident:
+        engine = data.get("engine")
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
-                   Layout.from_json(data["layout"]),  # type: ignore[arg-type]
-                   float(data["created_at"]))  # type: ignore[arg-type]
+                   Layout.from_json(data["layout"]), float(data["created_at"]),
+                   dict(engine) if isinstance(engine, dict) else None)
 
 
 class WritableSegment:
@@ -131,11 +139,11 @@ class HostTier:
         return WritableSegment(path, size)
 
     def publish(self, segment: WritableSegment, uri: str, layout: Layout,
-                created_at: float) -> HostResident:
+                created_at: float, engine: dict[str, Any] | None = None) -> HostResident:
         """Give a filled segment its final name and write the record attach reads."""
         name = self.segment_name(layout.content_hash)
         os.rename(segment.path, SHM_DIR / name)
-        resident = HostResident(uri, layout.content_hash, name, layout, created_at)
+        resident = HostResident(uri, layout.content_hash, name, layout, created_at, engine)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
 

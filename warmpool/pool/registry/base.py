@@ -57,6 +57,10 @@ class PoolEntry:
     last_attached_at: float | None = None
     history: list[tuple[str, float]] = field(default_factory=list)
     leases: int = 0  # filled in when read; not stored
+    #: An engine-layout entry's key (:class:`warmpool.pool.engine_layout.EngineKey` as
+    #: JSON): the engine's processed parameters, not the checkpoint's tensors. None for
+    #: a checkpoint entry.
+    engine: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
