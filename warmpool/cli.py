@@ -113,7 +113,11 @@ def generate(directory: Path = typer.Argument(..., help="Where to write the mode
 
 @app.command()
 @_guard
-def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
+             files_dir: bool = typer.Option(
+                 False, "--files-dir", help="Print only the cached files directory (config "
+                 "and tokenizer, no weights): the model path to give vLLM or SGLang with "
+                 "load format warmpool.")) -> None:
     """Fetch a model's small files and safetensors headers into the local cache."""
     from warmpool.model.cache import MetadataCache
     from warmpool.model.uri import parse_uri
@@ -121,6 +125,9 @@ def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigO
     settings = _settings(config)
     model = _run(MetadataCache(settings.cache_dir).fetch(parse_uri(uri)))
     data = model.to_json()
+    if files_dir:
+        sys.stdout.write(f"{data['files_dir']}\n")
+        return
     if as_json:
         _emit(data)
         return
