@@ -63,6 +63,7 @@ def _define_loader() -> type:
             # parsing the options is all that happens here.
             super().__init__(load_config)
             self.options = LoaderOptions.parse(load_config.model_loader_extra_config)
+            self._pending_export: tuple[str, str, dict[str, torch.Tensor]] | None = None
 
         def download_model(self, model_config: Any) -> None:
             """Nothing to download: load_weights warms a cold model (or refuses to)."""
@@ -81,6 +82,21 @@ def _define_loader() -> type:
             with model:
                 return int(model.layout.total_bytes)
 
+        def load_model(self, vllm_config: Any, model_config: Any,
+                       prefix: str = "") -> torch.nn.Module:
+            """An engine-layout entry of this engine's key when there is one (zero-copy,
+            no post-processing of the bytes); else the copy path, then — with
+            ``{"export": true}`` — the processed parameters written to the pool."""
+            if self.options.engine_layout:
+                model = _attach_layout(self.options, vllm_config, model_config, prefix)
+                if model is not None:
+                    return model
+            self._pending_export = None
+            model = super().load_model(vllm_config, model_config, prefix)
+            if self.options.export and self._pending_export is not None:
+                _export(model, vllm_config, model_config, *self._pending_export)
+            return model
+
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
             started = time.perf_counter()
             rank = get_tensor_model_parallel_rank()
@@ -91,8 +107,68 @@ def _define_loader() -> type:
             with attached:
                 weights.check_same_model(ref, attached)
                 _feed(model, attached, model_config, ref.uri)
+                if self.options.export:
+                    from warmpool.integrations.vllm_layout import snapshot
+
+                    self._pending_export = (attached.uri, attached.content_hash,
+                                            snapshot(model))
             logger.info("Loading weights took %.2f seconds (warmpool, %s, rank %d)",
                         time.perf_counter() - started, source.tier, rank)
+
+    def _attach_layout(options: LoaderOptions, vllm_config: Any, model_config: Any,
+                       prefix: str) -> torch.nn.Module | None:
+        from warmpool.integrations import vllm_layout
+        from warmpool.pool.engine_layout import attach_engine_layout
+
+        started = time.perf_counter()
+        rank = get_tensor_model_parallel_rank()
+        if _device() != "cpu":
+            logger.info("no engine layout on %s: engine layouts live on the host tier; "
+                        "loading through the pool's copy path", _device())
+            return None
+        ref = weights.resolve_model(model_config.model, options.uri)
+        if ref.content_hash is None:
+            logger.info("no engine layout: the checkpoint's content hash is unknown (the "
+                        "engine was not given a metadata-cache directory); copy path")
+            return None
+        key = vllm_layout.engine_key(vllm_config, model_config, ref.content_hash, rank)
+        attached = attach_engine_layout(key, _settings(),
+                                        holder=f"vllm rank {rank} pid {os.getpid()}")
+        if attached is None:
+            logger.info("no engine layout for %s (%s) in the pool; loading through the "
+                        "copy path", key.label(), ref.uri)
+            return None
+        try:
+            model = vllm_layout.build_attached(vllm_config, model_config, prefix, attached)
+        except Exception as exc:  # noqa: BLE001 - the copy path still serves the model
+            attached.close()
+            logger.warning("the engine layout %s of %s does not fit this engine (%s: %s); "
+                           "loading through the copy path", key.label(), ref.uri,
+                           type(exc).__name__, exc)
+            return None
+        # The lease lives as long as the engine's model: the views are its parameters.
+        model._warmpool_engine_layout = attached  # type: ignore[assignment]
+        first = attached.layout.slots[0] if attached.layout.slots else None
+        base = (attached[first.name].data_ptr() - first.offset) if first else 0
+        count = vllm_layout.pool_views(model, base, attached.layout.total_bytes)
+        logger.info("Loading weights took %.2f seconds (warmpool, engine layout %s, rank "
+                    "%d); %s", time.perf_counter() - started, key.label(), rank,
+                    count.describe())
+        return model
+
+    def _export(model: torch.nn.Module, vllm_config: Any, model_config: Any, uri: str,
+                checkpoint: str, before: dict[str, torch.Tensor]) -> None:
+        from warmpool.integrations import vllm_layout
+        from warmpool.pool.engine_layout import export_sync
+
+        rank = get_tensor_model_parallel_rank()
+        key = vllm_layout.engine_key(vllm_config, model_config, checkpoint, rank)
+        result = export_sync(key, vllm_layout.processed_tensors(model, before),
+                             checkpoint_uri=uri, settings=_settings())
+        logger.info("engine layout %s of %s %s (%d tensors, %d bytes, %.2f s)",
+                    key.label(), uri, "already in the pool" if result.already_warm
+                    else "exported to the pool", result.entry.tensors, result.entry.bytes,
+                    result.seconds)
 
     def _feed(model: torch.nn.Module, attached: Any, model_config: Any, uri: str) -> None:
         stream = weights.NameTracker(attached)

@@ -28,7 +28,8 @@ from warmpool.config import Settings
 from warmpool.errors import ConfigError, NotWarmError, WarmpoolError, WorkerError
 from warmpool.model.cache import FILES_DIR, MANIFEST
 from warmpool.pool.attachment import AttachedModel, attach
-from warmpool.pool.entries import HOST_DEVICE, is_hash_ref
+from warmpool.pool.entries import HOST_DEVICE
+from warmpool.pool.refs import ModelRef as PoolRef
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +117,7 @@ def attach_gpu_tier(uri: str, device: str, settings: Settings, holder: str,
 def warm(uri: str, settings: Settings) -> None:
     """Make ``uri`` warm on this node's host tier: through the controller when one runs
     (it owns the pool), else in this process. Any failure names the URI."""
-    if is_hash_ref(uri):
+    if PoolRef.canonical(uri).is_hash:
         raise NotWarmError(f"{uri} is a content hash that is not warm; a hash cannot be "
                            "warmed, name the model by its URI")
     from warmpool.controller import remote
@@ -152,7 +153,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 # --- which model an engine was pointed at ----------------------------------------------
 
 
-EXTRA_KEYS = ("uri", "on_cold")
+EXTRA_KEYS = ("uri", "on_cold", "export", "engine_layout")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,12 @@ class LoaderOptions:
 
     uri: str | None = None
     on_cold: OnCold = "warm"
+    #: Write the engine's processed parameters into the pool as an engine-layout entry
+    #: after loading them (:mod:`warmpool.pool.engine_layout`).
+    export: bool = False
+    #: Start from an engine-layout entry of the same key when there is one (zero-copy);
+    #: False always takes the copy path.
+    engine_layout: bool = True
 
     @classmethod
     def parse(cls, extra: Any) -> LoaderOptions:
@@ -178,7 +185,11 @@ class LoaderOptions:
         uri = extra.get("uri")
         if uri is not None and not isinstance(uri, str):
             raise ConfigError(f"uri must be a string, not {uri!r}")
-        return cls(uri=uri or None, on_cold=on_cold)
+        for name in ("export", "engine_layout"):
+            if not isinstance(extra.get(name, False), bool):
+                raise ConfigError(f"{name} must be true or false, not {extra[name]!r}")
+        return cls(uri=uri or None, on_cold=on_cold, export=extra.get("export", False),
+                   engine_layout=extra.get("engine_layout", True))
 
 
 @dataclass(frozen=True)
