@@ -18,8 +18,14 @@ from tests.pool_env import run_cli, run_python, segments_of
 from warmpool.config import Settings
 from warmpool.errors import CapacityError, LeaseHeldError
 from warmpool.pool.attachment import attach
-from warmpool.pool.engine_layout import (EngineKey, attach_engine_layout, engine_layouts,
-                                         export, export_sync, layout_uri)
+from warmpool.pool.engine_layout import (
+    EngineKey,
+    attach_engine_layout,
+    engine_layouts,
+    export,
+    export_sync,
+    layout_uri,
+)
 from warmpool.pool.entries import Pool
 from warmpool.pool.prefetch import prefetch
 from warmpool.pool.registry.base import State

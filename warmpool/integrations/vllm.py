@@ -13,6 +13,13 @@ the URI. Each tensor-parallel rank attaches the pool's full checkpoint (zero-cop
 hands it to the model's own ``load_weights``, which maps names, fuses q/k/v and gate/up,
 and takes the rank's slice. vLLM is imported only inside :func:`register`, so this module
 imports without it.
+
+Faster still, an engine can start from an *engine-layout* entry: the parameters as an
+engine of the same key (vLLM version and platform, dtype, quantisation, TP size, rank)
+held them after post-processing, attached without a copy
+(:mod:`warmpool.integrations.vllm_layout`). ``{"export": true}`` writes them after a
+load; a later engine finds them by itself (``{"engine_layout": false}`` skips the look-up),
+and one whose key differs logs the miss and takes the copy path.
 """
 
 from __future__ import annotations
@@ -87,12 +94,15 @@ def _define_loader() -> type:
             """An engine-layout entry of this engine's key when there is one (zero-copy,
             no post-processing of the bytes); else the copy path, then — with
             ``{"export": true}`` — the processed parameters written to the pool."""
+            started = time.perf_counter()
             if self.options.engine_layout:
                 model = _attach_layout(self.options, vllm_config, model_config, prefix)
                 if model is not None:
+                    _log_model_in_place(started, "engine layout")
                     return model
             self._pending_export = None
             model = super().load_model(vllm_config, model_config, prefix)
+            _log_model_in_place(started, "copy")
             if self.options.export and self._pending_export is not None:
                 _export(model, vllm_config, model_config, *self._pending_export)
             return model
@@ -114,6 +124,12 @@ def _define_loader() -> type:
                                             snapshot(model))
             logger.info("Loading weights took %.2f seconds (warmpool, %s, rank %d)",
                         time.perf_counter() - started, source.tier, rank)
+
+    def _log_model_in_place(started: float, path: str) -> None:
+        # The whole step (build, weights, post-processing): what a start-up waits for.
+        logger.info("warmpool: model with weights in place after %.3f seconds (%s path, "
+                    "rank %d)", time.perf_counter() - started, path,
+                    get_tensor_model_parallel_rank())
 
     def _attach_layout(options: LoaderOptions, vllm_config: Any, model_config: Any,
                        prefix: str) -> torch.nn.Module | None:

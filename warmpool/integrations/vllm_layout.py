@@ -97,8 +97,10 @@ class ViewCount:
 def build_attached(vllm_config: Any, model_config: Any, prefix: str,
                    tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     """The model with ``tensors`` (an engine-layout entry's views) as its parameters."""
-    from vllm.model_executor.model_loader.utils import (initialize_model,
-                                                        process_weights_after_loading)
+    from vllm.model_executor.model_loader.utils import (
+        initialize_model,
+        process_weights_after_loading,
+    )
     from vllm.model_executor.utils import weights_already_processed
     from vllm.utils.torch_utils import set_default_torch_dtype
 
