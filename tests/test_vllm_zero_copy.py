@@ -42,8 +42,9 @@ def served_one(moto_server: Server, tmp_path_factory: pytest.TempPathFactory) ->
     local = root / "a"
     _run([str(python), str(CHILD), "make-models", json.dumps([{"out": str(local), "seed": 1}])],
          env, 300)
-    _upload(S3Backend(moto_server), local, "models/a/")
-    uri = str(S3Backend(moto_server).uri_for("models/a/"))
+    backend = S3Backend(moto_server)
+    _upload(backend, local, "models/a/")
+    uri = str(backend.uri_for("models/a/"))
     cli = [sys.executable, "-m", "warmpool.cli"]
     _run([*cli, "prefetch", uri], env, 300)
     files_dir = _run([*cli, "metadata", uri, "--files-dir"], env, 120).strip()

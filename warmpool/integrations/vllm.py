@@ -166,7 +166,7 @@ def _define_loader() -> type:
         model._warmpool_engine_layout = attached  # type: ignore[assignment]
         first = attached.layout.slots[0] if attached.layout.slots else None
         base = (attached[first.name].data_ptr() - first.offset) if first else 0
-        count = vllm_layout.pool_views(model, base, attached.layout.total_bytes)
+        count = vllm_layout.pool_views(model, attached.layout, base)
         logger.info("Loading weights took %.2f seconds (warmpool, engine layout %s, rank "
                     "%d); %s", time.perf_counter() - started, key.label(), rank,
                     count.describe())

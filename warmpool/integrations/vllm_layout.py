@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from warmpool.pool.engine_layout import EngineKey
+from warmpool.pool.layout import Layout
 
 ENGINE = "vllm"
 
@@ -85,13 +86,13 @@ class ViewCount:
     """How much of the engine's parameter memory is the pool's, after attach."""
 
     params: int
-    params_bytes: int
     views: int
     views_bytes: int
+    entry_bytes: int  # the parameters' bytes in the entry
 
     def describe(self) -> str:
         return (f"{self.views} of {self.params} parameters ({self.views_bytes} of "
-                f"{self.params_bytes} bytes) are views of the pool")
+                f"{self.entry_bytes} bytes) are views of the pool")
 
 
 def build_attached(vllm_config: Any, model_config: Any, prefix: str,
@@ -174,16 +175,17 @@ def _materialize_meta(model: nn.Module, device: torch.device) -> None:
                 module._buffers[leaf] = torch.empty_like(buffer, device=device)
 
 
-def pool_views(model: nn.Module, buffer_start: int, buffer_bytes: int) -> ViewCount:
-    """Count the parameters whose memory lies inside the pool's buffer."""
-    params = views = params_bytes = views_bytes = 0
-    end = buffer_start + buffer_bytes
+def pool_views(model: nn.Module, layout: Layout, buffer_start: int) -> ViewCount:
+    """Count the parameters whose memory lies inside the pool's buffer; the rest were
+    replaced by post-processing (on CPU: packed linear weights)."""
+    params = views = views_bytes = 0
+    end = buffer_start + layout.total_bytes
     for param in model.parameters():
         nbytes = param.numel() * param.element_size()
         params += 1
-        params_bytes += nbytes
         ptr = param.data_ptr()
         if nbytes and buffer_start <= ptr and ptr + nbytes <= end:
             views += 1
             views_bytes += nbytes
-    return ViewCount(params, params_bytes, views, views_bytes)
+    entry_bytes = sum(s.nbytes for s in layout.slots if not s.name.startswith(_BUFFER))
+    return ViewCount(params, views, views_bytes, entry_bytes)
