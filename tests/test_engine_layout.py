@@ -212,3 +212,14 @@ def test_export_sync_works_inside_a_running_loop(settings: Settings) -> None:
         return result.entry.state == State.WARM
 
     assert run(inside())
+
+
+def test_engine_loader_options_take_export_and_engine_layout() -> None:
+    from warmpool.errors import ConfigError
+    from warmpool.integrations.weights import LoaderOptions
+
+    assert LoaderOptions.parse(None) == LoaderOptions(export=False, engine_layout=True)
+    parsed = LoaderOptions.parse('{"export": true, "engine_layout": false}')
+    assert parsed.export is True and parsed.engine_layout is False
+    with pytest.raises(ConfigError, match="export must be true or false"):
+        LoaderOptions.parse({"export": "yes"})

@@ -63,8 +63,8 @@ def run(spec: list[dict[str, Any]]) -> None:
     for item in spec:
         kwargs = dict(item["llm"])
         try:
-            llm = LLM(dtype="bfloat16", enforce_eager=True, max_model_len=128,
-                      **kwargs)
+            llm = LLM(**{"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 128,
+                         **kwargs})  # an entry may override the defaults (dtype)
             outs = llm.generate(PROMPTS, params, use_tqdm=False)
             result = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
             del llm

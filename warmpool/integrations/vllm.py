@@ -149,10 +149,10 @@ def _define_loader() -> type:
             return None
         key = vllm_layout.engine_key(vllm_config, model_config, ref.content_hash, rank)
         attached = attach_engine_layout(key, _settings(),
-                                        holder=f"vllm rank {rank} pid {os.getpid()}")
-        if attached is None:
-            logger.info("no engine layout for %s (%s) in the pool; loading through the "
-                        "copy path", key.label(), ref.uri)
+                                        holder=f"vllm rank {rank} pid {os.getpid()}",
+                                        logger=logger)
+        if attached is None:  # the miss and its reason are logged
+            logger.info("loading %s through the copy path", ref.uri)
             return None
         try:
             model = vllm_layout.build_attached(vllm_config, model_config, prefix, attached)

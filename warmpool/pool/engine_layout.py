@@ -248,23 +248,24 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
     return result[0]
 
 
-def attach_engine_layout(key: EngineKey, settings: Settings,
-                         holder: str = "") -> AttachedModel | None:
+def attach_engine_layout(key: EngineKey, settings: Settings, holder: str = "",
+                         logger: logging.Logger | None = None) -> AttachedModel | None:
     """The engine-layout entry for ``key`` as zero-copy views with a lease, or None when
-    there is none (the caller falls back to its copy path). A miss is logged with the
-    keys that *are* warm for the same checkpoint, so a configuration change that stops
-    the zero-copy start is visible."""
+    there is none (the caller falls back to its copy path). A miss is logged (on
+    ``logger``: an engine passes its own, whose lines it shows) with the keys that *are*
+    warm for the same checkpoint, so a configuration change that stops the zero-copy
+    start is visible."""
     from warmpool.pool.attachment import attach
 
     host = HostTier(settings.runtime_dir)
     resident = host.resident(key.content_hash)
     if resident is None or resident.engine != key.to_json():
-        _log_miss(key, host)
+        _log_miss(key, host, logger or log)
         return None
     try:
         return attach(key.content_hash, HOST_DEVICE, settings=settings, holder=holder)
     except NotWarmError:  # evicted between the look-up and the lease
-        _log_miss(key, host)
+        _log_miss(key, host, logger or log)
         return None
 
 
@@ -283,7 +284,7 @@ def engine_layouts(settings: Settings, checkpoint: str | None = None) -> list[En
     return found
 
 
-def _log_miss(key: EngineKey, host: HostTier) -> None:
+def _log_miss(key: EngineKey, host: HostTier, logger: logging.Logger) -> None:
     others = []
     for resident in host.residents():
         if resident.engine is not None and resident.engine.get("checkpoint") == key.checkpoint:
@@ -296,5 +297,5 @@ def _log_miss(key: EngineKey, host: HostTier) -> None:
             others.append(f"{other.label()} ({diff})")
     detail = ("; warm for this checkpoint: " + "; ".join(others)) if others else (
         "; none is warm for this checkpoint")
-    log.info("no engine layout for %s (%s)%s", key.label(), key.checkpoint[:12], detail,
-             extra={"event": "engine_layout_miss", "engine_key": key.to_json()})
+    logger.info("no engine layout for %s (%s)%s", key.label(), key.checkpoint[:12], detail,
+                extra={"event": "engine_layout_miss", "engine_key": key.to_json()})
