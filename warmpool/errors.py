@@ -69,6 +69,10 @@ class IncompleteModelError(WarmpoolError):
         self.missing = missing or []
 
 
+class MetadataLimitError(WarmpoolError, ValueError):
+    """A model's non-weight files exceed what the metadata cache will hold."""
+
+
 # --- the pool ------------------------------------------------------------------------
 
 
