@@ -75,6 +75,19 @@ def _guard(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def _reclaim(settings: Settings, *, registry: bool = False) -> None:
+    """Every command cleans up after killed prefetches: their partial segments (as large
+    as the model) and, where this process owns the pool's registry, their entries that
+    still say ``streaming``. The locks say which writers are gone."""
+    from warmpool.pool.entries import Pool
+    from warmpool.pool.host import HostTier
+
+    if registry:
+        _run(Pool(settings).reclaim())
+    else:
+        HostTier(settings.runtime_dir).reclaim()
+
+
 def _emit(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
 
@@ -119,6 +132,7 @@ def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigO
     from warmpool.model.uri import parse_uri
 
     settings = _settings(config)
+    _reclaim(settings)
     model = _run(MetadataCache(settings.cache_dir).fetch(parse_uri(uri)))
     data = model.to_json()
     if as_json:
@@ -205,6 +219,7 @@ def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
 
     settings = _settings(config, redis_url=redis)
     controller = remote.controller_url(settings)
+    _reclaim(settings, registry=not controller)
     entries = _run(remote.status(controller, settings) if controller else Pool(settings).entries())
     if as_json:
         _emit([{**e.to_json(), "leases": e.leases} for e in entries])
@@ -233,6 +248,7 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
 
     settings = _settings(config, redis_url=redis)
     controller = remote.controller_url(settings)
+    _reclaim(settings, registry=not controller)
     if controller:  # the controller owns the pool (and would re-warm what it still wants)
         data = _run(remote.evict(controller, ref, settings=settings, device=device,
                                  force=force))
