@@ -44,6 +44,11 @@ class TransientStorageError(StorageError):
     """A failure that a retry may cure (timeouts, 5xx, throttling, resets)."""
 
 
+class ObjectChangedError(StorageError):
+    """An object changed after the listing that named the model's version: its bytes are
+    not that version's. Not retried as is; a new listing (a new version) starts over."""
+
+
 class UnsafeKeyError(StorageError, ValueError):
     """An object key that would escape its model directory (``..``, absolute paths)."""
 

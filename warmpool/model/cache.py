@@ -214,6 +214,7 @@ class MetadataCache:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest}-", dir=self.root))
         try:
+            store.pin(objects)  # headers and files of this listing's version, or a failure
             headers = await _download_all(store, tmp / FILES_DIR, files, shards, index_json)
             if content_hash(await _list(store)) != digest:
                 raise TransientStorageError(f"{uri} changed while its metadata was being "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import posixpath
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +69,9 @@ class Store(abc.ABC):
     def __init__(self, uri: ModelURI, *, page_size: int | None = None,
                  backoff: Backoff | None = None) -> None:
         self.uri = uri
+        #: key -> etag of the listed version: reads of a pinned key must return that
+        #: version's bytes (backends that can make the server check it do; see pin()).
+        self.pins: dict[str, str] = {}
         if page_size is not None:
             self.page_size = page_size
         if backoff is not None:
@@ -102,6 +105,12 @@ class Store(abc.ABC):
 
         return await retry_async(attempt, what=f"{what} {self.uri.child(key)}",
                                  backoff=self.backoff)
+
+    def pin(self, objects: Iterable[ObjectInfo]) -> None:
+        """Read these objects at the listed version from now on: a backend whose server
+        can compare the version on every read (S3's ``If-Match``) fails a read of a
+        replaced object with :class:`ObjectChangedError` instead of returning new bytes."""
+        self.pins = {o.key: o.etag for o in objects}
 
     async def read_into(self, key: str, start: int, out: memoryview) -> None:
         """Fill ``out`` from ``key`` at ``start``; backends may override to avoid a copy."""

@@ -24,6 +24,7 @@ from aiobotocore.session import get_session
 
 from warmpool.errors import (
     AccessDeniedError,
+    ObjectChangedError,
     ObjectNotFoundError,
     StorageError,
     TransientStorageError,
@@ -118,6 +119,9 @@ class S3Store(Store):
             code = str(err.get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             reason = f"{code or status}: {err.get('Message') or 'no message'}"
+            if code == "PreconditionFailed" or status == 412:
+                raise ObjectChangedError(f"{where} changed since it was listed (its ETag is "
+                                         f"no longer {self.pins.get(key)!r})", key=key) from exc
             if code == "NoSuchBucket":
                 raise ObjectNotFoundError(f"{where}: no such bucket {self.uri.bucket!r} "
                                           f"({reason})", key=key) from exc
@@ -166,6 +170,8 @@ class S3Store(Store):
             validate_relative_key(key))}
         if range_header:
             kwargs["Range"] = range_header
+        if key in self.pins:  # the server refuses (412) bytes of any other version
+            kwargs["IfMatch"] = f'"{self.pins[key]}"'
         return await s3.get_object(**kwargs)
 
     async def _read_range_once(self, key: str, start: int, length: int) -> bytes:
