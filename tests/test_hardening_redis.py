@@ -49,3 +49,31 @@ async def test_leaving_a_renewed_lock_does_not_wait_for_a_paused_redis(
     else:
         raise AssertionError("the lock was never freed")
     await again.redis.aclose()
+
+
+async def test_a_heartbeat_lost_to_a_redis_pause_is_not_a_missing_controller(
+        redis_server: RedisServer) -> None:
+    """After a pause longer than the heartbeat's TTL the heartbeat has expired, but the
+    controller's stream consumer was active: the CLI waits for the next beat."""
+    from warmpool.controller import remote
+    from warmpool.controller.keys import RedisKeys
+    from warmpool.errors import WarmpoolError
+
+    keys = RedisKeys()
+    redis = connect(redis_server.url)
+    try:
+        with __import__("pytest").raises(WarmpoolError, match="no warmpool controller"):
+            await remote._require_controller(redis, keys, "n1", redis_server.url)
+        controller = connect(redis_server.url, name="warmpool-n1")  # as `warmpool serve`
+        await controller.ping()
+
+        async def beat_again() -> None:
+            await asyncio.sleep(1.0)  # the controller's next heartbeat after the pause
+            await redis.set(keys.node("n1"), "{}", px=15_000)
+
+        beat = asyncio.ensure_future(beat_again())
+        await remote._require_controller(redis, keys, "n1", redis_server.url)
+        await beat
+        await controller.aclose()
+    finally:
+        await redis.aclose()
