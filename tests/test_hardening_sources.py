@@ -30,7 +30,7 @@ REPLACE_MID_STREAM = textwrap.dedent("""
     from warmpool.pool.prefetch import prefetch
 
     uri, loader, key, new_file = sys.argv[1:5]
-    new = open(new_file, "rb").read()
+    new = open(new_file, "rb").read() if new_file != "-" else None
     done = []
 
     def replace():
@@ -40,8 +40,11 @@ REPLACE_MID_STREAM = textwrap.dedent("""
         if uri.startswith("s3://"):
             import boto3
             bucket, prefix = uri[5:].split("/", 1)
-            boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put_object(
-                Bucket=bucket, Key=prefix + key, Body=new)
+            client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+            if new is None:  # the object vanishes
+                client.delete_object(Bucket=bucket, Key=prefix + key)
+            else:
+                client.put_object(Bucket=bucket, Key=prefix + key, Body=new)
         else:
             with open(os.path.join(uri, key), "r+b") as f:  # rewritten in place
                 f.write(new)
@@ -102,6 +105,23 @@ async def test_an_object_replaced_mid_stream_is_never_mixed(
     old_entry = await Pool(settings).registry.get(f"{listed.content_hash}@cpu")
     assert old_entry is None or old_entry.state != State.WARM
     assert not any(".part-" in s for s in segments_of(settings))
+
+
+async def test_a_vanished_object_is_named_with_runai(s3_backend, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                     settings: Settings,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS", "30000")
+    write_model(tmp_path / "m", shards=2)
+    files = model_files(tmp_path / "m")
+    for k, data in files.items():
+        s3_backend.put(f"m/{k}", data)
+    key = sorted(k for k in files if k.endswith(".safetensors"))[-1]
+    proc = subprocess.run([sys.executable, "-c", REPLACE_MID_STREAM,
+                           str(s3_backend.uri_for("m/")), "runai", key, "-"],
+                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert proc.returncode != 0
+    assert key in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    assert not segments_of(settings)
 
 
 @pytest.mark.parametrize("what", ["shard", "tokenizer.json"])
