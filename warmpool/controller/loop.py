@@ -101,8 +101,8 @@ class ControllerOptions:
 #: The smallest usable value of each numeric option: a heartbeat of 0 s floods the log,
 #: a max_inflight of 0 never takes a message, a TTL of 0 is a lock that never holds.
 _MINIMUM: dict[str, float] = {
-    "debounce_s": 0.0, "recheck_s": 0.01, "heartbeat_s": 0.01, "claim_idle_s": 0.01,
-    "max_deliveries": 1, "max_inflight": 1, "lock_ttl_s": 0.1, "shutdown_grace_s": 0.0,
+    "debounce_s": 0.0, "recheck_s": 0.1, "heartbeat_s": 0.1, "claim_idle_s": 0.1,
+    "max_deliveries": 1, "max_inflight": 1, "lock_ttl_s": 0.3, "shutdown_grace_s": 0.0,
 }
 
 
