@@ -13,7 +13,7 @@ from warmpool.config import Settings
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "warmpool.cli", *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **env})
+                          check=False, text=True, timeout=120, env={**os.environ, **env})
 
 
 @pytest.mark.parametrize("variable, value, args", [

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import re
 import json
 import logging
 import mmap
 import os
+import re
 import stat
 import warnings
 from dataclasses import dataclass
@@ -130,10 +130,10 @@ def open_segment(segment: str, size: int) -> int:
     try:
         st = os.fstat(fd)
         if not segment_ok(st):
+            kind = "a file" if stat.S_ISREG(st.st_mode) else "not a regular file"
             raise ForeignSegmentError(
-                f"{path} is not a segment of ours (owner uid {st.st_uid}, mode "
-                f"{stat.S_IMODE(st.st_mode):o}, {'file' if stat.S_ISREG(st.st_mode) else 'not a file'}); "
-                "refusing to map it")
+                f"{path} is not a segment of ours ({kind}, owner uid {st.st_uid}, mode "
+                f"{stat.S_IMODE(st.st_mode):o}); refusing to map it")
         if st.st_size < size:
             raise ForeignSegmentError(f"{path} holds {st.st_size} bytes, its layout {size}")
     except BaseException:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import secrets
+import stat
 import time
 from pathlib import Path
 

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from warmpool.errors import (ObjectNotFoundError, StorageError, TransientStorageError,
-                             UnsafeKeyError)
+from warmpool.errors import ObjectNotFoundError, StorageError, TransientStorageError, UnsafeKeyError
 from warmpool.storage.base import DOWNLOAD_CHUNK, ObjectInfo, Store, validate_relative_key
 
 T = TypeVar("T")

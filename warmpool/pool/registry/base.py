@@ -84,7 +84,7 @@ class PoolEntry:
         the wrong type or an unknown state raises ValueError here, not later in a sum
         or a table that ``status`` prints."""
         if not isinstance(data, dict):
-            raise ValueError("an entry is a JSON object")
+            raise TypeError("an entry is a JSON object")
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in data.items() if k in known}
         values["state"] = State(values["state"])
