@@ -19,7 +19,7 @@ loads neither torch (until it attaches), the controller, nor a storage SDK.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import typing
 
 from warmpool.errors import (
     AccessDeniedError,
@@ -40,7 +40,7 @@ from warmpool.errors import (
     WorkerError,
 )
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from warmpool.model.cache import CachedModel
     from warmpool.operations import Evicted, Prefetched, evict, metadata, prefetch, status
     from warmpool.pool.attachment import AttachedModel, attach
@@ -64,7 +64,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'warmpool' has no attribute {name!r}")
@@ -78,32 +78,32 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "__version__",
     "AccessDeniedError",
-    "attach",
     "AttachedModel",
     "CachedModel",
     "CapacityError",
     "ConfigError",
     "ControllerError",
-    "evict",
     "Evicted",
     "IncompleteModelError",
     "InvalidURIError",
     "LeaseHeldError",
-    "metadata",
     "NotWarmError",
     "ObjectNotFoundError",
     "PoolEntry",
     "PoolError",
-    "prefetch",
     "Prefetched",
     "ProtocolError",
     "SafetensorsError",
     "State",
-    "status",
     "StorageError",
     "StreamError",
     "WarmpoolError",
     "WorkerError",
+    "__version__",
+    "attach",
+    "evict",
+    "metadata",
+    "prefetch",
+    "status",
 ]

@@ -45,6 +45,7 @@ class Prefetched:
 
     uri: str
     content_hash: str
+    node: str
     device: str  # the first device of the group
     devices: tuple[str, ...]
     bytes: int
@@ -63,7 +64,7 @@ class Prefetched:
     def to_json(self) -> dict[str, Any]:
         rate = self.gb_per_s
         return {"uri": self.uri, "content_hash": self.content_hash, "state": "warm",
-                "device": self.device, "devices": list(self.devices), "bytes": self.bytes,
+                "node": self.node, "device": self.device, "devices": list(self.devices), "bytes": self.bytes,
                 "tensors": self.tensors, "seconds": round(self.seconds, 4),
                 "loader": self.loader, "already_warm": self.already_warm, "via": self.via,
                 "gb_per_s": None if rate is None else round(rate, 3)}
@@ -116,7 +117,7 @@ def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, layout: str = "repli
 
         data = prefetch_via_workers(uri, device=device, tp=tp, layout=layout, loader=loader,
                                     settings=settings)
-        return _prefetched(data, via="workers")
+        return _prefetched(data, node=settings.node, via="workers")
     from warmpool.pool.entries import Pool
     from warmpool.pool.prefetch import prefetch as prefetch_host
 
@@ -125,7 +126,8 @@ def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, layout: str = "repli
     result = _run(prefetch_host(uri, settings=settings, pool=pool,
                                 loader=loader,  # type: ignore[arg-type]
                                 progress=progress))
-    return _prefetched({**result.to_json(), "seconds": result.seconds}, via="process")
+    return _prefetched({**result.to_json(), "seconds": result.seconds},
+                       node=settings.node, via="process")
 
 
 def evict(ref: str, device: str = "cpu", *, force: bool = False,
@@ -226,7 +228,8 @@ async def _prefetch_controller(url: str, uri: str, settings: Settings, device: s
 
     reply = await remote.prefetch(url, uri, settings=settings, device=device, tp=tp,
                                   layout=layout, timeout_s=timeout_s)
-    return _prefetched({**reply, "devices": _group(device, tp)}, via="controller")
+    return _prefetched({**reply, "devices": _group(device, tp)},
+                       node=settings.node, via="controller")
 
 
 async def _local_entries(pool: Any) -> list[PoolEntry]:
@@ -241,8 +244,9 @@ def _group(device: str, tp: int) -> list[str]:
     return [f"{kind}:{int(index) + rank}" for rank in range(tp)]
 
 
-def _prefetched(data: dict[str, Any], *, via: str) -> Prefetched:
+def _prefetched(data: dict[str, Any], *, node: str, via: str) -> Prefetched:
     return Prefetched(uri=str(data["uri"]), content_hash=str(data["content_hash"]),
+                      node=str(data.get("node") or node),
                       device=str(data.get("devices", [data["device"]])[0]),
                       devices=tuple(data.get("devices") or [data["device"]]),
                       bytes=int(data["bytes"]), tensors=int(data["tensors"]),
