@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import warmpool
 from tests.models import write_model
+from tests.pool_env import run_cli
 from tests.redis_server import RedisServer
 from warmpool.config import Settings
 from warmpool.controller.keys import RedisKeys
@@ -118,4 +119,19 @@ def test_streamer_tuning_is_refused_by_a_controller_not_dropped(
     with pytest.raises(warmpool.ConfigError, match=flag):
         warmpool.prefetch(str(model_dir), redis_url=redis_server.url, **tuning)  # type: ignore[arg-type]
     assert client.xlen(keys.node_stream(NODE)) == 0  # nothing was asked of the controller
+    client.close()
+
+
+def test_the_cli_refuses_a_streamer_flag_a_controller_cannot_honour(
+        model_dir: Path, settings: Settings, redis_server: RedisServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = RedisKeys()
+    client = redis.Redis.from_url(redis_server.url)
+    client.set(keys.node(NODE), "{}", ex=60)
+    monkeypatch.setenv("WARMPOOL_NODE", NODE)
+    monkeypatch.setenv("WARMPOOL_REDIS_URL", redis_server.url)
+    proc = run_cli("prefetch", str(model_dir), "--loader", "native", "--concurrency", "4")
+    assert proc.returncode == 2
+    assert "--loader, --concurrency: the controller of node api-node" in proc.stderr
+    assert client.xlen(keys.node_stream(NODE)) == 0
     client.close()
