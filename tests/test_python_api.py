@@ -117,7 +117,8 @@ def test_streamer_tuning_is_refused_by_a_controller_not_dropped(
     monkeypatch.setenv("WARMPOOL_NODE", NODE)
     flag = "--" + next(iter(tuning)).replace("_", "-")
     with pytest.raises(warmpool.ConfigError, match=flag):
-        warmpool.prefetch(str(model_dir), redis_url=redis_server.url, **tuning)  # type: ignore[arg-type]
+        warmpool.prefetch(str(model_dir), redis_url=redis_server.url,
+                          **tuning)  # type: ignore[arg-type]
     assert client.xlen(keys.node_stream(NODE)) == 0  # nothing was asked of the controller
     client.close()
 

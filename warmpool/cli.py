@@ -134,7 +134,9 @@ def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigO
 def prefetch(uri: str,
              device: str = typer.Option("cpu", help="cpu, or cuda:N (needs running workers)."),
              tp: int = typer.Option(1, help="Tensor-parallel group size (GPU workers)."),
-             layout: str = typer.Option("replicated", help="replicated | sharded (GPU workers)."),
+             sharding: str = typer.Option("replicated", "--sharding", "--layout",
+                                          help="replicated | sharded (GPU workers; "
+                                               "--layout is its old name)."),
              loader: str = typer.Option("auto", help="auto | runai | native | pread "
                                         "(not with a running controller)."),
              concurrency: Optional[int] = typer.Option(
@@ -150,7 +152,7 @@ def prefetch(uri: str,
 
     progress = progress_bar(err, enabled=not as_json and err.is_terminal)
     with progress:
-        result = do_prefetch(uri, device, tp=tp, layout=layout, loader=loader,
+        result = do_prefetch(uri, device, tp=tp, sharding=sharding, loader=loader,
                              concurrency=concurrency, memory_limit=memory_limit,
                              distributed=distributed, settings=_settings(config),
                              redis_url=redis, progress=progress_factory(progress))

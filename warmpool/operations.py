@@ -64,8 +64,8 @@ class Prefetched:
     def to_json(self) -> dict[str, Any]:
         rate = self.gb_per_s
         return {"uri": self.uri, "content_hash": self.content_hash, "state": "warm",
-                "node": self.node, "device": self.device, "devices": list(self.devices), "bytes": self.bytes,
-                "tensors": self.tensors, "seconds": round(self.seconds, 4),
+                "node": self.node, "device": self.device, "devices": list(self.devices),
+                "bytes": self.bytes, "tensors": self.tensors, "seconds": round(self.seconds, 4),
                 "loader": self.loader, "already_warm": self.already_warm, "via": self.via,
                 "gb_per_s": None if rate is None else round(rate, 3)}
 
@@ -86,7 +86,7 @@ class Evicted:
                 "state": self.state, "via": self.via}
 
 
-def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, layout: str = "replicated",
+def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, sharding: str = "replicated",
              loader: str = "auto", concurrency: int | None = None,
              memory_limit: int | str | None = None, distributed: bool | None = None,
              settings: Settings | None = None, redis_url: str | None = None,
@@ -110,12 +110,12 @@ def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, layout: str = "repli
     controller = _controller(settings)
     if controller:
         _refuse_tuning(tuning, settings)
-        return _run(_prefetch_controller(controller, uri, settings, device, tp, layout,
+        return _run(_prefetch_controller(controller, uri, settings, device, tp, sharding,
                                          timeout_s))
     if device != "cpu" or tp > 1:
         from warmpool.workers.client import prefetch_via_workers
 
-        data = prefetch_via_workers(uri, device=device, tp=tp, layout=layout, loader=loader,
+        data = prefetch_via_workers(uri, device=device, tp=tp, sharding=sharding, loader=loader,
                                     settings=settings)
         return _prefetched(data, node=settings.node, via="workers")
     from warmpool.pool.entries import Pool
@@ -223,11 +223,11 @@ def _refuse_tuning(tuning: dict[str, Any], settings: Settings) -> None:
 
 
 async def _prefetch_controller(url: str, uri: str, settings: Settings, device: str, tp: int,
-                               layout: str, timeout_s: float | None) -> Prefetched:
+                               sharding: str, timeout_s: float | None) -> Prefetched:
     from warmpool.controller import remote
 
     reply = await remote.prefetch(url, uri, settings=settings, device=device, tp=tp,
-                                  layout=layout, timeout_s=timeout_s)
+                                  sharding=sharding, timeout_s=timeout_s)
     return _prefetched({**reply, "devices": _group(device, tp)},
                        node=settings.node, via="controller")
 
