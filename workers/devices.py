@@ -80,8 +80,8 @@ def cuda_missing_why() -> str:
     if torch.version.cuda is None:
         return (f"this torch ({torch.__version__}) is a CPU-only build. On a GPU node install "
                 "a CUDA build (pip install --force-reinstall torch --index-url "
-                "https://download.pytorch.org/whl/cu128, or `make TORCH_INDEX=` with no "
-                "index); on a machine without a GPU use device cpu")
+                "https://download.pytorch.org/whl/cu128, or `make TORCH_INDEX= install`, which "
+                "takes pip's default CUDA build); on a machine without a GPU use device cpu")
     return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but finds no "
             "usable GPU: check `nvidia-smi` (driver loaded?) and CUDA_VISIBLE_DEVICES; on a "
             "machine without a GPU use device cpu")
