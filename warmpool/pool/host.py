@@ -42,8 +42,10 @@ DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
-class Resident:
-    """What attach needs: which segment, which layout, for which model."""
+class HostResident:
+    """A model resident in the host tier: which segment, which buffer layout, for which
+    model — what attach needs. (A worker's counterpart on its device is
+    :class:`warmpool.workers.residents.DeviceResident`.)"""
 
     uri: str
     content_hash: str
@@ -60,7 +62,7 @@ class Resident:
                 "created_at": self.created_at, "layout": self.layout.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> Resident:
+    def from_json(cls, data: dict[str, object]) -> HostResident:
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
                    Layout.from_json(data["layout"]),  # type: ignore[arg-type]
                    float(data["created_at"]))  # type: ignore[arg-type]
@@ -216,7 +218,7 @@ class HostTier:
             "(as root) or use another runtime directory")
 
     def publish(self, segment: WritableSegment, uri: str, layout: Layout,
-                created_at: float) -> Resident:
+                created_at: float) -> HostResident:
         """Give a filled segment its final name and write the record attach reads."""
         name = self.segment_name(layout.content_hash)
         final = SHM_DIR / name
@@ -233,7 +235,7 @@ class HostTier:
             os.rename(segment.path, final)
         except PermissionError:
             raise self._in_the_way(final) from None
-        resident = Resident(uri, layout.content_hash, name, layout, created_at)
+        resident = HostResident(uri, layout.content_hash, name, layout, created_at)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
 
@@ -242,7 +244,7 @@ class HostTier:
         segment.path.unlink(missing_ok=True)
 
     # --- reading -------------------------------------------------------------------
-    def resident(self, content_hash: str) -> Resident | None:
+    def resident(self, content_hash: str) -> HostResident | None:
         """The published model ``content_hash``, or None: no record, a record that does
         not parse or names another segment than ours, or a segment that is not ours (a
         planted file under our name is never taken for warm weights)."""
@@ -254,12 +256,12 @@ class HostTier:
         except FileNotFoundError:
             return None
 
-    def read_record(self, content_hash: str) -> Resident | None:
+    def read_record(self, content_hash: str) -> HostResident | None:
         """The record of ``content_hash`` if it is whole and consistent; a bad one is
         logged and skipped, so one corrupt file never breaks attach for every model."""
         path = self._record_path(content_hash)
         try:
-            resident = Resident.from_json(json.loads(read_regular(path)))
+            resident = HostResident.from_json(json.loads(read_regular(path)))
             if (resident.content_hash != content_hash
                     or resident.layout.content_hash != content_hash
                     or resident.segment != self.segment_name(content_hash)):
@@ -273,7 +275,7 @@ class HostTier:
             return None
         return resident
 
-    def residents(self, hash_prefix: str = "") -> list[Resident]:
+    def residents(self, hash_prefix: str = "") -> list[HostResident]:
         """Every published model (whose content hash starts with ``hash_prefix``): only
         the matching records are parsed, and a record lists every tensor."""
         found = []
@@ -283,14 +285,14 @@ class HostTier:
                 found.append(resident)
         return found
 
-    def holds(self, resident: Resident) -> bool:
+    def holds(self, resident: HostResident) -> bool:
         """Still published? Two stats, no parse: an eviction removes the record and the
         segment under the entry's exclusive lock, and a content hash names its bytes."""
         return (self._record_path(resident.content_hash).exists()
                 and (SHM_DIR / resident.segment).exists())
 
     def remove_all(self) -> None:
-        """Drop every segment and record of this pool (tests and `warmpool evict --all`)."""
+        """Drop every segment and record of this pool (tests and benchmarks)."""
         for path in SHM_DIR.glob(f"{self.prefix}*"):
             _remove_ours(path)
         for record in self.records.glob("*.json"):
