@@ -120,7 +120,7 @@ def test_every_command_reclaims_a_killed_writers_segment(model_dir: Path, settin
                             capture_output=True, text=True, check=False, timeout=120)
     assert writer.returncode == -9, writer.stderr
     assert any(".part-" in s for s in segments_of(settings))
-    args = {"status": ["status", "--json"], "evict": ["evict", "ab" * 32],
+    args = {"status": ["status", "--json", "--history"], "evict": ["evict", "ab" * 32],
             "metadata": ["metadata", str(model_dir)], "attach": ["attach", "ab" * 32]}[command]
     done = run_cli(*args)
     assert "Traceback" not in done.stderr, done.stderr
