@@ -216,7 +216,7 @@ def _reclaim(settings: Settings, *, registry: bool = False) -> None:
     from warmpool.pool.host import HostTier
 
     if registry:
-        _run(Pool(settings).reclaim())
+        _run(Pool(settings).reclaim(vanished=False))  # a read does not judge warm entries
     else:
         HostTier(settings.runtime_dir).reclaim()
 
