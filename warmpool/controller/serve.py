@@ -2,9 +2,10 @@
 
 Order of things: settings → Redis (configured, or embedded and announced as such) →
 metrics endpoint → relays (the config's ``relays:``) → GPU workers (where there are
-GPUs) → controller. SIGTERM or SIGINT stops taking work, lets in-flight work finish for a grace period and abandons the rest
-(streams are cancelled, partial segments discarded, unacknowledged stream entries left
-for the next controller), then exits 0. A second signal skips the grace period.
+GPUs) → controller. SIGTERM or SIGINT stops taking work, lets in-flight work finish for
+a grace period and abandons the rest (streams are cancelled, partial segments
+discarded, unacknowledged stream entries left for the next controller), then exits 0.
+A second signal skips the grace period.
 
 Logs are JSON lines on stderr: ``ts``, ``level``, ``logger``, ``msg`` and the structured
 fields each call passes in ``extra`` (``event``, ``uri``, ``device``, ...).
