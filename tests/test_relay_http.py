@@ -172,6 +172,9 @@ def test_malformed_and_oversized_bodies_get_a_4xx_reason_and_are_dead_lettered(
     assert first[b"payload"] == b"{not json"
     assert first[b"source"].decode().startswith("http:127.0.0.1:")
     assert all(len(f[b"payload"]) <= 4096 for _i, f in dead)
+    for _i, oversized in dead[-2:]:  # the start of what was sent, marked as cut
+        assert oversized[b"payload"].startswith(b"xxxx")
+        assert oversized[b"truncated"] == b"1"
     client.close()
     assert relay.proc.poll() is None
     assert post(url, json.dumps({"action": "evict", "uri": "s3://m/x/"}).encode())[0] == 200

@@ -16,13 +16,16 @@ DEAD_PAYLOAD_BYTES = 4096  # what the dead-letter stream keeps of a refused payl
 DEAD_MAXLEN = 10_000
 
 
-def dead_record(payload: bytes, reason: str, detail: str, source: str,
-                node: str) -> dict[Any, Any]:
+def dead_record(payload: bytes, reason: str, detail: str, source: str, node: str, *,
+                size: int | None = None) -> dict[Any, Any]:
     """``source``: the channel or stream it came from (or the queue / endpoint of a
-    relay); ``size`` is the whole payload's, ``truncated`` says whether more was cut."""
-    return {"payload": bytes(payload[:DEAD_PAYLOAD_BYTES]), "reason": reason,
-            "detail": detail[:1024], "source": source, "node": node, "size": len(payload),
-            "truncated": int(len(payload) > DEAD_PAYLOAD_BYTES), "ts": repr(time.time())}
+    relay). ``size`` is the whole payload's (pass it when ``payload`` is only its start);
+    ``truncated`` says whether the record holds less than that."""
+    size = len(payload) if size is None else size
+    kept = bytes(payload[:DEAD_PAYLOAD_BYTES])
+    return {"payload": kept, "reason": reason, "detail": detail[:1024], "source": source,
+            "node": node, "size": size, "truncated": int(size > len(kept)),
+            "ts": repr(time.time())}
 
 
 async def write_dead_letter(redis: Redis, stream: str, record: dict[Any, Any]) -> None:

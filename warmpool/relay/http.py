@@ -5,7 +5,7 @@ them, a GCS Pub/Sub push envelope, or a deploy / evict / pin / unpin request (th
 the stream carries). It answers 200 only once the payload is in the stream, so a sender
 that got no 2xx retries; 400 (413 when too large) with the reason for a payload the
 controller would refuse, which is dead-lettered; 401 without the shared secret; 429 past
-the request rate; 503 while Redis is unreachable. ``GET /healthz`` answers 200 while
+the request rate; 408 for a body that trickles in; 503 while Redis is unreachable. ``GET /healthz`` answers 200 while
 Redis does.
 
 The secret is an ``Authorization: Bearer`` token, or ``?token=`` for senders that cannot
@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from warmpool.controller.deadletter import DEAD_PAYLOAD_BYTES
 from warmpool.controller.events import MAX_PAYLOAD_BYTES
 from warmpool.controller.redis_client import CONNECTION_ERRORS
 from warmpool.errors import ConfigError
@@ -31,6 +32,8 @@ from warmpool.relay.sink import Outcome, StreamSink
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
+#: A sender that trickles its body holds a connection and a task: cut it off.
+BODY_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -143,12 +146,18 @@ class HttpRelay:
         if not self._authorized(request):
             return self._refuse(401, "unauthorized", "a valid bearer token is required",
                                 {"WWW-Authenticate": 'Bearer realm="warmpool"'})
-        body = await self._body(request)
         try:
-            if body is None:
-                size = request.content_length or self.options.max_body + 1
-                await self.sink.reject(b"", "oversized",
-                                       f"body of {size}+ bytes exceeds {self.options.max_body}")
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body, whole = await self._body(request)
+        except TimeoutError:
+            return self._refuse(408, "slow_body", f"the body took over {BODY_TIMEOUT_S} s",
+                                {"Connection": "close"})
+        try:
+            if not whole:
+                size = max(request.content_length or 0, len(body) + 1)  # at least
+                await self.sink.reject(body, "oversized",
+                                       f"body of {size} bytes or more exceeds "
+                                       f"{self.options.max_body}", size=size)
                 return _json(413, {"status": "rejected", "reason": "oversized",
                                    "detail": f"the body exceeds {self.options.max_body} bytes"})
             outcome = await self.sink.put(body)
@@ -168,21 +177,22 @@ class HttpRelay:
             given = request.query.get("token", "")
         return hmac.compare_digest(given.strip().encode(), self._secret)
 
-    async def _body(self, request: web.Request) -> bytes | None:
-        """The body, or None when it is longer than ``max_body`` (read no further)."""
+    async def _body(self, request: web.Request) -> tuple[bytes, bool]:
+        """``(body, True)``, or ``(its first max_body bytes, False)`` when it is longer:
+        a longer body is read no further (a dead letter keeps only its start anyway)."""
         limit = self.options.max_body
         if request.content_length is not None and request.content_length > limit:
-            return None
+            return await request.content.read(min(limit, DEAD_PAYLOAD_BYTES)), False
         chunks: list[bytes] = []
         size = 0
         while True:
             chunk = await request.content.readany()
             if not chunk:
-                return b"".join(chunks)
+                return b"".join(chunks), True
             size += len(chunk)
-            if size > limit:
-                return None
             chunks.append(chunk)
+            if size > limit:
+                return b"".join(chunks)[:limit], False
 
     def _refuse(self, status: int, reason: str, detail: str,
                 headers: dict[str, str]) -> web.Response:

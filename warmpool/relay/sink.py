@@ -76,13 +76,16 @@ class StreamSink:
             self.metrics.lag.labels(self.relay).observe(max(0.0, time.time() - sent_at))
         return Outcome("relayed", len(events), _text(entry_id))
 
-    async def reject(self, payload: bytes, reason: str, detail: str) -> None:
-        """Count, log and dead-letter a payload the controller could not act on."""
+    async def reject(self, payload: bytes, reason: str, detail: str, *,
+                     size: int | None = None) -> None:
+        """Count, log and dead-letter a payload the controller could not act on
+        (``size``: the whole payload's, when ``payload`` is only its start)."""
         self.metrics.rejected.labels(self.relay, reason).inc()
         log.warning("%s: refused a payload: %s: %s", self.relay, reason, detail,
                     extra={"event": "rejected", "reason": reason, "relay": self.relay})
         await write_dead_letter(self.redis, self.keys.dead_stream,
-                                dead_record(payload, reason, detail, self.source, self.node))
+                                dead_record(payload, reason, detail, self.source, self.node,
+                                            size=size))
 
 
 def event_time(payload: bytes) -> float | None:
