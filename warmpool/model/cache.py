@@ -179,7 +179,7 @@ class MetadataCache:
 
     async def _completeness(self, store: Store, objects: tuple[ObjectInfo, ...],
                             digest: str) -> tuple[Completeness, bytes | None]:
-        """DESIGN.md's rule, reading the index (from the cache when it holds this hash)."""
+        """The completeness rule (:func:`~warmpool.model.identity.check_complete`), reading the index (from the cache when it holds this hash)."""
         index = next((o for o in objects if o.key == INDEX_FILE), None)
         if index is None:
             return check_complete(list(objects), None), None
@@ -198,9 +198,10 @@ class MetadataCache:
         completeness, index_json = await self._completeness(store, objects, digest)
         if not completeness.complete:
             missing = ", ".join(completeness.missing)
+            named = not missing or missing in completeness.reason  # said once is enough
             raise IncompleteModelError(
                 f"{uri} is not a complete model yet: {completeness.reason}"
-                + (f" (missing: {missing})" if missing else ""),
+                + ("" if named else f" (missing: {missing})"),
                 missing=list(completeness.missing))
         files, skipped = _plan_files(objects)
         shards = [o for o in objects if o.key in set(completeness.shards)]
