@@ -23,6 +23,7 @@ def test_a_config_file_lists_relays_and_bad_entries_are_refused_by_name(
     for entries, message in (
             ([{"kind": "kafka"}], "relay kind 'kafka'"),
             ([{"kind": "sqs"}], "needs queue_url"),
+            ([{"kind": "sqs", "queue_url": "u", "wait_s": 30}], "0 to 20 seconds"),
             ([{"kind": "sqs", "queue_url": "u", "queue": "x"}], "unknown relay setting(s) 'queue'"),
             ([{"kind": "http", "listen": "0.0.0.0:80", "insecure": True}], "loopback"),
             ([{"kind": "http", "listen": "127.0.0.1:80"}], "shared secret"),

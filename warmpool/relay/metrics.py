@@ -23,8 +23,9 @@ LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 class RelayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.received = Counter("warmpool_relay_received", "Notifications received.",
-                                ["relay"], registry=r)
+        self.received = Counter("warmpool_relay_received",
+                                "Notifications received (webhook: past the rate limit and "
+                                "the token check).", ["relay"], registry=r)
         self.relayed = Counter("warmpool_relay_relayed",
                                "Notifications added to the requests stream.",
                                ["relay"], registry=r)

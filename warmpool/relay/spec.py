@@ -67,14 +67,22 @@ class RelaySpec:
             raise ConfigError(f"relay kind {raw.get('kind')!r}: use one of {', '.join(KINDS)}")
         try:
             spec = cls(**raw)
-        except TypeError as exc:
+            spec.check()
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:  # e.g. wait_s: "soon"
             raise ConfigError(f"relay settings {dict(raw)!r}: {exc}") from None
-        spec.check()
         return spec
 
     def check(self) -> None:
         if self.kind == "sqs" and not self.queue_url:
             raise ConfigError("an sqs relay needs queue_url")
+        if self.kind == "sqs" and not 0 <= int(self.wait_s) <= 20:
+            raise ConfigError(f"wait_s {self.wait_s}: SQS long polls last 0 to 20 seconds")
+        if self.visibility_timeout_s is not None and not (
+                0 <= int(self.visibility_timeout_s) <= 43_200):
+            raise ConfigError(f"visibility_timeout_s {self.visibility_timeout_s}: SQS takes "
+                              "0 to 43200 seconds")
         if self.kind == "http":
             self.http_options()
 
