@@ -5,8 +5,12 @@ them, a GCS Pub/Sub push envelope, or a deploy / evict / pin / unpin request (th
 the stream carries). It answers 200 only once the payload is in the stream, so a sender
 that got no 2xx retries; 400 (413 when too large) with the reason for a payload the
 controller would refuse, which is dead-lettered; 401 without the shared secret; 429 past
-the request rate; 408 for a body that trickles in; 503 while Redis is unreachable. ``GET /healthz`` answers 200 while
-Redis does.
+the request rate; 408 for a body that trickles in; 503 while Redis is unreachable.
+``GET /healthz`` answers 200 while Redis does.
+
+The rate limit is one token bucket for the endpoint, checked before the token: a flood
+of unauthenticated requests is refused as cheaply as possible, at the price of sharing
+the rate with legitimate senders (which retry on 429).
 
 The secret is an ``Authorization: Bearer`` token, or ``?token=`` for senders that cannot
 set headers (Pub/Sub push). No access log is written: it would record that token.
