@@ -308,6 +308,7 @@ def _mount_optional(name: str, module: str) -> None:
 
 
 _mount_optional("workers", "warmpool.workers.cli")
+_mount_optional("relay", "warmpool.relay.cli")
 
 
 def main() -> None:
