@@ -45,3 +45,10 @@ def test_config_file_values_are_checked_and_named(settings: Settings, tmp_path) 
     done = _cli({"WARMPOOL_CONFIG": str(config)}, "status")
     assert done.returncode == 2 and "concurrency in" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_fifo_as_config_file_is_refused(settings: Settings, tmp_path) -> None:
+    fifo = tmp_path / "w.toml"
+    os.mkfifo(fifo)
+    done = _cli({"WARMPOOL_CONFIG": str(fifo)}, "status")
+    assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr

@@ -263,6 +263,8 @@ ENV_NAMES = {
 def _read_config_file(path: Path) -> dict[str, Any]:
     """TOML, JSON or YAML, by extension; the keys are Settings' field names."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read for ever
+            raise ConfigError(f"config file {path} is not a regular file")
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
