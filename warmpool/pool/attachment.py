@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from warmpool.config import Settings
-from warmpool.errors import NotWarmError
+from warmpool.errors import InvalidURIError, NotWarmError
 from warmpool.pool.layout import Layout
 from warmpool.pool.leases import Lease, Leases
 from warmpool.locks import file_lock
@@ -142,8 +142,8 @@ class _HostCloser:
 def _resolve(host: HostTier, ref: str) -> Resident:
     try:
         wanted = normalise_ref(ref)
-    except Exception:  # noqa: BLE001 - any unparsable ref is simply not warm
-        raise _not_warm(ref) from None
+    except InvalidURIError as exc:  # an unparsable ref is simply not warm; a bug stays one
+        raise NotWarmError(f"{ref!r} is neither a model URI nor a content hash: {exc}") from None
     if is_hash_ref(wanted):
         matches = host.residents(hash_prefix=wanted)  # parses only the matching records
     else:
