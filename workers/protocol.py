@@ -420,7 +420,7 @@ def rebuild_error(err: Any) -> Exception:
 
 def _constructor_fields(cls: type) -> list[str]:
     """The :data:`ERROR_FIELDS` that ``cls``'s constructor sets (its keyword arguments)."""
-    import inspect
-
-    params = inspect.signature(cls).parameters
+    init = next((vars(c)["__init__"] for c in cls.__mro__ if "__init__" in vars(c)), None)
+    code = getattr(init, "__code__", None)  # None: Exception's own constructor
+    params = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount] if code else ()
     return [attr for attr in ERROR_FIELDS if attr in params]
