@@ -188,10 +188,13 @@ class AzureStore(Store):
 
     async def _download_once(self, key: str, dest: Path) -> int:
         done = 0
-        with open(dest, "wb") as f:
+        f = await asyncio.to_thread(dest.open, "wb")
+        try:
             async for chunk in self._chunks(key, None, None):
                 await asyncio.to_thread(f.write, chunk)
                 done += len(chunk)
+        finally:
+            await asyncio.to_thread(f.close)
         return done
 
     async def download(self, key: str, dest: Path) -> int:
