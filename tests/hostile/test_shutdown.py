@@ -63,7 +63,7 @@ def test_a_gpu_load_stuck_in_its_thread_does_not_block_exit(settings: object) ->
         async def main():
             bridge = WorkerBridge(Settings.load(), registry=None)
             task = asyncio.create_task(bridge.load("s3://b/m/", "0" * 64, device="cuda:0",
-                                                   tp=1, layout="flat", loader="auto"))
+                                                   tp=1, sharding="replicated", loader="auto"))
             await asyncio.to_thread(started.wait, 60)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

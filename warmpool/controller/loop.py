@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from warmpool.config import Settings
 from warmpool.controller.desired import DesiredState
-from warmpool.controller.dispatch import Dispatcher, Target
+from warmpool.controller.dispatch import Dispatcher
 from warmpool.errors import ConfigError
 from warmpool.controller.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
 from warmpool.controller.keys import RedisKeys
@@ -40,7 +40,7 @@ from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.controller.routing import Router
 from warmpool.controller.sources import PubSubSource, StreamSource
 from warmpool.controller.uploads import Uploads
-from warmpool.model.uri import ModelURI, parse_uri
+from warmpool.model.uri import ModelURI
 
 log = logging.getLogger(__name__)
 DEAD_PAYLOAD_BYTES = 4096  # what the dead-letter stream keeps of a refused payload
@@ -169,8 +169,7 @@ class Controller:
         await self._adopt()
         wants = await self.desired.all()
         for want in wants:
-            target = Target(parse_uri(want.uri), want.device, want.tp, want.layout, want.pinned)
-            self._spawn(self.dispatcher.warm(target), f"reconcile {want.uri}")
+            self._spawn(self.dispatcher.warm(want), f"reconcile {want.uri}")
         if wants:
             log.info("reconciling %d desired model(s)", len(wants),
                      extra={"event": "reconcile", "count": len(wants)})
@@ -191,14 +190,12 @@ class Controller:
         entries = await self.pool.entries()
         started = 0
         for want in await self.desired.all():
-            mine = [e for e in entries if e.uri == want.uri and e.device == want.device]
+            mine = [e for e in entries if e.uri == str(want.uri) and e.device == want.device]
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
                     newest.state == State.FAILED
                     and (newest.error or "").startswith("interrupted")):
-                target = Target(parse_uri(want.uri), want.device, want.tp, want.layout,
-                                want.pinned)
-                self._spawn(self.dispatcher.warm(target), f"converge {want.uri}")
+                self._spawn(self.dispatcher.warm(want), f"converge {want.uri}")
                 started += 1
         return started
 

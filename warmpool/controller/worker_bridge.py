@@ -33,11 +33,11 @@ class WorkerBridge:
         self.registry = registry
         self.local = FileRegistry(settings.runtime_dir)  # where workers record their entries
 
-    async def load(self, uri: str, content_hash: str, *, device: str, tp: int, layout: str,
+    async def load(self, uri: str, content_hash: str, *, device: str, tp: int, sharding: str,
                    loader: str) -> tuple[dict[str, Any], PoolEntry | None]:
         """Have the workers of ``device`` (and the next ``tp - 1``) load ``uri``; their
         summary and the mirrored entry. Raises :class:`WarmpoolError` on failure."""
-        summary = await in_daemon_thread(_load, uri, device, tp, layout, loader,
+        summary = await in_daemon_thread(_load, uri, device, tp, sharding, loader,
                                          self.settings)
         return summary, await self.mirror(entry_key(content_hash, device))
 
@@ -62,7 +62,7 @@ class WorkerBridge:
                 await self.mirror(entry.key)
 
 
-def _load(uri: str, device: str, tp: int, layout: str, loader: str,
+def _load(uri: str, device: str, tp: int, sharding: str, loader: str,
           settings: Settings) -> dict[str, Any]:
     # The import (torch, CUDA bindings) takes seconds: it happens here, in the thread.
     try:
@@ -74,8 +74,9 @@ def _load(uri: str, device: str, tp: int, layout: str, loader: str,
             worker_for(settings, each)
     except WarmpoolError as exc:
         raise WorkerError(f"{NO_WORKERS} for {device}: {exc}") from None
-    summary: dict[str, Any] = prefetch_via_workers(uri, device=device, tp=tp, layout=layout,
-                                                   loader=loader, settings=settings)
+    summary: dict[str, Any] = prefetch_via_workers(uri, device=device, tp=tp,
+                                                   sharding=sharding, loader=loader,
+                                                   settings=settings)
     return summary
 
 
