@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.models import write_model
-from tests.test_controller import KEYS, Harness, ask
+from tests.test_controller import KEYS, Harness, ask, wait_until
 from warmpool.config import Settings
 from warmpool.errors import (CapacityError, IncompleteModelError, NotWarmError,
                              ObjectNotFoundError, SafetensorsError, StorageError, WorkerError)
@@ -31,8 +31,12 @@ async def test_dangling_link_in_a_local_model_is_answered_failed(harness: Harnes
     assert reply["state"] == "failed"
     assert "tokenizer.model" in reply["error"]
     assert await harness.dead() == []
-    pending = await harness.redis.xpending(KEYS.requests_stream, KEYS.consumer_group)
-    assert pending["pending"] == 0
+
+    async def acknowledged() -> bool:  # the reply goes out just before the acknowledgement
+        info = await harness.redis.xpending(KEYS.requests_stream, KEYS.consumer_group)
+        return bool(info["pending"] == 0)
+
+    await wait_until(acknowledged, "the request to be acknowledged")
     assert ctl.metrics.rejected._metrics == {}  # nothing refused as poison
 
 

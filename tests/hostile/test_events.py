@@ -75,8 +75,12 @@ async def test_hostile_requests_are_dead_lettered_and_the_controller_serves_on(
         (len(payload), reason) for _, payload, reason in HOSTILE)
     for _, fields in await harness.redis.xrange(KEYS.dead_stream):
         assert len(fields[b"payload"]) <= loop_module.DEAD_PAYLOAD_BYTES
-    assert (await harness.redis.xpending(KEYS.requests_stream, KEYS.consumer_group)
-            )["pending"] == 0
+
+    async def acknowledged() -> bool:  # the reply goes out just before the acknowledgement
+        info = await harness.redis.xpending(KEYS.requests_stream, KEYS.consumer_group)
+        return bool(info["pending"] == 0)
+
+    await wait_until(acknowledged, "every entry to be acknowledged")
     assert reason_counts(ctl) == len(HOSTILE)
 
 
