@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from warmpool.errors import SafetensorsError
+from warmpool.model.cache import MetadataCache
+from warmpool.model.uri import parse_uri
 from warmpool.pool.registry.base import PoolEntry
 from warmpool.pool.registry.files import FileRegistry
 
@@ -40,3 +45,37 @@ async def test_a_slow_fsync_does_not_stall_the_loop(tmp_path: Path,
     monkeypatch.undo()
     assert waits == [True]
     assert await registry.get(entry.key) == entry
+
+
+async def test_a_failed_build_is_cleaned_up_off_the_loop(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user gets: a metadata build that fails (here: a corrupt shard) raises its
+    error and leaves no temporary directory, and deleting that directory (``rmtree``,
+    retried while a download thread finishes) never freezes the loop."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+    (model / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\0" * 4)  # 4 bytes short
+    released_by_loop = threading.Event()
+    in_rmtree = threading.Event()
+    real_rmtree = shutil.rmtree
+    waits: list[bool] = []
+
+    def slow_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        if ".tmp-" in str(path) and not in_rmtree.is_set():
+            in_rmtree.set()
+            waits.append(released_by_loop.wait(STALL_BOUND_S))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    cache = MetadataCache(tmp_path / "cache")
+    fetch = asyncio.create_task(cache.fetch(parse_uri(str(model))))
+    await asyncio.to_thread(in_rmtree.wait, STALL_BOUND_S)
+    released_by_loop.set()
+    with pytest.raises(SafetensorsError):
+        await fetch
+    monkeypatch.undo()
+    assert waits == [True]
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
