@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import warmpool.controller.loop as loop_module
+import warmpool.controller.deadletter as deadletter
 from tests.models import write_model
 from tests.test_controller import KEYS, Harness, ask, wait_until
 
@@ -74,7 +74,7 @@ async def test_hostile_requests_are_dead_lettered_and_the_controller_serves_on(
     assert sorted((int(d["size"]), d["reason"]) for d in dead) == sorted(
         (len(payload), reason) for _, payload, reason in HOSTILE)
     for _, fields in await harness.redis.xrange(KEYS.dead_stream):
-        assert len(fields[b"payload"]) <= loop_module.DEAD_PAYLOAD_BYTES
+        assert len(fields[b"payload"]) <= deadletter.DEAD_PAYLOAD_BYTES
 
     async def acknowledged() -> bool:  # the reply goes out just before the acknowledgement
         info = await harness.redis.xpending(KEYS.requests_stream, KEYS.consumer_group)
@@ -89,7 +89,7 @@ async def test_the_dead_letter_stream_stays_capped_under_a_flood(
     """The user gets: a flood of junk keeps Redis bounded: the dead-letter stream holds
     about its cap (the newest records), never every payload ever refused."""
     cap, flood = 100, 1_000
-    monkeypatch.setattr(loop_module, "DEAD_MAXLEN", cap)
+    monkeypatch.setattr(deadletter, "DEAD_MAXLEN", cap)
     ctl = await harness.start()
     async with harness.redis.pipeline(transaction=False) as pipe:
         for i in range(flood):

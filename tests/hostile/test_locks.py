@@ -17,6 +17,8 @@ from tests.models import write_model
 from tests.pool_env import run_python
 from warmpool.config import Settings
 from warmpool.pool.attachment import attach
+from warmpool.pool.entries import Pool
+from warmpool.pool.registry.base import State
 
 CROWD = 6  # coroutines waiting for one lock, three times the executor's threads
 
@@ -51,8 +53,8 @@ def test_crowd_on_one_lock_does_not_starve_its_holder(tmp_path: Path) -> None:
     assert result.stdout.strip() == str(list(range(CROWD)))
 
 
-def test_concurrent_prefetches_with_eviction_on_two_threads(tmp_path: Path,
-                                                           settings: Settings) -> None:
+async def test_concurrent_prefetches_with_eviction_on_two_threads(tmp_path: Path,
+                                                                 settings: Settings) -> None:
     """The user gets: six models prefetched at once into a pool that holds one, each
     evicting the last, all finished (the last one warm, bit-exact), none hung."""
     models, tensors = [], []
@@ -90,9 +92,9 @@ def test_concurrent_prefetches_with_eviction_on_two_threads(tmp_path: Path,
     # still streaming), never a hang.
     assert set(outcomes) <= {"PrefetchResult", "CapacityError"}, outcomes
     assert "PrefetchResult" in outcomes
-    warm = [i + 1 for i, o in enumerate(outcomes) if o == "PrefetchResult"]
-    expected = tensors[warm[-1]]
-    with attach(models[warm[-1]], settings=settings) as weights:
-        for name, tensor in expected.items():
+    [warm] = [e for e in await Pool(settings).entries() if e.state == State.WARM]
+    index = models.index(warm.uri.removeprefix("file://").rstrip("/"))
+    with attach(models[index], settings=settings) as weights:
+        for name, tensor in tensors[index].items():
             assert torch.equal(weights[name].reshape(-1).view(torch.uint8),
                                tensor.reshape(-1).view(torch.uint8)), name
