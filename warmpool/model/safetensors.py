@@ -111,11 +111,13 @@ def parse_header_json(raw: bytes, *, file: str, file_size: int,
     try:
         obj = json.loads(raw, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
     except _HostileJSON as exc:
+        # Readers disagree on which of two entries wins (ours kept the last): a tensor
+        # named twice could stream one byte range and be described by the other.
         raise SafetensorsError(f"header {exc}", file=file) from None
-    except RecursionError:
-        raise SafetensorsError("header is nested too deeply", file=file) from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, Python's digit limit
         raise SafetensorsError(f"header is not valid JSON ({exc})", file=file) from None
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise SafetensorsError("header JSON is nested too deeply", file=file) from None
     if not isinstance(obj, dict):
         raise SafetensorsError("header is not a JSON object", file=file)
     metadata = _metadata(obj.pop("__metadata__", None), file)

@@ -59,7 +59,12 @@ class LocalStore(Store):
         root = self.uri.path
         if not root.is_dir():
             raise ObjectNotFoundError(f"{self.uri}: no such directory", key="")
-        return await self._bounded("", "list", self._walk, root)
+        try:
+            return await self._bounded("", "list", self._walk, root)
+        except OSError as exc:  # a dangling link, a file we may not read, a vanished dir
+            name = Path(exc.filename).name if exc.filename else ""
+            raise StorageError(f"{self.uri}: cannot list {name or 'the directory'}: "
+                               f"{exc.strerror or exc}", key=name or None) from exc
 
     async def _bounded(self, key: str, what: str, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -130,7 +135,12 @@ class LocalStore(Store):
             raise ObjectNotFoundError(f"{self.uri.child(key)}: no such file", key=key) from None
 
     async def download(self, key: str, dest: Path) -> int:
-        return await self._bounded(key, "copy", self._copy, self._path(key), key, dest)
+        try:
+            return await self._bounded(key, "copy", self._copy, self._path(key), key, dest)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.uri.child(key)}: no such file", key=key) from None
+        except OSError as exc:
+            raise StorageError(f"{self.uri.child(key)}: {exc.strerror or exc}", key=key) from exc
 
     @staticmethod
     def _copy(src: Path, key: str, dest: Path) -> int:
