@@ -3,17 +3,29 @@ one policy for eviction and for old versions."""
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.models import write_model
 from tests.pool_env import segments_of
 from warmpool.config import Settings
+from warmpool.errors import CapacityError
 from warmpool.pool.attachment import attach
+from warmpool.pool.entries import Pool
+from warmpool.pool.eviction import choose_victims, entry_candidate, inherits_pin, superseded
 from warmpool.pool.prefetch import prefetch
-from warmpool.pool.registry.base import State
+from warmpool.pool.registry.base import PoolEntry, State
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -39,4 +51,132 @@ async def test_local_checkpoint_of_100000_tensors_warms_bit_exactly(
         assert len(weights) == 100_000
         for name, tensor in expected.items():
             assert torch.equal(_bits(weights[name]), _bits(tensor)), name
+    assert len(segments_of(settings)) == 1
+
+
+def _in_small_shm(code: str, size: str = "4m") -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new process whose /dev/shm is a private tmpfs of ``size``
+    (a user and mount namespace: no root needed, nothing else on the machine sees it)."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-Urm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user namespaces here (unshare -Urm)")
+    script = (f"mount -t tmpfs -o size={size} tmpfs /dev/shm && "
+              f"exec {shlex.quote(sys.executable)} -c {shlex.quote(textwrap.dedent(code))}")
+    return subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
+
+
+def test_a_model_that_fits_the_capacity_but_not_dev_shm_fails_cleanly(
+        tmp_path: Path, settings: Settings) -> None:
+    """/dev/shm fuller than the capacity thinks: the prefetch is refused with a
+    CapacityError (not SIGBUS in the filler), recorded failed, and no segment stays; a
+    segment the kernel cannot back is refused at creation, not half-way through a fill."""
+    directory = tmp_path / "big"
+    directory.mkdir()
+    save_file({"w": torch.ones(6 << 20, dtype=torch.uint8)}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text("{}")
+    code = f"""
+        import asyncio, json, os
+        from warmpool.config import Settings
+        from warmpool.errors import CapacityError
+        from warmpool.pool.entries import Pool
+        from warmpool.pool.host import SHM_DIR
+        from warmpool.pool.prefetch import prefetch
+
+        settings = Settings.load(host_capacity=1 << 30)
+        async def main():
+            out = {{}}
+            try:
+                await prefetch({str(directory)!r}, settings=settings)
+                out["prefetch"] = "warm"
+            except CapacityError as exc:
+                out["prefetch"] = str(exc)
+            out["states"] = [(e.state.value, e.error) for e in await Pool(settings).entries()]
+            try:
+                Pool(settings).host.create("ab" * 32, 8 << 20)
+                out["create"] = "created"
+            except CapacityError as exc:
+                out["create"] = str(exc)
+            out["left"] = sorted(os.listdir(SHM_DIR))
+            print(json.dumps(out))
+        asyncio.run(main())
+    """
+    proc = _in_small_shm(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert "needs" in out["prefetch"] and "bytes" in out["prefetch"]
+    assert [s for s, _ in out["states"]] == ["failed"]
+    assert "needs" in out["states"][0][1]
+    assert "cannot hold" in out["create"] and "free" in out["create"]
+    assert out["left"] == []
+
+
+# --- the eviction policy (pure) ------------------------------------------------------
+
+def _entry(name: str, *, nbytes: int = 10, state: State = State.WARM, pinned: bool = False,
+           leases: int = 0, attached: float | None = None, created: float = 0.0,
+           uri: str = "", device: str = "cpu") -> PoolEntry:
+    return PoolEntry(uri=uri or f"file:///{name}/", content_hash=name, device=device,
+                     state=state, bytes=nbytes, pinned=pinned, leases=leases,
+                     last_attached_at=attached, created_at=created)
+
+
+def test_policy_evicts_least_recently_used_sparing_leases_pins_and_streams() -> None:
+    entries = [_entry("old", attached=1), _entry("older", attached=None, created=0.5),
+               _entry("leased", leases=1, attached=0), _entry("pinned", pinned=True, created=0),
+               _entry("streaming", state=State.STREAMING, created=0), _entry("new", attached=9)]
+    pick = lambda needed, room: [e.content_hash for e in choose_victims(  # noqa: E731
+        map(entry_candidate, entries), needed, room, who="m", device="cpu")]
+    assert pick(5, 5) == []
+    assert pick(15, 5) == ["older"]
+    assert pick(25, 0) == ["older", "old", "new"]
+    assert pick(10, -100) == ["older"]  # room below zero (an over-full tier) counts as none
+    with pytest.raises(CapacityError) as caught:
+        pick(40, 5)  # only 30 bytes are evictable
+    assert caught.value.needed == 40 and caught.value.free == 35
+    assert "leased, pinned or still streaming" in str(caught.value)
+
+
+def test_workers_use_the_same_policy() -> None:
+    """The GPU worker's residents go through the same function: same order, same refusal."""
+    from types import SimpleNamespace
+
+    from warmpool.workers.residents import choose_victims as worker_choose
+
+    residents = [SimpleNamespace(nbytes=10, evictable=True, last_attached=t, created_at=0.0,
+                                 name=n) for n, t in (("b", 2.0), ("a", 1.0), ("c", None))]
+    victims = worker_choose(residents, 25, 5, who="m", device="cuda:0")  # type: ignore[arg-type]
+    assert [v.name for v in victims] == ["c", "a"]
+    with pytest.raises(CapacityError):
+        worker_choose(residents, 50, 5, who="m", device="cuda:0")  # type: ignore[arg-type]
+
+
+def test_new_version_supersedes_every_warm_old_one_pinned_or_leased() -> None:
+    current = _entry("v3", uri="file:///m/", created=3)
+    entries = [current, _entry("v1", uri="file:///m/", pinned=True),
+               _entry("v2", uri="file:///m/", leases=2),
+               _entry("gone", uri="file:///m/", state=State.EVICTED),
+               _entry("gpu", uri="file:///m/", device="cuda:0"),
+               _entry("other", uri="file:///other/")]
+    old = superseded(entries, current)
+    assert [e.content_hash for e in old] == ["v1", "v2"]
+    assert inherits_pin(old) and not inherits_pin(old[1:])
+
+
+async def test_prefetch_of_a_new_version_retires_a_pinned_old_one_and_keeps_the_pin(
+        tmp_path: Path, settings: Settings) -> None:
+    """One rule for old versions (the controller's dispatch applies the same function):
+    the pin belongs to the model, so the new version is pinned and the old bytes go."""
+    directory = tmp_path / "m"
+    write_model(directory, shards=1, seed=1)
+    pool = Pool(settings)
+    v1 = (await prefetch(str(directory), settings=settings, pool=pool)).entry
+    await pool.registry.put(replace(v1, pinned=True))
+    shutil.rmtree(directory)
+    write_model(directory, shards=1, seed=2)
+    v2 = (await prefetch(str(directory), settings=settings, pool=pool)).entry
+    assert v2.content_hash != v1.content_hash
+    states = {e.content_hash: (e.state, e.pinned) for e in await pool.entries()}
+    assert states[v1.content_hash] == (State.EVICTED, False)
+    assert states[v2.content_hash] == (State.WARM, True)
     assert len(segments_of(settings)) == 1

@@ -28,6 +28,7 @@ from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.metrics import Metrics
 from warmpool.pool.entries import HOST_DEVICE, Pool
+from warmpool.pool.eviction import inherits_pin, superseded
 from warmpool.controller.redis_client import CONNECTION_ERRORS
 from warmpool.controller.redis_lock import RedisLock
 from warmpool.pool.registry.base import PoolEntry, State
@@ -278,12 +279,16 @@ class Dispatcher:
                 await self.retire(entry)
 
     async def _retire_old_versions(self, current: PoolEntry) -> None:
-        for entry in await self._entries(current.uri, current.device):
-            if entry.content_hash != current.content_hash and entry.state == State.WARM:
-                log.info("%s changed: retiring version %s", entry.uri, entry.content_hash[:12],
-                         extra={"event": "new_version", "uri": entry.uri,
-                                "old": entry.content_hash, "new": current.content_hash})
-                await self.retire(entry)
+        """The pool's rule (:func:`superseded`): pinned old versions go too, the pin
+        moves to ``current``; leased ones wait on the retiring set."""
+        old = superseded(await self.pool.entries(), current)
+        if inherits_pin(old) and not current.pinned:
+            await self.registry.put(replace(current, pinned=True))
+        for entry in old:
+            log.info("%s changed: retiring version %s", entry.uri, entry.content_hash[:12],
+                     extra={"event": "new_version", "uri": entry.uri,
+                            "old": entry.content_hash, "new": current.content_hash})
+            await self.retire(entry)
 
     async def _evict_entry(self, entry: PoolEntry, *, force: bool = False) -> None:
         if entry.device == HOST_DEVICE:

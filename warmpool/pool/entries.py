@@ -2,9 +2,10 @@
 
 It joins three pieces that each do one job: the registry (states, the source of truth
 for ``status``), the host tier (segments and the records attach reads) and the leases.
-Capacity is enforced when a prefetch *reserves* its bytes, before any byte is streamed:
-least-recently-attached entries without leases or pins are evicted to make room, or the
-prefetch fails at once with the free and needed bytes — never half-way through.
+Capacity is enforced when a prefetch *reserves* its bytes, before any byte is streamed,
+by the policy of :mod:`warmpool.pool.eviction`: least-recently-attached entries without
+leases or pins are evicted to make room, or the prefetch fails at once with the free and
+needed bytes — never half-way through.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import re
 from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
-from warmpool.errors import CapacityError, InvalidURIError, LeaseHeldError, NotWarmError
+from warmpool.errors import InvalidURIError, LeaseHeldError, NotWarmError
+from warmpool.pool.eviction import choose_victims, entry_candidate, inherits_pin, superseded
 from warmpool.pool.leases import Leases
 from warmpool.locks import async_file_lock, is_locked
 from warmpool.pool.registry.base import PoolEntry, Registry, State
@@ -79,36 +81,24 @@ class Pool:
         return int(total * 0.8)
 
     async def reserve(self, entry: PoolEntry, nbytes: int) -> PoolEntry:
-        """Record ``entry`` as streaming ``nbytes``, evicting what must go to make room."""
+        """Record ``entry`` as streaming ``nbytes``, evicting what must go to make room.
+
+        Room is the smaller of what the capacity leaves and what the shared-memory
+        filesystem will really give (other users of /dev/shm, and fills that reserved
+        bytes they have not allocated yet, take from it too)."""
         async with async_file_lock(self._pool_lock):
-            capacity = self.host_capacity()
             entries = [e for e in await self.entries()
                        if e.device == entry.device and e.key != entry.key]
             used = sum(e.bytes for e in entries if e.state.holds_memory)
             _, shm_free = self.host.shm_bytes()
-            if used + nbytes > capacity or nbytes > shm_free:
-                await self._make_room(entries, nbytes, used, capacity, entry)
+            unallocated = sum(max(0, e.bytes - self.host.allocated(e.content_hash))
+                              for e in entries if e.state == State.STREAMING)
+            room = min(self.host_capacity() - used, shm_free - unallocated)
+            victims = choose_victims(map(entry_candidate, entries), nbytes, room,
+                                     who=entry.uri, device=entry.device)
+            for victim in victims:
+                await self._evict_one(victim, force=False, reason="capacity")
             return await self.registry.transition(entry, State.STREAMING, bytes=nbytes)
-
-    async def _make_room(self, entries: list[PoolEntry], nbytes: int, used: int,
-                         capacity: int, entry: PoolEntry) -> None:
-        candidates = sorted(
-            (e for e in entries if e.state == State.WARM and not e.pinned and e.leases == 0),
-            key=lambda e: e.last_attached_at or e.created_at)
-        victims, freed = [], 0
-        for victim in candidates:
-            if used - freed + nbytes <= capacity:
-                break
-            victims.append(victim)
-            freed += victim.bytes
-        if used - freed + nbytes > capacity:
-            raise CapacityError(
-                f"{entry.uri} needs {nbytes} bytes on {entry.device}; the tier holds "
-                f"{capacity}, {used} in use, and only {freed} could be evicted (the rest is "
-                "leased, pinned or still streaming)",
-                needed=nbytes, free=capacity - used + freed)
-        for victim in victims:
-            await self._evict_one(victim, force=False, reason="capacity")
 
     # --- eviction ------------------------------------------------------------------
     async def evict(self, ref: str, device: str = HOST_DEVICE, force: bool = False) -> PoolEntry:
@@ -131,19 +121,24 @@ class Pool:
             return await self.registry.transition(entry, State.EVICTED, error=None, leases=0)
 
     async def retire_older(self, current: PoolEntry) -> list[PoolEntry]:
-        """Evict the other warm versions of ``current``'s URI on its device: a re-upload
-        (or a regenerated directory) must not keep the old bytes resident. Leased or
-        pinned versions stay until they are free (then capacity eviction takes them)."""
+        """Evict the versions ``current`` supersedes (:func:`superseded`): a re-upload, or
+        a regenerated directory, must not keep the old bytes resident. A pin moves to
+        ``current``; a leased old version loses its pin and stays until it is free (then
+        capacity eviction takes it)."""
+        old = superseded(await self.entries(), current)
+        if inherits_pin(old) and not current.pinned:
+            await self.registry.put(replace(current, pinned=True))
         retired = []
-        for entry in await self.entries():
-            if (entry.uri == current.uri and entry.device == current.device
-                    and entry.content_hash != current.content_hash
-                    and entry.state == State.WARM and not entry.pinned and not entry.leases):
-                try:
-                    retired.append(await self._evict_one(entry, force=False,
-                                                         reason="superseded"))
-                except LeaseHeldError:
-                    continue  # attached between the listing and the lock: keep it
+        for entry in old:
+            if entry.pinned:
+                entry = replace(entry, pinned=False)
+                await self.registry.put(entry)
+            if entry.leases:
+                continue
+            try:
+                retired.append(await self._evict_one(entry, force=False, reason="superseded"))
+            except LeaseHeldError:
+                continue  # attached between the listing and the lock: keep it
         return retired
 
     # --- recovery ------------------------------------------------------------------

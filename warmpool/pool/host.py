@@ -11,6 +11,7 @@ Segments are created mode 0600: only processes of the same user may map them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from warmpool.config import private_dir
+from warmpool.errors import CapacityError
 from warmpool.pool.layout import Layout
 from warmpool.locks import try_lock
 from warmpool.pool.registry.files import atomic_write
@@ -66,6 +68,7 @@ class WritableSegment:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
+            _allocate(fd, size, path)
             self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -84,6 +87,25 @@ class WritableSegment:
         """
         self.buffer = None  # type: ignore[assignment]
         self._mmap = None  # type: ignore[assignment]
+
+
+def _allocate(fd: int, size: int, path: Path) -> None:
+    """Take every page of the segment now. A tmpfs file grows sparse: without this a
+    fill into a /dev/shm that runs full half-way dies of SIGBUS (a write through the
+    mapping) or EFAULT (a read into it), killing the filling process. Here the kernel
+    says ENOSPC before any byte is streamed, and the prefetch fails cleanly."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        _, free = HostTier.shm_bytes()
+        raise CapacityError(
+            f"{SHM_DIR} cannot hold {size} bytes for {path.name}: {os.strerror(exc.errno)} "
+            f"({free} bytes free there; other processes, or the tmpfs size limit, took the "
+            "rest)", needed=size, free=free) from None
 
 
 def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
@@ -184,6 +206,16 @@ class HostTier:
         """(total, free) bytes of the shared-memory filesystem."""
         st = os.statvfs(SHM_DIR)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def allocated(self, content_hash: str) -> int:
+        """Bytes the kernel already gave the partial segments of ``content_hash``."""
+        total = 0
+        for partial in SHM_DIR.glob(f"{self.segment_name(content_hash)}.part-*"):
+            try:
+                total += partial.stat().st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return total
 
     def reclaim(self) -> list[str]:
         """Remove what a crashed process left: partial segments, and records or segments
