@@ -66,7 +66,8 @@ class DesiredState:
 
     async def add(self, want: Want) -> Want:
         """Record ``want``; an existing pin survives a plain deploy."""
-        current = await self.get(want.uri, want.device)
+        # The mirror answers when Redis lost the want (restarted empty): a pin survives.
+        current = await self.get(want.uri, want.device) or self._mirror.get(want.field)
         if current is not None:
             want = replace(want, pinned=want.pinned or current.pinned, since=current.since,
                            source=current.source if want.source == "watch" else want.source)
@@ -91,7 +92,9 @@ class DesiredState:
             except (ValueError, TypeError) as exc:  # written by hand, or by a newer version
                 log.warning("ignoring unreadable desired-state field %r: %s", name, exc,
                             extra={"event": "desired_unreadable"})
-        self._mirror = {want.field: want for want in wants}
+        # Learn what Redis holds, never forget from it: a Redis that restarted empty
+        # must not erase what this node was asked for (resync writes it back).
+        self._mirror.update((want.field, want) for want in wants)
         return sorted(wants, key=lambda w: w.since)
 
     async def resync(self) -> int:

@@ -132,6 +132,7 @@ class Controller:
             max_deliveries=options.max_deliveries)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._beaten = False
+        self._run_id: str | None = None  # the Redis server we last talked to
 
     # --- life cycle --------------------------------------------------------------------
     async def run(self) -> None:
@@ -284,16 +285,23 @@ class Controller:
                 await asyncio.wait_for(self.stopping.wait(), tick)
 
     async def _beat(self) -> None:
-        """Heartbeat and gauges. A heartbeat that vanished before its TTL means Redis lost
-        its data (restarted without persistence, failed over, flushed): write back what
-        this node knows."""
-        if self._beaten and not await self.nodes.is_live(self.node):
+        """Heartbeat and gauges. A Redis that is not the one we last saw (its ``run_id``
+        changed: restarted, failed over, replaced), or a heartbeat that vanished before
+        its TTL (flushed), may have lost data: write back what this node knows.
+
+        The run id is the reliable sign: the client's own retries can recreate the
+        heartbeat on a server that restarted within a second, before we look for it."""
+        run_id = await redis_run_id(self.redis)
+        replaced = self._run_id is not None and run_id != self._run_id
+        if replaced or (self._beaten and not await self.nodes.is_live(self.node)):
             restored = await self.registry.resync(), await self.desired.resync()
             await self._adopt()
             await self.streams.ensure_groups()
-            log.warning("our heartbeat was gone from Redis (restarted, failed over or out of "
-                        "reach past its TTL); wrote back %d entries and %d desired models",
-                        *restored, extra={"event": "resynced"})
+            why = ("Redis is a new server (restarted or failed over)" if replaced else
+                   "our heartbeat was gone from Redis (flushed, or out of reach past its TTL)")
+            log.warning("%s; wrote back %d entries and %d desired models", why, *restored,
+                        extra={"event": "resynced"})
+        self._run_id = run_id
         await self.dispatcher.workers.mirror_all(HOST_DEVICE)  # GPU entries, into Redis
         entries = await self.pool.entries()
         capacity = {HOST_DEVICE: self.pool.host_capacity()}
@@ -301,6 +309,13 @@ class Controller:
         devices = {d: DeviceRoom(capacity.get(d, 0), used.get(d, 0)) for d in capacity}
         await self.nodes.beat(NodeInfo(self.node, devices))
         self._beaten = True
+
+
+async def redis_run_id(redis: Redis) -> str:
+    """The server's ``run_id`` (INFO server): new on every start of a redis-server, so a
+    restart or a failover changes it even when nothing else shows."""
+    info = await redis.info("server")
+    return str(info.get("run_id", ""))
 
 
 async def _logged(coro: Any, name: str) -> None:

@@ -1,0 +1,53 @@
+"""The controller's state under faults: a Redis replaced under it, repeated pub/sub
+requests, desired models that keep failing. Real Redis, real controllers."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+from tests.models import write_model
+from tests.test_controller import FAST, KEYS, Harness, ask, harness, wait_until
+from warmpool.controller.loop import redis_run_id
+from warmpool.model.uri import parse_uri
+
+__all__ = ["harness"]  # the fixture, imported for pytest
+
+QUIET = replace(FAST, heartbeat_s=600.0, claim_idle_s=600.0)  # we call _beat ourselves
+
+
+async def test_a_fast_redis_restart_is_detected_and_nothing_is_erased(
+        harness: Harness, tmp_path: Path) -> None:
+    """A restart fast enough for the client's retries to recreate the heartbeat (so the
+    heartbeat canary sees nothing) is still detected by the server's run_id; a pass that
+    read the empty desired state in between does not erase what the node knows: the
+    entry and the desired model are written back."""
+    model = tmp_path / "m"
+    write_model(model, shards=1, seed=3)
+    uri = parse_uri(str(model))
+    ctl = await harness.start(options=QUIET)
+    await harness.xadd(ask("deploy", uri))
+    await harness.wait_entry(uri)
+    before = await redis_run_id(harness.redis)
+    heartbeat = await harness.redis.get(KEYS.node(ctl.node))
+    assert heartbeat is not None
+
+    harness.server.restart()  # empty: no persistence
+    await wait_until(lambda: _set(harness, KEYS.node(ctl.node), heartbeat),
+                     "the heartbeat recreated (as the client's retries do)")
+    assert await redis_run_id(harness.redis) != before
+    assert await ctl.desired.all() == []  # a convergence pass sees the empty Redis
+
+    await ctl._beat()
+    await harness.wait_entry(uri)
+    assert await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{uri}")
+    assert [w.uri for w in await ctl.desired.all()] == [str(uri)]
+
+
+async def _set(harness: Harness, key: str, value: bytes) -> bool:
+    try:
+        return bool(await harness.redis.set(key, value, ex=600))
+    except Exception:  # noqa: BLE001 - Redis still starting
+        await asyncio.sleep(0.05)
+        return False
