@@ -9,8 +9,9 @@ from pathlib import Path
 
 from tests.models import write_model
 from tests.test_controller import FAST, KEYS, Harness, ask, harness, wait_until
-from warmpool.controller.loop import redis_run_id
+from warmpool.controller.loop import Controller, redis_run_id
 from warmpool.model.uri import parse_uri
+from warmpool.pool.registry.base import State
 
 __all__ = ["harness"]  # the fixture, imported for pytest
 
@@ -51,3 +52,43 @@ async def _set(harness: Harness, key: str, value: bytes) -> bool:
     except Exception:  # noqa: BLE001 - Redis still starting
         await asyncio.sleep(0.05)
         return False
+
+
+async def test_identical_pubsub_requests_are_distinct_messages_kept_in_order(
+        harness: Harness, tmp_path: Path) -> None:
+    """deploy X, evict X, deploy X within the claim TTL: three messages, each acted on,
+    in order — X ends warm and desired. Sent back to back, the same holds."""
+    model = tmp_path / "m"
+    write_model(model, shards=1, seed=5)
+    uri = parse_uri(str(model))
+    ctl = await harness.start()
+    field = f"cpu|{uri}"
+
+    await harness.publish(ask("deploy", uri))
+    await harness.wait_entry(uri)
+    await harness.publish(ask("evict", uri))
+    await harness.wait_entry(uri, State.EVICTED)
+    await harness.publish(ask("deploy", uri))  # the same body as the first: not a duplicate
+    await harness.wait_entry(uri)
+    assert await harness.redis.hexists(KEYS.desired(ctl.node), field)
+    await harness.publish(ask("evict", uri))  # and the second evict is not one either
+    await harness.wait_entry(uri, State.EVICTED)
+    assert not await harness.redis.hexists(KEYS.desired(ctl.node), field)
+
+    for actions, last in ((("deploy", "evict", "deploy", "evict", "deploy"), State.WARM),
+                          (("evict", "deploy", "evict"), State.EVICTED)):
+        for action in actions:  # back to back
+            await harness.redis.publish(KEYS.events_channel, ask(action, uri))
+        await wait_until(lambda: _settled(ctl), "the requests to be done")
+        newest = max((e for e in await harness.entries() if e.uri == str(uri)),
+                     key=lambda e: e.updated_at)
+        assert newest.state == last, actions
+        assert await harness.redis.hexists(KEYS.desired(ctl.node), field) == (
+            last == State.WARM)
+    claims = [k async for k in harness.redis.scan_iter(match=KEYS.claim("*"))]
+    assert len(claims) == 12  # one claim per message
+
+
+async def _settled(ctl: Controller) -> bool:
+    await asyncio.sleep(0.2)  # the last message may be on its way to the subscriber
+    return not ctl.pubsub.tasks and not ctl.dispatcher.busy

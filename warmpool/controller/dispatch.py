@@ -109,7 +109,7 @@ class Dispatcher:
         """Warm ``target``, joining a warm-up of the same model already in flight."""
         slot = (str(target.uri), target.device)
         task = self._inflight.get(slot)
-        if task is None:
+        if task is None or task.cancelling():  # an evict is ending that one: start anew
             task = asyncio.create_task(self._warm(target), name=f"warm {slot[0]} {slot[1]}")
             self._inflight[slot] = task
             task.add_done_callback(lambda t: self._forget(slot, t))

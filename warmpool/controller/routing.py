@@ -5,7 +5,8 @@
 - A deploy or pin that names no node is *placed* (:func:`warmpool.controller.nodes.place`) and goes
   to that node's stream, or is done here.
 - Every controller hears a pub/sub broadcast: the first to claim it (a short ``SET NX``
-  on its digest) acts, so it is placed once and answered once.
+  on its identity: body digest and occurrence) acts, so it is placed once and answered
+  once. Requests for one model are taken in arrival order.
 - An evict or unpin that names no node concerns every node that may hold the model: it is
   done here and copied onto every other live node's stream.
 
@@ -15,9 +16,13 @@ then the pool, then answers on ``p:reply:<request_id>`` when the sender asked fo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +39,7 @@ from warmpool.model.uri import ModelURI
 log = logging.getLogger(__name__)
 REPLY_TTL_S = 600
 STREAM_MAXLEN = 100_000
+HEARD_BOUND = 10_000  # broadcast digests remembered before expired ones are dropped
 
 
 def request_doc(req: Request) -> dict[str, Any]:
@@ -55,40 +61,84 @@ class Router:
         self.desired = desired
         self.dispatcher = dispatcher
         self.claim_ttl_ms = claim_ttl_ms
+        self._heard: dict[str, tuple[int, float]] = {}  # body digest -> (times, last heard)
+        self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def request(self, req: Request, source: str) -> None:
-        """Route one request heard on ``source`` (``pubsub``, ``shared`` or ``node``)."""
+        """Route one request heard on ``source`` (``pubsub``, ``shared`` or ``node``).
+
+        Requests for one model are taken in the order they arrived: each holds the
+        model's turn through its claim, its routing and its desired-state update, and
+        until its dispatch has taken its first step (joined, started or cancelled the
+        warm-up in flight); only the long wait for the outcome runs outside it."""
         if req.node is not None and req.node != self.node:
             if source != "pubsub":
                 await self.forward(req, req.node)
             return
-        if source == "pubsub" and not await self._claim(req):
-            return  # every controller hears a broadcast: another one took this
-        if req.node is None:
-            if req.action in ("deploy", "pin"):
-                target = await self.placement(str(req.uri), req.device)
-                if target != self.node:
-                    await self.forward(req, target)
-                    return
+        identity = self._identity(req) if source == "pubsub" else ""  # in arrival order
+        async with self._turn(req):
+            if identity and not await self._claim(identity):
+                return  # every controller hears a broadcast: another one took this
+            if req.node is None:
+                if req.action in ("deploy", "pin"):
+                    target = await self.placement(str(req.uri), req.device)
+                    if target != self.node:
+                        await self.forward(req, target)
+                        return
+                else:
+                    for other in await self._other_live_nodes():
+                        await self.forward(replace(req, request_id=None), other)
+            want = await self.record(req)
+            acting = asyncio.ensure_future(self.act(req, want))
+            # One turn of the loop: the task takes its first step (the dispatcher joins,
+            # starts or cancels the warm-up in flight before it first waits) while the
+            # next request for this model still waits for its turn.
+            await asyncio.sleep(0)
+        await self.reply(req, await acting)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, req: Request) -> AsyncIterator[None]:
+        """One request at a time per (model, device); asyncio's lock is first come,
+        first served, and it is taken before the first await of :meth:`request`."""
+        slot = (str(req.uri), req.device)
+        lock, users = self._turns.get(slot, (asyncio.Lock(), 0))
+        self._turns[slot] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._turns[slot]
+            if users == 1:
+                del self._turns[slot]
             else:
-                for other in await self._other_live_nodes():
-                    await self.forward(replace(req, request_id=None), other)
-        await self.reply(req, await self.apply(req))
+                self._turns[slot] = (lock, users - 1)
 
     async def apply(self, req: Request, source: str = "request") -> Outcome:
         """Do ``req`` on this node."""
+        return await self.act(req, await self.record(req, source))
+
+    async def record(self, req: Request, source: str = "request") -> Want | None:
+        """Desired state first, so a crash half-way still converges."""
         uri, device = str(req.uri), req.device
         if req.action in ("deploy", "pin"):
-            want = await self.desired.add(Want(uri, device, req.tp, req.layout,
+            return await self.desired.add(Want(uri, device, req.tp, req.layout,
                                                pinned=req.action == "pin", source=source))
+        if req.action == "unpin":
+            await self.desired.set_pinned(uri, device, False)
+        else:
+            await self.desired.remove(uri, device)
+        return None
+
+    async def act(self, req: Request, want: Want | None) -> Outcome:
+        """The pool's part of ``req``, after :meth:`record`."""
+        uri, device = str(req.uri), req.device
+        if want is not None:
             return await self.dispatcher.warm(Target(req.uri, device, req.tp, req.layout,
                                                      want.pinned))
         if req.action == "unpin":
-            await self.desired.set_pinned(uri, device, False)
             changed = await self.dispatcher.set_pin(uri, device, False)
             entry = changed[-1] if changed else None
             return Outcome(uri, device, entry.state.value if entry else "absent", entry)
-        await self.desired.remove(uri, device)
         return await self.dispatcher.evict(uri, device, force=req.force)
 
     async def upload_ready(self, model: ModelURI) -> None:
@@ -124,9 +174,30 @@ class Router:
         pipe.expire(key, REPLY_TTL_S)
         await pipe.execute()
 
-    async def _claim(self, req: Request) -> bool:
-        digest = hashlib.sha256(json.dumps(request_doc(req), sort_keys=True).encode()).hexdigest()
-        return bool(await self.redis.set(self.keys.claim(digest[:32]), self.node, nx=True,
+    def _identity(self, req: Request) -> str:
+        """This broadcast's identity, the same on every controller that heard it: the
+        digest of its body and how many times in a row this controller heard that body
+        (Redis hands every subscriber the messages in one order). Deploy X, evict X,
+        deploy X are three messages, not two. A count restarts once its claims expired."""
+        digest = hashlib.sha256(json.dumps(request_doc(req), sort_keys=True).encode()
+                                ).hexdigest()[:32]
+        now = time.monotonic()
+        count, last = self._heard.get(digest, (0, now))
+        if now - last > self.claim_ttl_ms / 1000:
+            count = 0
+        self._heard[digest] = (count + 1, now)
+        if len(self._heard) > HEARD_BOUND:
+            self._forget_heard(now)
+        return f"{digest}:{count + 1}"
+
+    def _forget_heard(self, now: float) -> None:
+        ttl = self.claim_ttl_ms / 1000
+        for digest, (_, last) in list(self._heard.items()):
+            if now - last > ttl:
+                del self._heard[digest]
+
+    async def _claim(self, identity: str) -> bool:
+        return bool(await self.redis.set(self.keys.claim(identity), self.node, nx=True,
                                          px=self.claim_ttl_ms))
 
     async def _other_live_nodes(self) -> list[str]:
