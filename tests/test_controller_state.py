@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tests.models import write_model
 from tests.test_controller import FAST, KEYS, Harness, ask, harness, wait_until
+from warmpool.config import Settings
+from warmpool.controller import remote
 from warmpool.controller.loop import Controller, redis_run_id
 from warmpool.model.uri import parse_uri
 from warmpool.pool.registry.base import State
@@ -92,3 +94,43 @@ async def test_identical_pubsub_requests_are_distinct_messages_kept_in_order(
 async def _settled(ctl: Controller) -> bool:
     await asyncio.sleep(0.2)  # the last message may be on its way to the subscriber
     return not ctl.pubsub.tasks and not ctl.dispatcher.busy
+
+
+async def test_deploys_of_missing_models_back_off_are_given_up_and_stay_bounded(
+        harness: Harness, settings: Settings, tmp_path: Path) -> None:
+    """60 deploys of distinct models that do not exist, on a node that may want 20: the
+    desired state and the failure records stay at 20; each wanted model is tried
+    ``give_up_after`` times with backoff, then given up with its reason (listed for
+    ``warmpool status``) and no convergence pass starts work for it; an evict removes one."""
+    options = replace(FAST, max_desired=20, failure_backoff_s=0.1, failure_backoff_cap_s=0.2,
+                      give_up_after=2, recheck_s=0.2)
+    ctl = await harness.start(options=options)
+    missing = [parse_uri(str(tmp_path / f"missing-{i}")) for i in range(60)]
+    replies = []
+    for i, uri in enumerate(missing):
+        await harness.xadd(ask("deploy", uri, request_id=f"r{i}"))
+        replies.append(await harness.reply(f"r{i}"))
+    assert all(r["state"] == "failed" for r in replies)
+    assert any("max_desired" in (r["error"] or "") for r in replies)  # refused while full
+
+    async def all_given_up() -> bool:
+        records = await ctl.failures.all()
+        return bool(records) and all(f.given_up for f in records.values())
+
+    await wait_until(all_given_up, "every wanted model to be given up")
+    assert 0 < await harness.redis.hlen(KEYS.desired(ctl.node)) <= 20
+    records = await ctl.failures.all()
+    assert len(records) <= 20
+    assert {f.failures for f in records.values()} == {2}
+    assert all("missing-" in f.error for f in records.values())
+    assert await ctl.converge() == 0  # given up: no pass costs work for them
+    assert await ctl.reconcile() == 0
+
+    listed = await remote.failing(harness.server.url, replace(settings, node=ctl.node))
+    assert {f.uri for f in listed} == {f.uri for f in records.values()}
+    gone = listed[0]
+    await harness.xadd(ask("evict", gone.uri, request_id="bye"))
+    await harness.reply("bye")
+    assert not await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{gone.uri}")
+    assert gone.uri not in {f.uri for f in await remote.failing(
+        harness.server.url, replace(settings, node=ctl.node))}

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -180,3 +181,53 @@ async def test_prefetch_of_a_new_version_retires_a_pinned_old_one_and_keeps_the_
     assert states[v1.content_hash] == (State.EVICTED, False)
     assert states[v2.content_hash] == (State.WARM, True)
     assert len(segments_of(settings)) == 1
+
+
+# --- the metadata cache stays bounded -------------------------------------------------
+
+def _cached(settings: Settings) -> set[str]:
+    return {p.name for p in settings.cache_dir.glob("*") if len(p.name) == 64}
+
+
+async def test_cache_prune_bounds_count_and_age_but_keeps_what_is_used(
+        tmp_path: Path, settings: Settings) -> None:
+    from warmpool.model.cache import MetadataCache
+    from warmpool.model.uri import parse_uri
+
+    cache = MetadataCache(settings.cache_dir)
+    hashes = []
+    for seed in range(5):
+        directory = tmp_path / f"m{seed}"
+        write_model(directory, shards=1, seed=seed)
+        hashes.append((await cache.fetch(parse_uri(str(directory)))).content_hash)
+    now = time.time()
+    for age, h in zip((5000, 4000, 30, 20, 10), hashes, strict=True):  # seconds unused
+        os.utime(settings.cache_dir / h, (now - age, now - age))
+    # hashes[0] is the oldest and expired, but in use: it stays, and counts in the bound.
+    removed = cache.prune({hashes[0]}, max_models=3, max_age_s=1000)
+    assert sorted(removed) == sorted([hashes[1], hashes[2]])  # expired; then the LRU one
+    assert _cached(settings) == {hashes[0], hashes[3], hashes[4]}
+    assert cache.prune({hashes[0]}, max_models=1) == [hashes[4], hashes[3]]
+    assert _cached(settings) == {hashes[0]}
+
+
+async def test_prefetch_keeps_the_cache_bounded_sparing_leased_versions(
+        tmp_path: Path, settings: Settings) -> None:
+    """Every re-upload adds a cache directory; prefetch prunes to cache_max_models, and
+    a version a serving process still holds keeps its metadata."""
+    bounded = replace(settings, cache_max_models=2)
+    directory = tmp_path / "m"
+    versions = []
+    held = None
+    for seed in range(4):
+        if directory.exists():
+            shutil.rmtree(directory)
+        write_model(directory, shards=1, seed=seed)
+        versions.append((await prefetch(str(directory), settings=bounded)).entry.content_hash)
+        if seed == 0:
+            held = attach(str(directory), settings=bounded)
+    assert held is not None
+    try:
+        assert _cached(settings) == {versions[0], versions[3]}
+    finally:
+        held.close()

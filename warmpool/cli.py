@@ -206,9 +206,19 @@ def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
     settings = _settings(config, redis_url=redis)
     controller = remote.controller_url(settings)
     entries = _run(remote.status(controller, settings) if controller else Pool(settings).entries())
+    failing = _run(remote.failing(controller, settings)) if controller else []
     if as_json:
-        _emit([{**e.to_json(), "leases": e.leases} for e in entries])
+        _emit([{**e.to_json(), "leases": e.leases} for e in entries]
+              + [{**f.to_json(), "state": "failed", "desired": True, "node": settings.node}
+                 for f in failing])
         return
+    if failing:
+        rows = Table("desired", "device", "failures", "next try", "uri", "error")
+        for f in failing:
+            rows.add_row("given up" if f.given_up else "backing off", f.device, str(f.failures),
+                         "when asked again" if f.given_up else
+                         time.strftime("%H:%M:%S", time.localtime(f.retry_at)), f.uri, f.error)
+        out.print(rows)
     table = Table("state", "device", "GB", "tensors", "leases", "hash", "uri", "updated")
     for e in sorted(entries, key=lambda e: e.updated_at, reverse=True):
         table.add_row(e.state.value, e.device, f"{e.bytes / 1e9:.3f}", str(e.tensors),
@@ -247,7 +257,8 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
     else:
         verb = ("leased, evicted when its leases end:" if data.get("state") == "retiring"
                 else "evicted")
-        out.print(f"{verb} {data['uri']} ({data['content_hash'][:12]}) from {data['device']}")
+        version = f" ({data['content_hash'][:12]})" if data.get("content_hash") else ""
+        out.print(f"{verb} {data['uri']}{version} from {data['device']}")
 
 
 @app.command("attach")

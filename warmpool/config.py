@@ -109,6 +109,10 @@ class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     runtime_dir: Path = field(default_factory=_default_runtime_dir)
     host_capacity: int | None = None  # bytes the host tier may hold; None = 80% of /dev/shm
+    # The metadata cache keeps at most this many models, none unused for longer than
+    # this; what a pool entry or a lease uses is always kept.
+    cache_max_models: int = 256
+    cache_max_age_s: float = 7 * 86400.0
     redis_url: str | None = None
     watch: tuple[str, ...] = ()
     streamer: StreamerOptions = StreamerOptions()
@@ -143,6 +147,12 @@ class Settings:
                 top[key] = tuple(value.split(",") if isinstance(value, str) else value)
             elif key in ("redis_url", "metrics_port", "node"):
                 top[key] = value
+            elif key in ("cache_max_models", "cache_max_age_s"):
+                kind = int if key == "cache_max_models" else float
+                try:
+                    top[key] = kind(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{key}: {value!r} is not a valid {kind.__name__}") from None
             elif key == "controller":
                 if not isinstance(value, dict):
                     raise ConfigError("'controller' must be a mapping of controller settings")
@@ -162,6 +172,8 @@ def _from_environment() -> dict[str, Any]:
         "WARMPOOL_REDIS_URL": "redis_url",
         "WARMPOOL_WATCH": "watch",
         "WARMPOOL_NODE": "node",
+        "WARMPOOL_CACHE_MAX_MODELS": "cache_max_models",
+        "WARMPOOL_CACHE_MAX_AGE_S": "cache_max_age_s",
     }
     found: dict[str, Any] = {}
     for var, key in names.items():

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from redis.asyncio import Redis
 
 from warmpool.controller.keys import RedisKeys
+from warmpool.errors import WarmpoolError
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,21 @@ class Want:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+class DesiredStateFull(WarmpoolError):
+    """The node already wants as many models as it may; evict some first."""
+
+
 def want_field(uri: str, device: str) -> str:
     # Devices never hold '|' (events.py checks them); URIs may, so the device goes first.
     return f"{device}|{uri}"
 
 
 class DesiredState:
-    def __init__(self, redis: Redis, keys: RedisKeys, node: str) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, node: str, *,
+                 max_wants: int = 1024) -> None:
         self.redis = redis
         self.key = keys.desired(node)
+        self.max_wants = max_wants  # every want costs a look on each convergence pass
         self._mirror: dict[str, Want] = {}
 
     async def get(self, uri: str, device: str) -> Want | None:
@@ -71,6 +78,10 @@ class DesiredState:
         if current is not None:
             want = replace(want, pinned=want.pinned or current.pinned, since=current.since,
                            source=current.source if want.source == "watch" else want.source)
+        elif await self.redis.hlen(self.key) >= self.max_wants:
+            raise DesiredStateFull(
+                f"node already wants {self.max_wants} models (max_desired); evict some "
+                f"before deploying {want.uri}")
         return await self._write(want)
 
     async def set_pinned(self, uri: str, device: str, pinned: bool) -> Want | None:

@@ -26,8 +26,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.config import Settings
-from warmpool.controller.desired import DesiredState
-from warmpool.controller.dispatch import Dispatcher, Target
+from warmpool.controller.desired import DesiredState, Want
+from warmpool.controller.dispatch import Dispatcher
+from warmpool.controller.failures import Backoff, Failures
 from warmpool.errors import ConfigError
 from warmpool.controller.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
 from warmpool.controller.keys import RedisKeys
@@ -40,7 +41,7 @@ from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.controller.routing import Router
 from warmpool.controller.sources import PubSubSource, StreamSource
 from warmpool.controller.uploads import Uploads
-from warmpool.model.uri import ModelURI, parse_uri
+from warmpool.model.uri import ModelURI
 
 log = logging.getLogger(__name__)
 DEAD_PAYLOAD_BYTES = 4096  # what the dead-letter stream keeps of a refused payload
@@ -58,6 +59,10 @@ class ControllerOptions:
     claim_idle_s: float = 60.0  # a stream entry idle this long belongs to a dead consumer
     max_deliveries: int = 5
     max_inflight: int = 32
+    max_desired: int = 1024  # models one node may be asked to keep warm
+    failure_backoff_s: float = 30.0  # a wanted model that failed waits this, doubling...
+    failure_backoff_cap_s: float = 3600.0  # ... up to this, between attempts
+    give_up_after: int = 5  # failures before a wanted model is given up until asked again
     lock_ttl_s: float = 30.0
     shutdown_grace_s: float = 10.0  # in-flight work may finish; then it is abandoned
     loader: str = "auto"
@@ -109,7 +114,10 @@ class Controller:
         self.watch = Watchlist.parse(settings.watch)
         self.registry = RedisRegistry(redis, keys, self.node)
         self.pool = Pool(settings, self.registry)
-        self.desired = DesiredState(redis, keys, self.node)
+        self.desired = DesiredState(redis, keys, self.node, max_wants=options.max_desired)
+        self.failures = Failures(redis, keys, self.node,
+                                 Backoff(options.failure_backoff_s, options.failure_backoff_cap_s,
+                                         options.give_up_after))
         self.nodes = Nodes(redis, keys, self.node, ttl_s=options.heartbeat_s * 3)
         self.dispatcher = Dispatcher(settings=settings, pool=self.pool, registry=self.registry,
                                      redis=redis, keys=keys, metrics=self.metrics,
@@ -117,7 +125,7 @@ class Controller:
                                      lock_ttl_ms=int(options.lock_ttl_s * 1000))
         self.router = Router(redis=redis, keys=keys, node=self.node, nodes=self.nodes,
                              registry=self.registry, desired=self.desired,
-                             dispatcher=self.dispatcher)
+                             dispatcher=self.dispatcher, failures=self.failures)
         self.uploads = Uploads(redis, keys, cache=self.dispatcher.cache,
                                debounce_s=options.debounce_s, on_ready=self.router.upload_ready)
         self.stopping = asyncio.Event()
@@ -165,10 +173,9 @@ class Controller:
         """Warm again what should be warm; mark what is gone (lost/failed)."""
         await self.pool.reclaim()
         await self._adopt()
-        wants = await self.desired.all()
+        wants = await self._due()
         for want in wants:
-            target = Target(parse_uri(want.uri), want.device, want.tp, want.layout, want.pinned)
-            self._spawn(self.dispatcher.warm(target), f"reconcile {want.uri}")
+            self._spawn(self.router.warm_wanted(want), f"reconcile {want.uri}")
         if wants:
             log.info("reconciling %d desired model(s)", len(wants),
                      extra={"event": "reconcile", "count": len(wants)})
@@ -183,22 +190,28 @@ class Controller:
     async def converge(self) -> int:
         """Warm desired models that have no entry here, or lost theirs (a worker or a
         segment vanished, a stream was interrupted); periodic, so a request whose warm-up
-        died with a Redis outage still ends warm. Failures stay failed until asked again,
-        and capacity evictions are not undone (that would thrash)."""
+        died with a Redis outage still ends warm. A model whose warm-ups keep failing is
+        tried with backoff, then given up (:mod:`.failures`); failed entries stay failed
+        until asked again, and capacity evictions are not undone (that would thrash)."""
         await self.pool.reclaim()
         entries = await self.pool.entries()
         started = 0
-        for want in await self.desired.all():
+        for want in await self._due():
             mine = [e for e in entries if e.uri == want.uri and e.device == want.device]
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
                     newest.state == State.FAILED
                     and (newest.error or "").startswith("interrupted")):
-                target = Target(parse_uri(want.uri), want.device, want.tp, want.layout,
-                                want.pinned)
-                self._spawn(self.dispatcher.warm(target), f"converge {want.uri}")
+                self._spawn(self.router.warm_wanted(want), f"converge {want.uri}")
                 started += 1
         return started
+
+    async def _due(self) -> list[Want]:
+        """Desired models to try now: not given up, and past their backoff."""
+        failing = await self.failures.all()
+        now = time.time()
+        return [w for w in await self.desired.all()
+                if (f := failing.get(w.field)) is None or f.due(now)]
 
     async def _shutdown(self) -> None:
         """The readers have stopped: give work in flight the grace period, then cancel it
@@ -281,6 +294,7 @@ class Controller:
                 await self.uploads.recheck_all()
                 await self.dispatcher.retry_retiring()
                 await self.converge()
+                await self.dispatcher.cache.bound(await self.pool.in_use(), self.settings)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), tick)
 

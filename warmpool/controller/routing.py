@@ -28,13 +28,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from warmpool.controller.desired import DesiredState, Want
+from warmpool.controller.desired import DesiredState, DesiredStateFull, Want
+from warmpool.controller.failures import Failures
 from warmpool.controller.dispatch import Dispatcher, Outcome, Target
 from warmpool.controller.events import Request
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.nodes import Nodes, place
 from warmpool.pool.registry.redis import RedisRegistry
-from warmpool.model.uri import ModelURI
+from warmpool.model.uri import ModelURI, parse_uri
+from warmpool.pool.registry.base import State
 
 log = logging.getLogger(__name__)
 REPLY_TTL_S = 600
@@ -52,7 +54,7 @@ def request_doc(req: Request) -> dict[str, Any]:
 class Router:
     def __init__(self, *, redis: Redis, keys: RedisKeys, node: str, nodes: Nodes,
                  registry: RedisRegistry, desired: DesiredState, dispatcher: Dispatcher,
-                 claim_ttl_ms: int = 30_000) -> None:
+                 failures: Failures, claim_ttl_ms: int = 30_000) -> None:
         self.redis = redis
         self.keys = keys
         self.node = node
@@ -60,6 +62,7 @@ class Router:
         self.registry = registry
         self.desired = desired
         self.dispatcher = dispatcher
+        self.failures = failures
         self.claim_ttl_ms = claim_ttl_ms
         self._heard: dict[str, tuple[int, float]] = {}  # body digest -> (times, last heard)
         self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
@@ -88,7 +91,12 @@ class Router:
                 else:
                     for other in await self._other_live_nodes():
                         await self.forward(replace(req, request_id=None), other)
-            want = await self.record(req)
+            try:
+                want = await self.record(req)
+            except DesiredStateFull as exc:
+                await self.reply(req, Outcome(str(req.uri), req.device, "failed",
+                                              error=str(exc)))
+                return
             acting = asyncio.ensure_future(self.act(req, want))
             # One turn of the loop: the task takes its first step (the dispatcher joins,
             # starts or cancels the warm-up in flight before it first waits) while the
@@ -121,20 +129,59 @@ class Router:
         """Desired state first, so a crash half-way still converges."""
         uri, device = str(req.uri), req.device
         if req.action in ("deploy", "pin"):
-            return await self.desired.add(Want(uri, device, req.tp, req.layout,
-                                               pinned=req.action == "pin", source=source))
+            want = Want(uri, device, req.tp, req.layout, pinned=req.action == "pin",
+                        source=source)
+            try:
+                want = await self.desired.add(want)
+            except DesiredStateFull:
+                if not await self._drop_given_up():
+                    raise
+                want = await self.desired.add(want)
+            await self.failures.clear(uri, device)  # asked (again): tried at once
+            return want
         if req.action == "unpin":
             await self.desired.set_pinned(uri, device, False)
         else:
             await self.desired.remove(uri, device)
+            await self.failures.clear(uri, device)
         return None
+
+    async def _drop_given_up(self) -> bool:
+        """Make room in a full desired state: the model given up longest ago goes (its
+        failure was reported, and nothing tries it any more). False when none is."""
+        given_up = [f for f in (await self.failures.all()).values() if f.given_up]
+        if not given_up:
+            return False
+        oldest = min(given_up, key=lambda f: f.retry_at)
+        await self.desired.remove(oldest.uri, oldest.device)
+        await self.failures.clear(oldest.uri, oldest.device)
+        log.warning("desired state full: dropped %s on %s, given up after %d failures (%s)",
+                    oldest.uri, oldest.device, oldest.failures, oldest.error,
+                    extra={"event": "desired_dropped", "uri": oldest.uri})
+        return True
+
+    async def warm_wanted(self, want: Want) -> Outcome:
+        """Warm a desired model and keep its failure count: a model that keeps failing
+        backs off and is finally given up (:mod:`.failures`)."""
+        outcome = await self.dispatcher.warm(Target(parse_uri(want.uri), want.device, want.tp,
+                                                    want.layout, want.pinned))
+        if outcome.state == State.WARM.value:
+            await self.failures.clear(want.uri, want.device)
+        elif (outcome.state == State.FAILED.value
+              and await self.desired.get(want.uri, want.device) is not None):
+            failing = await self.failures.failed(want.uri, want.device, outcome.error or "")
+            if failing.given_up:
+                log.warning("giving up on %s on %s after %d failures: %s", want.uri,
+                            want.device, failing.failures, failing.error,
+                            extra={"event": "given_up", "uri": want.uri,
+                                   "device": want.device})
+        return outcome
 
     async def act(self, req: Request, want: Want | None) -> Outcome:
         """The pool's part of ``req``, after :meth:`record`."""
         uri, device = str(req.uri), req.device
         if want is not None:
-            return await self.dispatcher.warm(Target(req.uri, device, req.tp, req.layout,
-                                                     want.pinned))
+            return await self.warm_wanted(want)
         if req.action == "unpin":
             changed = await self.dispatcher.set_pin(uri, device, False)
             entry = changed[-1] if changed else None

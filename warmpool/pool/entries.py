@@ -73,6 +73,13 @@ class Pool:
                         else e.uri == wanted)]
         return max(matches, key=lambda e: e.updated_at, default=None)
 
+    async def in_use(self) -> set[str]:
+        """Content hashes the pool uses — warm or being filled, or leased on any device —
+        whose metadata the cache must keep."""
+        used = {e.content_hash for e in await self.entries()
+                if e.state == State.WARM or e.state.active or e.leases}
+        return used | self.leases.held_hashes()
+
     # --- capacity ------------------------------------------------------------------
     def host_capacity(self) -> int:
         if self.settings.host_capacity is not None:

@@ -79,6 +79,11 @@ async def prefetch(uri: str | ModelURI, *, settings: Settings, pool: Pool | None
         # this URI retires the old versions.
         log.warning("%s is warm, but retiring its older versions failed: %s", model, exc,
                     extra={"event": "retire_failed", "uri": str(model)})
+    try:
+        await cache.bound(await pool.in_use(), settings)
+    except Exception as exc:  # noqa: BLE001 - the model IS warm; the next prefetch prunes
+        log.warning("pruning the metadata cache failed: %s", exc,
+                    extra={"event": "prune_failed"})
     return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False)
 
 
