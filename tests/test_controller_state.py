@@ -7,12 +7,14 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-from tests.models import write_model
+from tests.models import model_files, write_model
+from tests.servers import Backend
 from tests.test_controller import FAST, KEYS, Harness, ask, harness, wait_until
 from warmpool.config import Settings
 from warmpool.controller import remote
 from warmpool.controller.loop import Controller, redis_run_id
 from warmpool.model.uri import parse_uri
+from warmpool.pool.attachment import attach
 from warmpool.pool.registry.base import State
 
 __all__ = ["harness"]  # the fixture, imported for pytest
@@ -134,3 +136,37 @@ async def test_deploys_of_missing_models_back_off_are_given_up_and_stay_bounded(
     assert not await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{gone.uri}")
     assert gone.uri not in {f.uri for f in await remote.failing(
         harness.server.url, replace(settings, node=ctl.node))}
+
+
+async def test_a_deploy_of_the_same_content_under_another_uri_names_it_too(
+        harness: Harness, s3_backend: Backend, tmp_path: Path) -> None:
+    """a is warm; a deploy of b (identical files) over pub/sub is acted on: b names the
+    resident bytes (listed, attachable, no second stream); an evict of b leaves a."""
+    files = model_files_of(tmp_path / "src")
+    for prefix in ("models/a/", "models/b/"):
+        for name, data in files.items():
+            s3_backend.put(prefix + name, data)
+    a, b = (s3_backend.uri_for(f"models/{m}/") for m in "ab")
+    ctl = await harness.start()
+    await harness.xadd(ask("deploy", a))
+    entry = await harness.wait_entry(a)
+    await harness.publish(ask("deploy", b, request_id="b"))
+    reply = await harness.reply("b")
+    assert reply["state"] == "warm" and reply["content_hash"] == entry.content_hash
+    [named] = [e for e in await harness.entries() if e.content_hash == entry.content_hash]
+    assert named.uris == [str(a), str(b)]
+    with attach(str(b), settings=ctl.settings) as weights:
+        assert len(weights) > 0
+    assert await ctl.converge() == 0  # b is warm: nothing to start
+
+    await harness.xadd(ask("evict", b, request_id="eb"))
+    assert (await harness.reply("eb"))["state"] == "evicted"
+    [named] = [e for e in await harness.entries() if e.content_hash == entry.content_hash]
+    assert named.state == State.WARM and named.uris == [str(a)]
+    with attach(str(a), settings=ctl.settings) as weights:
+        assert len(weights) > 0
+
+
+def model_files_of(directory: Path) -> dict[str, bytes]:
+    write_model(directory, shards=1, seed=13)
+    return model_files(directory)

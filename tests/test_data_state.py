@@ -13,15 +13,17 @@ import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.models import write_model
+from tests.models import model_files, write_model
 from tests.pool_env import segments_of
+from tests.servers import Backend
 from warmpool.config import Settings
-from warmpool.errors import CapacityError
+from warmpool.errors import CapacityError, NotWarmError
 from warmpool.pool.attachment import attach
 from warmpool.pool.entries import Pool
 from warmpool.pool.eviction import choose_victims, entry_candidate, inherits_pin, superseded
@@ -231,3 +233,59 @@ async def test_prefetch_keeps_the_cache_bounded_sparing_leased_versions(
         assert _cached(settings) == {versions[0], versions[3]}
     finally:
         held.close()
+
+
+# --- the same content under two URIs ----------------------------------------------------
+
+async def test_identical_files_under_two_uris_are_resident_once_and_named_by_both(
+        tmp_path: Path, settings: Settings, s3_backend: Backend) -> None:
+    """Upload the same checkpoint under models/a/ and models/b/: one content hash, one
+    segment, attachable and listed under both URIs; evicting b or re-uploading a never
+    pulls the bytes from under the other name."""
+    expected = write_model(tmp_path / "src", shards=1, seed=11)
+    for prefix in ("models/a/", "models/b/"):
+        for name, data in model_files(tmp_path / "src").items():
+            s3_backend.put(prefix + name, data)
+    a, b = (str(s3_backend.uri_for(f"models/{m}/")) for m in "ab")
+    pool = Pool(settings)
+    first = await prefetch(a, settings=settings, pool=pool)
+    second = await prefetch(b, settings=settings, pool=pool)
+    assert second.already_warm and second.entry.content_hash == first.entry.content_hash
+    assert len(segments_of(settings)) == 1
+    [entry] = await pool.entries()
+    assert entry.uris == [a, b]
+    for uri in (a, b):
+        with attach(uri, settings=settings) as weights:
+            assert weights.uri == uri
+            assert_bit_exact(weights, expected)
+
+    # Evicting b releases the name, not the bytes a still names.
+    released = await pool.evict(b)
+    assert released.state == State.WARM and released.uris == [a]
+    with pytest.raises(NotWarmError):
+        attach(b, settings=settings)
+    with attach(a, settings=settings) as weights:
+        assert_bit_exact(weights, expected)
+
+    # b again, then a re-upload of a: a's new version is warm, b keeps the old bytes.
+    await prefetch(b, settings=settings, pool=pool)
+    changed = write_model(tmp_path / "src2", shards=1, seed=12)
+    for name, data in model_files(tmp_path / "src2").items():
+        s3_backend.put("models/a/" + name, data)
+    new = await prefetch(a, settings=settings, pool=pool)
+    assert new.entry.content_hash != entry.content_hash
+    warm = {e.content_hash: e.uris for e in await pool.entries() if e.state == State.WARM}
+    assert warm == {entry.content_hash: [b], new.entry.content_hash: [a]}
+    with attach(b, settings=settings) as weights:
+        assert_bit_exact(weights, expected)
+    with attach(a, settings=settings) as weights:
+        assert_bit_exact(weights, changed)
+    # The last name of the old bytes goes: so do they.
+    assert (await pool.evict(b)).state == State.EVICTED
+    assert len(segments_of(settings)) == 1
+
+
+def assert_bit_exact(weights: Any, expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(weights) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(_bits(weights[name]), _bits(tensor)), name

@@ -222,7 +222,7 @@ def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
     table = Table("state", "device", "GB", "tensors", "leases", "hash", "uri", "updated")
     for e in sorted(entries, key=lambda e: e.updated_at, reverse=True):
         table.add_row(e.state.value, e.device, f"{e.bytes / 1e9:.3f}", str(e.tensors),
-                      str(e.leases), e.content_hash[:12], e.uri,
+                      str(e.leases), e.content_hash[:12], "\n".join(e.uris),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
     out.print(table if entries else "the pool is empty")
 
@@ -256,9 +256,11 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
         _emit(data)
     else:
         verb = ("leased, evicted when its leases end:" if data.get("state") == "retiring"
-                else "evicted")
+                else "released (its bytes stay for the URIs that still name them)"
+                if data.get("state") == "warm" else "evicted")
         version = f" ({data['content_hash'][:12]})" if data.get("content_hash") else ""
-        out.print(f"{verb} {data['uri']}{version} from {data['device']}")
+        name = ref if data.get("state") == "warm" else data["uri"]
+        out.print(f"{verb} {name}{version} from {data['device']}")
 
 
 @app.command("attach")

@@ -152,7 +152,7 @@ class Dispatcher:
                               seconds=time.perf_counter() - started)
         self._count(outcome)
         if outcome.state == State.WARM.value and outcome.entry is not None:
-            await self._retire_old_versions(outcome.entry)
+            await self._retire_old_versions(outcome.entry, str(target.uri))
         return outcome
 
     async def _fill(self, target: Target, content_hash: str) -> Outcome:
@@ -237,7 +237,8 @@ class Dispatcher:
         retiring: list[PoolEntry] = []
         for entry in await self._entries(uri, device):
             if entry.state in (State.WARM, State.FAILED, State.LOST):
-                done = await self.retire(entry, force=force)
+                renamed = await self.pool.drop_name(entry, uri)  # another URI keeps it
+                done = renamed is not None or await self.retire(entry, force=force)
                 (evicted if done else retiring).append(entry)
         state = "retiring" if retiring else State.EVICTED.value
         error = (f"{len(retiring)} version(s) still leased; evicted when the leases end"
@@ -278,13 +279,16 @@ class Dispatcher:
             else:
                 await self.retire(entry)
 
-    async def _retire_old_versions(self, current: PoolEntry) -> None:
+    async def _retire_old_versions(self, current: PoolEntry, uri: str) -> None:
         """The pool's rule (:func:`superseded`): pinned old versions go too, the pin
-        moves to ``current``; leased ones wait on the retiring set."""
-        old = superseded(await self.pool.entries(), current)
+        moves to ``current``; leased ones wait on the retiring set; a version another
+        URI still names only loses the name ``uri``."""
+        old = superseded(await self.pool.entries(), current, uri)
         if inherits_pin(old) and not current.pinned:
             await self.registry.put(replace(current, pinned=True))
         for entry in old:
+            if await self.pool.drop_name(entry, uri) is not None:
+                continue
             log.info("%s changed: retiring version %s", entry.uri, entry.content_hash[:12],
                      extra={"event": "new_version", "uri": entry.uri,
                             "old": entry.content_hash, "new": current.content_hash})
@@ -297,4 +301,4 @@ class Dispatcher:
             await self.workers.evict(entry, force=force)
 
     async def _entries(self, uri: str, device: str) -> list[PoolEntry]:
-        return [e for e in await self.pool.entries() if e.uri == uri and e.device == device]
+        return [e for e in await self.pool.entries() if uri in e.uris and e.device == device]

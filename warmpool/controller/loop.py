@@ -197,7 +197,7 @@ class Controller:
         entries = await self.pool.entries()
         started = 0
         for want in await self._due():
-            mine = [e for e in entries if e.uri == want.uri and e.device == want.device]
+            mine = [e for e in entries if want.uri in e.uris and e.device == want.device]
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
                     newest.state == State.FAILED

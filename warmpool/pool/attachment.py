@@ -108,7 +108,8 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
         except BaseException:
             lease.release()
             raise
-    return AttachedModel(resident.uri, resident.content_hash, HOST_DEVICE, resident.layout,
+    name = resident.uri if is_hash_ref(normalise_ref(ref)) else normalise_ref(ref)
+    return AttachedModel(name, resident.content_hash, HOST_DEVICE, resident.layout,
                          tensors, "shm", _HostCloser(lease, mapping))
 
 
@@ -147,7 +148,7 @@ def _resolve(host: HostTier, ref: str) -> Resident:
     if is_hash_ref(wanted):
         matches = host.residents(hash_prefix=wanted)  # parses only the matching records
     else:
-        matches = [r for r in host.residents() if r.uri == wanted]
+        matches = [r for r in host.residents() if r.named(wanted)]
     if not matches:
         raise _not_warm(ref)
     return max(matches, key=lambda r: r.created_at)

@@ -70,7 +70,7 @@ class Pool:
         matches = [e for e in await self.entries()
                    if e.device == device and e.state in states
                    and (e.content_hash.startswith(wanted) if is_hash_ref(wanted)
-                        else e.uri == wanted)]
+                        else wanted in e.uris)]
         return max(matches, key=lambda e: e.updated_at, default=None)
 
     async def in_use(self) -> set[str]:
@@ -109,10 +109,48 @@ class Pool:
 
     # --- eviction ------------------------------------------------------------------
     async def evict(self, ref: str, device: str = HOST_DEVICE, force: bool = False) -> PoolEntry:
+        """Evict ``ref``: by hash, the bytes; by URI, that name — the bytes go with the
+        last name, and stay resident while another URI still names them."""
         entry = await self.find(ref, device, states=(State.WARM, State.FAILED, State.LOST))
         if entry is None:
             raise NotWarmError(f"nothing to evict: {ref} is not in the pool on {device}")
+        wanted = normalise_ref(ref)
+        if not is_hash_ref(wanted):
+            renamed = await self.drop_name(entry, wanted)
+            if renamed is not None:
+                return renamed
         return await self._evict_one(entry, force=force, reason="requested")
+
+    # --- names ---------------------------------------------------------------------
+    async def add_name(self, entry: PoolEntry, uri: str) -> PoolEntry:
+        """Let ``uri`` name ``entry``'s bytes too: identical files under two URIs are one
+        content hash, resident once, and attachable (and listed) under either."""
+        if uri in entry.uris:
+            return entry
+        async with async_file_lock(self.host.lock_path(entry.key)):
+            fresh = await self.registry.get(entry.key) or entry
+            if uri in fresh.uris or fresh.state != State.WARM:
+                return fresh
+            return await self._rename(fresh, [*fresh.uris, uri])
+
+    async def drop_name(self, entry: PoolEntry, uri: str) -> PoolEntry | None:
+        """Stop naming ``entry``'s bytes ``uri`` while another URI still names them;
+        None when ``uri`` is its only name (then evicting it frees the bytes)."""
+        if uri not in entry.uris or len(entry.uris) == 1:
+            return None
+        async with async_file_lock(self.host.lock_path(entry.key)):
+            fresh = await self.registry.get(entry.key) or entry
+            names = [n for n in fresh.uris if n != uri]
+            if not names or uri not in fresh.uris:
+                return None
+            return await self._rename(fresh, names)
+
+    async def _rename(self, entry: PoolEntry, names: list[str]) -> PoolEntry:
+        if entry.device == HOST_DEVICE:
+            self.host.rename(entry.content_hash, names[0], names[1:])
+        renamed = replace(entry, uri=names[0], aliases=names[1:])
+        await self.registry.put(renamed)
+        return renamed
 
     async def _evict_one(self, entry: PoolEntry, *, force: bool, reason: str) -> PoolEntry:
         # The entry lock keeps a new attach from taking a lease between our check and
@@ -127,16 +165,20 @@ class Pool:
             self.leases.forget(entry.key)
             return await self.registry.transition(entry, State.EVICTED, error=None, leases=0)
 
-    async def retire_older(self, current: PoolEntry) -> list[PoolEntry]:
-        """Evict the versions ``current`` supersedes (:func:`superseded`): a re-upload, or
-        a regenerated directory, must not keep the old bytes resident. A pin moves to
+    async def retire_older(self, current: PoolEntry, uri: str | None = None) -> list[PoolEntry]:
+        """Evict the versions ``current`` supersedes as ``uri`` (default: its URI) —
+        :func:`superseded`: a re-upload, or a regenerated directory, must not keep the
+        old bytes resident. A pin moves to
         ``current``; a leased old version loses its pin and stays until it is free (then
         capacity eviction takes it)."""
-        old = superseded(await self.entries(), current)
+        uri = uri or current.uri
+        old = superseded(await self.entries(), current, uri)
         if inherits_pin(old) and not current.pinned:
             await self.registry.put(replace(current, pinned=True))
         retired = []
         for entry in old:
+            if await self.drop_name(entry, uri) is not None:
+                continue  # another URI still names those bytes: they stay, for it
             if entry.pinned:
                 entry = replace(entry, pinned=False)
                 await self.registry.put(entry)
@@ -157,7 +199,8 @@ class Pool:
         for resident in self.host.residents():
             if await self.registry.get(resident.key) is not None:
                 continue
-            entry = PoolEntry(uri=resident.uri, content_hash=resident.content_hash,
+            entry = PoolEntry(uri=resident.uri, aliases=list(resident.aliases),
+                              content_hash=resident.content_hash,
                               device=HOST_DEVICE, node=self.settings.node,
                               bytes=resident.layout.total_bytes,
                               tensors=len(resident.layout.slots), transport="shm",

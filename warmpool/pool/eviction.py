@@ -66,13 +66,15 @@ def entry_candidate(entry: PoolEntry) -> Candidate[PoolEntry]:
                      entry.last_attached_at or entry.created_at)
 
 
-def superseded(entries: Sequence[PoolEntry], current: PoolEntry) -> list[PoolEntry]:
-    """The versions that ``current`` (just warm) retires: every other warm version of
-    one of its URIs on its device, pinned or leased included — the caller evicts the free
-    ones now and the leased ones when their leases end."""
+def superseded(entries: Sequence[PoolEntry], current: PoolEntry,
+               uri: str | None = None) -> list[PoolEntry]:
+    """The versions that ``current`` (just warm as ``uri``, default its own) retires:
+    every other warm version that URI names on its device, pinned or leased included —
+    the caller evicts the free ones now and the leased ones when their leases end, and
+    only drops the name from a version that another URI still names."""
     return [e for e in entries
             if e.device == current.device and e.content_hash != current.content_hash
-            and e.state == State.WARM and e.uri == current.uri]
+            and e.state == State.WARM and (uri or current.uri) in e.uris]
 
 
 def inherits_pin(retired: Iterable[PoolEntry]) -> bool:

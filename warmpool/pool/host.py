@@ -43,20 +43,26 @@ class Resident:
     segment: str
     layout: Layout
     created_at: float
+    aliases: tuple[str, ...] = ()  # other URIs of the same bytes
 
     @property
     def key(self) -> str:
         return f"{self.content_hash}@{DEVICE}"
 
+    def named(self, uri: str) -> bool:
+        return uri == self.uri or uri in self.aliases
+
     def to_json(self) -> dict[str, object]:
         return {"uri": self.uri, "content_hash": self.content_hash, "segment": self.segment,
-                "created_at": self.created_at, "layout": self.layout.to_json()}
+                "created_at": self.created_at, "aliases": list(self.aliases),
+                "layout": self.layout.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Resident:
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
                    Layout.from_json(data["layout"]),  # type: ignore[arg-type]
-                   float(data["created_at"]))  # type: ignore[arg-type]
+                   float(data["created_at"]),  # type: ignore[arg-type]
+                   tuple(map(str, data.get("aliases") or ())))  # type: ignore[call-overload]
 
 
 class WritableSegment:
@@ -158,6 +164,15 @@ class HostTier:
         resident = Resident(uri, layout.content_hash, name, layout, created_at)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
+
+    def rename(self, content_hash: str, uri: str, aliases: list[str]) -> None:
+        """Record the names of a published model (the caller holds its entry's lock)."""
+        resident = self.resident(content_hash)
+        if resident is None:
+            return
+        renamed = Resident(uri, content_hash, resident.segment, resident.layout,
+                           resident.created_at, tuple(aliases))
+        atomic_write(self._record_path(content_hash), json.dumps(renamed.to_json()).encode())
 
     def discard(self, segment: WritableSegment) -> None:
         segment.close()
