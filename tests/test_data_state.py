@@ -61,12 +61,12 @@ def _in_small_shm(code: str, size: str = "4m") -> subprocess.CompletedProcess[st
     """Run ``code`` in a new process whose /dev/shm is a private tmpfs of ``size``
     (a user and mount namespace: no root needed, nothing else on the machine sees it)."""
     if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "-Urm", "true"], capture_output=True).returncode != 0:
+            ["unshare", "-Urm", "true"], capture_output=True, check=False).returncode != 0:
         pytest.skip("no user namespaces here (unshare -Urm)")
     script = (f"mount -t tmpfs -o size={size} tmpfs /dev/shm && "
               f"exec {shlex.quote(sys.executable)} -c {shlex.quote(textwrap.dedent(code))}")
     return subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True,
-                          text=True, timeout=300, env={**os.environ})
+                          text=True, timeout=300, env={**os.environ}, check=False)
 
 
 def test_a_model_that_fits_the_capacity_but_not_dev_shm_fails_cleanly(
@@ -128,7 +128,7 @@ def test_policy_evicts_least_recently_used_sparing_leases_pins_and_streams() -> 
     entries = [_entry("old", attached=1), _entry("older", attached=None, created=0.5),
                _entry("leased", leases=1, attached=0), _entry("pinned", pinned=True, created=0),
                _entry("streaming", state=State.STREAMING, created=0), _entry("new", attached=9)]
-    pick = lambda needed, room: [e.content_hash for e in choose_victims(  # noqa: E731
+    pick = lambda needed, room: [e.content_hash for e in choose_victims(
         map(entry_candidate, entries), needed, room, who="m", device="cpu")]
     assert pick(5, 5) == []
     assert pick(15, 5) == ["older"]

@@ -135,13 +135,12 @@ async def status(url: str, settings: Settings, keys: RedisKeys = RedisKeys()) ->
             for e in entries]
 
 
-async def failing(url: str, settings: Settings,
-                  keys: RedisKeys = RedisKeys()) -> list[Failing]:
+async def failing(url: str, settings: Settings, keys: RedisKeys | None = None) -> list[Failing]:
     """Desired models of this node whose warm-ups keep failing (backing off, or given
     up until asked again): ``warmpool evict <uri>`` removes one."""
     redis = connect(url, name="warmpool-cli")
     try:
-        records = await Failures(redis, keys, settings.node).all()
+        records = await Failures(redis, keys or RedisKeys(), settings.node).all()
     except CONNECTION_ERRORS as exc:
         raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
     finally:
