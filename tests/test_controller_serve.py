@@ -120,8 +120,14 @@ def test_serve_killed_and_restarted_reconciles_then_stops_cleanly(
     report = json.loads(proc.stdout)
     assert report["state"] == "warm" and report["node"] == NODE and report["request_id"]
     port = first.wait_event("metrics_listening")["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+    # The state gauges are refreshed by the controller's periodic pass, not by the warm-up.
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        if 'warmpool_models{state="warm"} 1.0' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert 'warmpool_models_streamed_total{device="cpu"} 1.0' in text
     assert 'warmpool_events_received_total{source="stream"} 1.0' in text
     assert "warmpool_time_to_warm_seconds_bucket" in text

@@ -47,7 +47,7 @@ async def test_a_fast_redis_restart_is_detected_and_nothing_is_erased(
     await ctl._beat()
     await harness.wait_entry(uri)
     assert await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{uri}")
-    assert [w.uri for w in await ctl.desired.all()] == [str(uri)]
+    assert [str(w.uri) for w in await ctl.desired.all()] == [str(uri)]
 
 
 async def _set(harness: Harness, key: str, value: bytes) -> bool:

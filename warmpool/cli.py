@@ -137,7 +137,9 @@ def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigO
 def prefetch(uri: str,
              device: str = typer.Option("cpu", help="cpu, or cuda:N (needs running workers)."),
              tp: int = typer.Option(1, help="Tensor-parallel group size (GPU workers)."),
-             layout: str = typer.Option("replicated", help="replicated | sharded (GPU workers)."),
+             sharding: str = typer.Option("replicated", "--sharding", "--layout",
+                                          help="replicated | sharded (GPU workers; "
+                                               "--layout is its old name)."),
              loader: str = typer.Option("auto", help="auto | runai | native | pread"),
              concurrency: Optional[int] = typer.Option(None, help="Streamer concurrency."),
              memory_limit: Optional[str] = typer.Option(None, help="Streamer host buffer, e.g. 2GiB."),
@@ -157,11 +159,11 @@ def prefetch(uri: str,
     controller = remote.controller_url(settings)
     if controller:  # a running controller owns the pool: ask it
         result = _run(remote.prefetch(controller, uri, settings=settings, device=device, tp=tp,
-                                      layout=layout))
+                                      sharding=sharding))
     elif device != "cpu" or tp > 1:
         from warmpool.workers.client import prefetch_via_workers
 
-        result = prefetch_via_workers(uri, device=device, tp=tp, layout=layout,
+        result = prefetch_via_workers(uri, device=device, tp=tp, sharding=sharding,
                                       loader=loader, settings=settings)
     else:
         result = _prefetch_host(uri, settings, loader, show_progress=not as_json)

@@ -63,8 +63,7 @@ class StreamerOptions:
         ``RUNAI_STREAMER_CONCURRENCY`` by hand meant it. Without a ``memory_limit`` the
         staging buffer is two of the largest tensor (at least 256 MiB): enough for the
         streamer to overlap reads with our copies, while a bigger ring of freshly
-        allocated memory only costs page faults (measured: 2 GiB made a 2 GB host-tier
-        prefetch 1.5-2x slower than 256-512 MiB on the dev VM).
+        allocated memory only costs page faults (docs/findings.md).
         """
         env = dict(os.environ if base is None else base)
         cores = os.cpu_count() or 2
@@ -76,7 +75,7 @@ class StreamerOptions:
                 else max(2 * largest_tensor, 256 << 20)
             ),
             # O_DIRECT (the streamer's default) re-reads from disk what the page cache
-            # already holds; buffered io_uring is 3x faster from a warm cache (FACTS.md).
+            # already holds; buffered io_uring reads it from there (docs/findings.md).
             "RUNAI_STREAMER_FS_STRATEGY": "io_uring_buffered",
         }
         explicit = {"RUNAI_STREAMER_CONCURRENCY": self.concurrency,

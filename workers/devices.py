@@ -18,7 +18,7 @@ from warmpool.errors import ConfigError, WorkerError
 
 log = logging.getLogger(__name__)
 
-#: cudaHostRegisterReadOnly: lets a PROT_READ mapping be page-locked (FACTS.md).
+#: cudaHostRegisterReadOnly: lets a PROT_READ mapping be page-locked.
 HOST_REGISTER_READ_ONLY = 8
 
 

@@ -21,7 +21,11 @@ from warmpool.workers.buffers import ResidentBuffer
 
 
 @dataclass(eq=False)
-class Resident:
+class DeviceResident:
+    """A model a worker holds in its device's memory: the buffer, its leases and whether
+    it is warm yet. (The host tier's counterpart is
+    :class:`warmpool.pool.host.HostResident`.)"""
+
     uri: str
     content_hash: str
     layout: Layout
@@ -62,8 +66,8 @@ class Resident:
                 "loader": self.loader, "last_attached_at": self.last_attached}
 
 
-def choose_victims(residents: Iterable[Resident], needed: int, room: int, *,
-                   who: str, device: str) -> list[Resident]:
+def choose_victims(residents: Iterable[DeviceResident], needed: int, room: int, *,
+                   who: str, device: str) -> list[DeviceResident]:
     """Which residents to evict so that ``needed`` bytes fit in ``room`` (plus what they
     free): the pool's policy (:func:`warmpool.pool.eviction.choose_victims`)."""
     return eviction.choose_victims(

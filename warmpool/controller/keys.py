@@ -86,7 +86,7 @@ class RedisKeys:
         """``model_uri``: a :class:`~warmpool.model.uri.ModelURI` or its string."""
         return f"{self.prefix}:upload-pending:{model_uri}"
 
-    # --- added for the controller (issue 5) ----------------------------------------
+    # --- the controller's ----------------------------------------------------------
     def node_entries(self, node: str) -> str:
         return f"{self.prefix}:entries:{node}"
 

@@ -26,7 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.config import Settings
-from warmpool.controller.desired import DesiredState, Want
+from warmpool.controller.desired import DesiredState, want_field
 from warmpool.controller.dispatch import Dispatcher
 from warmpool.controller.failures import Backoff, Failures
 from warmpool.errors import ConfigError
@@ -197,7 +197,7 @@ class Controller:
         entries = await self.pool.entries()
         started = 0
         for want in await self._due():
-            mine = [e for e in entries if want.uri in e.uris and e.device == want.device]
+            mine = [e for e in entries if str(want.uri) in e.uris and e.device == want.device]
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
                     newest.state == State.FAILED
@@ -206,12 +206,12 @@ class Controller:
                 started += 1
         return started
 
-    async def _due(self) -> list[Want]:
+    async def _due(self) -> list[Request]:
         """Desired models to try now: not given up, and past their backoff."""
         failing = await self.failures.all()
         now = time.time()
         return [w for w in await self.desired.all()
-                if (f := failing.get(w.field)) is None or f.due(now)]
+                if (f := failing.get(want_field(str(w.uri), w.device))) is None or f.due(now)]
 
     async def _shutdown(self) -> None:
         """The readers have stopped: give work in flight the grace period, then cancel it

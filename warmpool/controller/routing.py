@@ -24,31 +24,23 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
 
 from redis.asyncio import Redis
 
-from warmpool.controller.desired import DesiredState, DesiredStateFull, Want
+from warmpool.controller.desired import DesiredState, DesiredStateFull
+from warmpool.controller.dispatch import Dispatcher, Outcome
 from warmpool.controller.failures import Failures
-from warmpool.controller.dispatch import Dispatcher, Outcome, Target
 from warmpool.controller.events import Request
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.nodes import Nodes, place
-from warmpool.pool.registry.redis import RedisRegistry
-from warmpool.model.uri import ModelURI, parse_uri
 from warmpool.pool.registry.base import State
+from warmpool.pool.registry.redis import RedisRegistry
+from warmpool.model.uri import ModelURI
 
 log = logging.getLogger(__name__)
 REPLY_TTL_S = 600
 STREAM_MAXLEN = 100_000
 HEARD_BOUND = 10_000  # broadcast digests remembered before expired ones are dropped
-
-
-def request_doc(req: Request) -> dict[str, Any]:
-    doc = {"action": req.action, "uri": str(req.uri), "device": req.device, "tp": req.tp,
-           "layout": req.layout, "node": req.node, "request_id": req.request_id,
-           "force": req.force or None}
-    return {k: v for k, v in doc.items() if v is not None}
 
 
 class Router:
@@ -92,12 +84,12 @@ class Router:
                     for other in await self._other_live_nodes():
                         await self.forward(replace(req, request_id=None), other)
             try:
-                want = await self.record(req)
+                wanted = await self.record(req)
             except DesiredStateFull as exc:
                 await self.reply(req, Outcome(str(req.uri), req.device, "failed",
                                               error=str(exc)))
                 return
-            acting = asyncio.ensure_future(self.act(req, want))
+            acting = asyncio.ensure_future(self.act(req, wanted))
             # One turn of the loop: the task takes its first step (the dispatcher joins,
             # starts or cancels the warm-up in flight before it first waits) while the
             # next request for this model still waits for its turn.
@@ -125,26 +117,52 @@ class Router:
         """Do ``req`` on this node."""
         return await self.act(req, await self.record(req, source))
 
-    async def record(self, req: Request, source: str = "request") -> Want | None:
-        """Desired state first, so a crash half-way still converges."""
+    async def record(self, req: Request, source: str = "request") -> Request | None:
+        """Desired state first, so a crash half-way still converges; returns what is now
+        desired for a deploy or pin."""
         uri, device = str(req.uri), req.device
         if req.action in ("deploy", "pin"):
-            want = Want(uri, device, req.tp, req.layout, pinned=req.action == "pin",
-                        source=source)
             try:
-                want = await self.desired.add(want)
+                wanted = await self.desired.add(req, source)
             except DesiredStateFull:
                 if not await self._drop_given_up():
                     raise
-                want = await self.desired.add(want)
+                wanted = await self.desired.add(req, source)
             await self.failures.clear(uri, device)  # asked (again): tried at once
-            return want
+            return wanted
         if req.action == "unpin":
             await self.desired.set_pinned(uri, device, False)
         else:
             await self.desired.remove(uri, device)
             await self.failures.clear(uri, device)
         return None
+
+    async def act(self, req: Request, wanted: Request | None) -> Outcome:
+        """The pool's part of ``req``, after :meth:`record`."""
+        uri, device = str(req.uri), req.device
+        if wanted is not None:
+            return await self.warm_wanted(wanted)
+        if req.action == "unpin":
+            changed = await self.dispatcher.set_pin(uri, device, False)
+            entry = changed[-1] if changed else None
+            return Outcome(uri, device, entry.state.value if entry else "absent", entry)
+        return await self.dispatcher.evict(uri, device, force=req.force)
+
+    async def warm_wanted(self, wanted: Request) -> Outcome:
+        """Warm a desired model and keep its failure count: a model that keeps failing
+        backs off and is finally given up (:mod:`.failures`)."""
+        uri, device = str(wanted.uri), wanted.device
+        outcome = await self.dispatcher.warm(wanted)
+        if outcome.state == State.WARM.value:
+            await self.failures.clear(uri, device)
+        elif (outcome.state == State.FAILED.value
+              and await self.desired.get(uri, device) is not None):
+            failing = await self.failures.failed(uri, device, outcome.error or "")
+            if failing.given_up:
+                log.warning("giving up on %s on %s after %d failures: %s", uri, device,
+                            failing.failures, failing.error,
+                            extra={"event": "given_up", "uri": uri, "device": device})
+        return outcome
 
     async def _drop_given_up(self) -> bool:
         """Make room in a full desired state: the model given up longest ago goes (its
@@ -159,34 +177,6 @@ class Router:
                     oldest.uri, oldest.device, oldest.failures, oldest.error,
                     extra={"event": "desired_dropped", "uri": oldest.uri})
         return True
-
-    async def warm_wanted(self, want: Want) -> Outcome:
-        """Warm a desired model and keep its failure count: a model that keeps failing
-        backs off and is finally given up (:mod:`.failures`)."""
-        outcome = await self.dispatcher.warm(Target(parse_uri(want.uri), want.device, want.tp,
-                                                    want.layout, want.pinned))
-        if outcome.state == State.WARM.value:
-            await self.failures.clear(want.uri, want.device)
-        elif (outcome.state == State.FAILED.value
-              and await self.desired.get(want.uri, want.device) is not None):
-            failing = await self.failures.failed(want.uri, want.device, outcome.error or "")
-            if failing.given_up:
-                log.warning("giving up on %s on %s after %d failures: %s", want.uri,
-                            want.device, failing.failures, failing.error,
-                            extra={"event": "given_up", "uri": want.uri,
-                                   "device": want.device})
-        return outcome
-
-    async def act(self, req: Request, want: Want | None) -> Outcome:
-        """The pool's part of ``req``, after :meth:`record`."""
-        uri, device = str(req.uri), req.device
-        if want is not None:
-            return await self.warm_wanted(want)
-        if req.action == "unpin":
-            changed = await self.dispatcher.set_pin(uri, device, False)
-            entry = changed[-1] if changed else None
-            return Outcome(uri, device, entry.state.value if entry else "absent", entry)
-        return await self.dispatcher.evict(uri, device, force=req.force)
 
     async def upload_ready(self, model: ModelURI) -> None:
         """A watched upload completed: warm it on the host tier of the placed node."""
@@ -203,7 +193,7 @@ class Router:
         return place(uri, device, live, entries, self.node)
 
     async def forward(self, req: Request, node: str) -> None:
-        doc = request_doc(replace(req, node=node))
+        doc = replace(req, node=node).to_doc()
         await self.redis.xadd(self.keys.node_stream(node),
                               {"payload": json.dumps(doc), "from": self.node},
                               maxlen=STREAM_MAXLEN, approximate=True)
@@ -226,7 +216,7 @@ class Router:
         digest of its body and how many times in a row this controller heard that body
         (Redis hands every subscriber the messages in one order). Deploy X, evict X,
         deploy X are three messages, not two. A count restarts once its claims expired."""
-        digest = hashlib.sha256(json.dumps(request_doc(req), sort_keys=True).encode()
+        digest = hashlib.sha256(json.dumps(req.to_doc(), sort_keys=True).encode()
                                 ).hexdigest()[:32]
         now = time.monotonic()
         count, last = self._heard.get(digest, (0, now))

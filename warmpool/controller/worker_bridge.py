@@ -29,7 +29,7 @@ class WorkerBridge:
         self.registry = registry
         self.local = FileRegistry(settings.runtime_dir)  # where workers record their entries
 
-    async def load(self, uri: str, content_hash: str, *, device: str, tp: int, layout: str,
+    async def load(self, uri: str, content_hash: str, *, device: str, tp: int, sharding: str,
                    loader: str) -> tuple[dict[str, Any], PoolEntry | None]:
         """Have the workers of ``device`` (and the next ``tp - 1``) load ``uri``; their
         summary and the mirrored entry. Raises :class:`WarmpoolError` on failure."""
@@ -43,7 +43,7 @@ class WorkerBridge:
         except WarmpoolError as exc:
             raise WorkerError(f"{NO_WORKERS} for {device}: {exc}") from None
         summary = await asyncio.to_thread(prefetch_via_workers, uri, device=device, tp=tp,
-                                          layout=layout, loader=loader, settings=self.settings)
+                                          sharding=sharding, loader=loader, settings=self.settings)
         return summary, await self.mirror(entry_key(content_hash, device))
 
     async def evict(self, entry: PoolEntry, *, force: bool = False) -> None:

@@ -3,7 +3,7 @@
 Both loaders fill the same thing: a flat uint8 tensor (a host segment or a device
 buffer) laid out by a :class:`~warmpool.pool.layout.Layout`. runai-model-streamer reads local
 files, ``s3://`` and ``gs://``; ``az://`` has no streamer support against Azurite in
-0.17 (FACTS.md), so it — and anything forced with ``loader="native"`` — comes through
+0.17 (docs/findings.md), so it — and anything forced with ``loader="native"`` — comes through
 our async backend with concurrent ranged reads straight into the buffer.
 
 Memory stays bounded: the streamer runs with ``owned=False`` and a ``memory_limit``, and

@@ -211,7 +211,7 @@ class MetadataCache:
 
     async def _completeness(self, store: Store, objects: tuple[ObjectInfo, ...],
                             digest: str) -> tuple[Completeness, bytes | None]:
-        """DESIGN.md's rule, reading the index (from the cache when it holds this hash)."""
+        """The completeness rule (:func:`~warmpool.model.identity.check_complete`), reading the index (from the cache when it holds this hash)."""
         index = next((o for o in objects if o.key == INDEX_FILE), None)
         if index is None:
             return check_complete(list(objects), None), None

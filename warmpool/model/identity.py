@@ -49,7 +49,8 @@ class Completeness:
 
 
 def check_complete(objects: list[ObjectInfo], index_json: bytes | None) -> Completeness:
-    """DESIGN.md's rule: an index and every shard it names, or config + a safetensors file.
+    """The completeness rule: an index and every shard it names, or config + a safetensors
+    file.
 
     ``index_json`` is the content of the index when the listing has one (the caller reads
     it; it is small), so this function stays pure.

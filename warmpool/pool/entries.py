@@ -10,31 +10,19 @@ needed bytes — never half-way through.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
-from warmpool.errors import InvalidURIError, LeaseHeldError, NotWarmError
+from warmpool.errors import LeaseHeldError, NotWarmError
 from warmpool.pool.eviction import choose_victims, entry_candidate, inherits_pin, superseded
 from warmpool.pool.leases import Leases
 from warmpool.locks import async_file_lock, is_locked
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.pool.host import HostTier
-from warmpool.model.uri import parse_uri
+from warmpool.pool.refs import ModelRef
 
-HASH_RE = re.compile(r"^[0-9a-f]{8,64}$")
 HOST_DEVICE = "cpu"
-
-
-def is_hash_ref(ref: str) -> bool:
-    """A content hash or an unambiguous prefix of one (8+ hex digits), not a path."""
-    return bool(HASH_RE.match(ref))
-
-
-def normalise_ref(ref: str) -> str:
-    """A hash prefix stays as it is; anything else becomes its canonical URI string."""
-    return ref if is_hash_ref(ref) else str(parse_uri(ref))
 
 
 class Pool:
@@ -62,15 +50,12 @@ class Pool:
 
     async def find(self, ref: str, device: str = HOST_DEVICE,
                    states: tuple[State, ...] = (State.WARM,)) -> PoolEntry | None:
-        """The newest entry on ``device`` in one of ``states`` matching a URI or hash."""
-        try:
-            wanted = normalise_ref(ref)
-        except InvalidURIError:
-            raise NotWarmError(f"{ref!r} is neither a model URI nor a content hash") from None
+        """The newest entry on ``device`` in one of ``states`` that ``ref`` names
+        (:class:`~warmpool.pool.refs.ModelRef`)."""
+        wanted = ModelRef.parse(ref)
         matches = [e for e in await self.entries()
                    if e.device == device and e.state in states
-                   and (e.content_hash.startswith(wanted) if is_hash_ref(wanted)
-                        else wanted in e.uris)]
+                   and any(wanted.matches(uri, e.content_hash) for uri in e.uris)]
         return max(matches, key=lambda e: e.updated_at, default=None)
 
     async def in_use(self) -> set[str]:
@@ -114,9 +99,9 @@ class Pool:
         entry = await self.find(ref, device, states=(State.WARM, State.FAILED, State.LOST))
         if entry is None:
             raise NotWarmError(f"nothing to evict: {ref} is not in the pool on {device}")
-        wanted = normalise_ref(ref)
-        if not is_hash_ref(wanted):
-            renamed = await self.drop_name(entry, wanted)
+        wanted = ModelRef.parse(ref)
+        if not wanted.is_hash:
+            renamed = await self.drop_name(entry, wanted.text)
             if renamed is not None:
                 return renamed
         return await self._evict_one(entry, force=force, reason="requested")
