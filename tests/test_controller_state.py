@@ -12,6 +12,7 @@ from tests.servers import Backend
 from tests.test_controller import FAST, KEYS, Harness, ask, harness, wait_until
 from warmpool.config import Settings
 from warmpool.controller import remote
+from warmpool.controller.events import Request
 from warmpool.controller.loop import Controller, redis_run_id
 from warmpool.model.uri import parse_uri
 from warmpool.pool.attachment import attach
@@ -170,3 +171,14 @@ async def test_a_deploy_of_the_same_content_under_another_uri_names_it_too(
 def model_files_of(directory: Path) -> dict[str, bytes]:
     write_model(directory, shards=1, seed=13)
     return model_files(directory)
+
+
+async def test_a_convergence_pass_starts_a_bounded_number_of_warm_ups(
+        harness: Harness, tmp_path: Path) -> None:
+    """However many models are desired, one pass starts at most max_inflight warm-ups
+    (the next pass goes on), so a large desired state cannot flood Redis connections."""
+    ctl = await harness.start(options=replace(FAST, max_inflight=2, recheck_s=600.0))
+    for i in range(6):
+        await ctl.desired.add(Request("deploy", parse_uri(str(tmp_path / f"missing-{i}"))))
+    assert await ctl.converge() == 2
+    assert len(ctl._tasks) <= 2

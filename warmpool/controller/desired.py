@@ -91,10 +91,19 @@ class DesiredState:
             if source == "watch":
                 source = current_source
         elif await self.redis.hlen(self.key) >= self.max_wants:
-            raise DesiredStateFull(
-                f"node already wants {self.max_wants} models (max_desired); evict some "
-                f"before deploying {req.uri}")
+            raise self._full(req)
+        else:
+            written = await self._write(req, source, since)
+            # Concurrent deploys may all have seen room: check again, after writing.
+            if await self.redis.hlen(self.key) > self.max_wants:
+                await self.remove(str(req.uri), req.device)
+                raise self._full(req)
+            return written
         return await self._write(req, source, since)
+
+    def _full(self, req: Request) -> DesiredStateFull:
+        return DesiredStateFull(f"node already wants {self.max_wants} models (max_desired); "
+                                f"evict some before deploying {req.uri}")
 
     async def set_pinned(self, uri: str, device: str, pinned: bool) -> Request | None:
         raw = await self.redis.hget(self.key, want_field(uri, device))

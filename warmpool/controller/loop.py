@@ -173,7 +173,7 @@ class Controller:
         """Warm again what should be warm; mark what is gone (lost/failed)."""
         await self.pool.reclaim()
         await self._adopt()
-        wants = await self._due()
+        wants = (await self._due())[: self._room()]  # the rest: later convergence passes
         for want in wants:
             self._spawn(self.router.warm_wanted(want), f"reconcile {want.uri}")
         if wants:
@@ -195,8 +195,10 @@ class Controller:
         until asked again, and capacity evictions are not undone (that would thrash)."""
         await self.pool.reclaim()
         entries = await self.pool.entries()
-        started = 0
+        started, room = 0, self._room()
         for want in await self._due():
+            if started >= room:
+                break  # bounded work per pass; the next pass goes on
             mine = [e for e in entries if str(want.uri) in e.uris and e.device == want.device]
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
@@ -205,6 +207,11 @@ class Controller:
                 self._spawn(self.router.warm_wanted(want), f"converge {want.uri}")
                 started += 1
         return started
+
+    def _room(self) -> int:
+        """Warm-ups a pass may start: as many as stream entries may be in flight, less
+        those its earlier passes started and that still run."""
+        return max(0, self.options.max_inflight - len(self._tasks))
 
     async def _due(self) -> list[Request]:
         """Desired models to try now: not given up, and past their backoff."""
