@@ -432,7 +432,9 @@ def test_status_and_cli_round_trip(model_dir: Path, settings: Settings) -> None:
     assert attached.returncode == 0, attached.stderr
     assert json.loads(attached.stdout)["verified"] is True
     assert run_cli("evict", entry["content_hash"][:12]).returncode == 0
-    assert json.loads(run_cli("status", "--json").stdout)[0]["state"] == "evicted"
+    assert json.loads(run_cli("status", "--json").stdout) == []  # live entries only
+    [gone] = json.loads(run_cli("status", "--history", "--json").stdout)
+    assert gone["state"] == "evicted" and gone["content_hash"] == entry["content_hash"]
 
 
 def test_bad_uri_is_a_clear_error(settings: Settings) -> None:

@@ -120,6 +120,9 @@ class Settings:
     # The config file's ``controller:`` section, raw; checked and typed by
     # ControllerOptions.load, where WARMPOOL_<NAME> variables override it.
     controller: dict[str, Any] = field(default_factory=dict)
+    # The config file's ``relays:`` list, raw; checked by warmpool.relay.spec, and run
+    # by ``warmpool serve`` next to the controller.
+    relays: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -156,6 +159,10 @@ class Settings:
                 if not isinstance(value, dict):
                     raise ConfigError("'controller' must be a mapping of controller settings")
                 top[key] = {**self.controller, **value}
+            elif key == "relays":
+                if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                    raise ConfigError("'relays' must be a list of relay settings (mappings)")
+                top[key] = tuple(value)
             else:
                 raise ConfigError(f"unknown setting {key!r}")
         if streamer:

@@ -101,5 +101,9 @@ class WorkerError(WarmpoolError):
     """A worker process failed, died or answered with an error."""
 
 
+class ControllerError(WarmpoolError):
+    """No controller answered, or it answered with a failure."""
+
+
 class ProtocolError(WarmpoolError):
     """A message on a local socket was malformed, oversized or from a foreign uid."""

@@ -4,7 +4,8 @@
     p:requests                        stream    requests for any node; group p-controllers
     p:requests:<node>                 stream    requests placed on one node; same group
     p:dead                            stream    refused payloads: payload, reason, detail,
-                                                source (channel or stream), ts
+                                                source (channel, stream, or a relay's
+                                                sqs:<queue> / http:<address>), ts
     p:desired:<node>                  hash      what should be warm on <node>: one field per
                                                 (model, device), value = the request JSON;
                                                 a restarted controller reconciles from it

@@ -26,6 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.config import Settings
+from warmpool.controller.deadletter import dead_record, write_dead_letter
 from warmpool.controller.desired import DesiredState, want_field
 from warmpool.controller.dispatch import Dispatcher
 from warmpool.controller.failures import Backoff, Failures
@@ -44,8 +45,6 @@ from warmpool.controller.uploads import Uploads
 from warmpool.model.uri import ModelURI
 
 log = logging.getLogger(__name__)
-DEAD_PAYLOAD_BYTES = 4096  # what the dead-letter stream keeps of a refused payload
-DEAD_MAXLEN = 10_000
 
 
 @dataclass(frozen=True)
@@ -281,12 +280,8 @@ class Controller:
         # the channel or stream it came from, so an operator can replay it there
         where = {"pubsub": self.pubsub.channel, "shared": self.keys.requests_stream,
                  "node": self.keys.node_stream(self.node)}.get(source, source)
-        record: dict[Any, Any] = {
-            "payload": bytes(payload[:DEAD_PAYLOAD_BYTES]), "reason": reason,
-            "detail": detail[:1024], "source": where, "node": self.node, "size": len(payload),
-            "truncated": int(len(payload) > DEAD_PAYLOAD_BYTES), "ts": repr(time.time())}
-        await self.redis.xadd(self.keys.dead_stream, record, maxlen=DEAD_MAXLEN,
-                              approximate=True)
+        await write_dead_letter(self.redis, self.keys.dead_stream,
+                                dead_record(payload, reason, detail, where, self.node))
 
     # --- housekeeping --------------------------------------------------------------------
     async def _maintain(self) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 
 from warmpool.config import Settings
 from warmpool.controller.embedded_redis import running_url
-from warmpool.errors import NotWarmError, WarmpoolError
 from warmpool.controller.failures import Failing, Failures
+from warmpool.errors import ControllerError, NotWarmError
 from warmpool.controller.keys import RedisKeys
 from warmpool.pool.leases import Leases
 from warmpool.pool.refs import ModelRef
@@ -36,10 +36,6 @@ OUTAGE_S = 60.0
 #: A controller whose heartbeat is missing this long has stopped (its heartbeat expires
 #: after three beats; a Redis that restarted empty gets it back within one).
 STOPPED_AFTER_S = 20.0
-
-
-class ControllerError(WarmpoolError):
-    """No controller answered, or it answered with a failure."""
 
 
 def controller_url(settings: Settings) -> str | None:

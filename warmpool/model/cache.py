@@ -230,9 +230,10 @@ class MetadataCache:
         completeness, index_json = await self._completeness(store, objects, digest)
         if not completeness.complete:
             missing = ", ".join(completeness.missing)
+            named = not missing or missing in completeness.reason  # said once is enough
             raise IncompleteModelError(
                 f"{uri} is not a complete model yet: {completeness.reason}"
-                + (f" (missing: {missing})" if missing else ""),
+                + ("" if named else f" (missing: {missing})"),
                 missing=list(completeness.missing))
         files, skipped = _plan_files(objects)
         shards = [o for o in objects if o.key in set(completeness.shards)]

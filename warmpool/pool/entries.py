@@ -10,6 +10,7 @@ needed bytes — never half-way through.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
@@ -174,6 +175,18 @@ class Pool:
             except LeaseHeldError:
                 continue  # attached between the listing and the lock: keep it
         return retired
+
+    async def forget_history(self, older_than_s: float) -> list[PoolEntry]:
+        """Drop evicted, failed and lost entries not updated for ``older_than_s``: they
+        are history for ``status --history``, and kept forever they would make every
+        listing (and the registry) grow with every model this node ever warmed."""
+        cutoff = time.time() - older_than_s
+        gone = [e for e in await self.registry.list()
+                if e.state in (State.EVICTED, State.FAILED, State.LOST)
+                and e.updated_at < cutoff]
+        for entry in gone:
+            await self.registry.delete(entry.key)
+        return gone
 
     # --- recovery ------------------------------------------------------------------
     async def adopt_residents(self) -> list[PoolEntry]:
