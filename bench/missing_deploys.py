@@ -5,13 +5,23 @@ convergence pass starts.
 
     PYTHONPATH=$PWD python bench/missing_deploys.py 10000
 """
-import asyncio, json, os, resource, sys, tempfile, time
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 sys.path.insert(0, os.getcwd())
+
 from tests.redis_server import RedisServer, redis_executable
 from warmpool.config import Settings
-from warmpool.controller.loop import Controller, ControllerOptions
 from warmpool.controller.keys import RedisKeys
+from warmpool.controller.loop import Controller, ControllerOptions
 from warmpool.controller.redis_client import connect
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
