@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 DEMO_DIR ?= /tmp/warmpool-demo-model
 
-.PHONY: install install-dev demo demo-s3 test typecheck bench clean
+.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,11 +57,14 @@ demo: install
 demo-s3: install-dev
 	$(BIN)/python examples/s3_demo.py $(DEMO_DIR)
 
-test: install-dev typecheck
+test: install-dev typecheck lint
 	$(BIN)/pytest -q
 
 typecheck: install-dev
 	$(BIN)/mypy -p warmpool
+
+lint: install-dev
+	$(BIN)/ruff check warmpool workers tests bench examples
 
 bench: install
 	$(BIN)/python bench/host_tier.py

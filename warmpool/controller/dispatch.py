@@ -129,8 +129,8 @@ class Dispatcher:
             listing = await list_model(self.cache, target.uri)
             lock = RedisLock(self.redis, self.keys.lock(listing.content_hash, target.device,
                                                         self.node), self.lock_ttl_ms)
-            while not await lock.acquire():  # another controller streams it: wait, then
-                await asyncio.sleep(self.lock_poll_s)  # find it warm
+            while not await lock.acquire():  # noqa: ASYNC110 - the holder is another node
+                await asyncio.sleep(self.lock_poll_s)  # streaming it: wait, then find it warm
             async with lock.renewed():
                 outcome = await self._fill(target, listing.content_hash)
         except CONNECTION_ERRORS:

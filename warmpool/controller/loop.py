@@ -128,6 +128,7 @@ class Controller:
         self.uploads = Uploads(redis, keys, cache=self.dispatcher.cache,
                                debounce_s=options.debounce_s, on_ready=self.router.upload_ready)
         self.stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second signal: abandon in-flight work now
         self.ready = asyncio.Event()
         self.consumer = f"{self.node}-{os.getpid()}-{secrets.token_hex(3)}"
         self.pubsub = PubSubSource(redis, options.events_channel or keys.events_channel,
@@ -161,6 +162,8 @@ class Controller:
         """Stop taking work; in-flight work gets ``grace_s`` (default: the option) to end."""
         if grace_s is not None:
             self.options = replace(self.options, shutdown_grace_s=grace_s)
+            if grace_s <= 0:
+                self._hurry.set()  # a drain already under way reads no option again
         self.stopping.set()
 
     async def _start(self) -> None:
@@ -229,7 +232,7 @@ class Controller:
         if work:
             log.info("stopping: waiting up to %.0fs for %d task(s) in flight",
                      self.options.shutdown_grace_s, len(work), extra={"event": "draining"})
-            _, left = await asyncio.wait(work, timeout=self.options.shutdown_grace_s)
+            left = await _drain(work, self.options.shutdown_grace_s, self._hurry)
         if left:
             log.warning("abandoning %d task(s); their stream entries stay pending for the "
                         "next controller", len(left), extra={"event": "abandoned"})
@@ -344,3 +347,21 @@ async def _logged(coro: Any, name: str) -> None:
                     extra={"event": "redis_unreachable", "task": name})
     except Exception:  # noqa: BLE001
         log.exception("%s failed", name)
+
+
+async def _drain(work: list[asyncio.Task[Any]], grace_s: float,
+                 hurry: asyncio.Event) -> set[asyncio.Task[Any]]:
+    """The tasks of ``work`` still running after ``grace_s``, or as soon as ``hurry`` is
+    set (a second signal must not wait out the grace period the first one started)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    hurried = asyncio.ensure_future(hurry.wait())
+    try:
+        pending = {t for t in work if not t.done()}
+        while pending and not hurry.is_set() and (left_s := deadline - loop.time()) > 0:
+            await asyncio.wait([*pending, hurried], timeout=left_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            pending = {t for t in pending if not t.done()}
+        return pending
+    finally:
+        hurried.cancel()

@@ -68,7 +68,7 @@ async def serve(settings: Settings, *, options: ControllerOptions | None = None)
     url = settings.redis_url
     if not url:
         embedded = EmbeddedRedis(settings.runtime_dir)
-        url = embedded.start()
+        url = await asyncio.to_thread(embedded.start)  # waits up to seconds for the server
     redis = connect(url, name=f"warmpool-{settings.node}")
     metrics = Metrics()
     controller = Controller(settings, redis, options=options, metrics=metrics)
@@ -90,7 +90,7 @@ async def serve(settings: Settings, *, options: ControllerOptions | None = None)
         metrics.close()
         await redis.aclose()
         if embedded is not None:
-            embedded.stop()
+            await asyncio.to_thread(embedded.stop)
     return 0
 
 

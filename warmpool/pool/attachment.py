@@ -142,10 +142,9 @@ class _HostCloser:
 
 
 def _resolve(host: HostTier, ref: str) -> HostResident:
-    try:
-        wanted = ModelRef.parse(ref)
-    except NotWarmError:  # an unparsable ref is simply not warm
-        raise _not_warm(ref) from None
+    # NotWarmError for text that names nothing; a bug (a ref that is no string) is not
+    # caught here, so it surfaces as the TypeError it is rather than as "not warm".
+    wanted = ModelRef.parse(ref)
     if wanted.is_hash:
         matches = host.residents(hash_prefix=wanted.text)  # parses only the matching records
     else:

@@ -268,8 +268,11 @@ async def read_full(read: Callable[[int], Awaitable[bytes]], size: int) -> bytes
 async def stream_to_file(read: Callable[[int], Awaitable[bytes]], dest: Path) -> int:
     """Copy a response body into ``dest`` a chunk at a time; never whole into memory."""
     done = 0
-    with open(dest, "wb") as f:
+    f = await asyncio.to_thread(dest.open, "wb")  # a slow cache disk must not stall the loop
+    try:
         while chunk := await read_full(read, DOWNLOAD_CHUNK):
             await asyncio.to_thread(f.write, chunk)
             done += len(chunk)
+    finally:
+        await asyncio.to_thread(f.close)
     return done
