@@ -30,8 +30,7 @@ async def main(tmp: Path, server: RedisServer) -> None:
     settings = Settings.load(runtime_dir=tmp / "rt", cache_dir=tmp / "cache", node="n1")
     ctl = Controller(settings, connect(server.url), options=ControllerOptions(heartbeat_s=1))
     task = asyncio.create_task(ctl.run())
-    while not ctl.ready.is_set():
-        await asyncio.sleep(0.05)
+    await ctl.ready.wait()
     r = connect(server.url)
     keys = RedisKeys()
     t0 = time.perf_counter()

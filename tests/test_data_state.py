@@ -128,8 +128,10 @@ def test_policy_evicts_least_recently_used_sparing_leases_pins_and_streams() -> 
     entries = [_entry("old", attached=1), _entry("older", attached=None, created=0.5),
                _entry("leased", leases=1, attached=0), _entry("pinned", pinned=True, created=0),
                _entry("streaming", state=State.STREAMING, created=0), _entry("new", attached=9)]
-    pick = lambda needed, room: [e.content_hash for e in choose_victims(
-        map(entry_candidate, entries), needed, room, who="m", device="cpu")]
+    def pick(needed: int, room: int) -> list[str]:
+        return [e.content_hash for e in choose_victims(
+            map(entry_candidate, entries), needed, room, who="m", device="cpu")]
+
     assert pick(5, 5) == []
     assert pick(15, 5) == ["older"]
     assert pick(25, 0) == ["older", "old", "new"]
