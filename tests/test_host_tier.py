@@ -500,6 +500,24 @@ def test_pread_jobs_cover_every_byte_once() -> None:
             at += p.nbytes
 
 
+async def test_model_of_more_tensors_than_one_read_takes_is_bit_exact(
+        tmp_path: Path, settings: Settings) -> None:
+    """Thousands of tiny tensors: more buffers than one ``preadv`` accepts (IOV_MAX), and
+    the attach path (index, lazy views) over them."""
+    from warmpool.loading.pread import MAX_PIECES
+
+    directory = tmp_path / "many"
+    directory.mkdir()
+    count = 2 * MAX_PIECES + 5
+    save_file({f"layers.{i}.w": torch.arange(i, i + 3, dtype=torch.int16) for i in range(count)},
+              str(directory / "model.safetensors"))
+    (directory / "config.json").write_text("{}")
+    await prefetch(str(directory), settings=settings, loader="pread")
+    with attach(str(directory), settings=settings) as weights:
+        assert len(weights) == count and next(iter(weights)) == "layers.0.w"
+        assert_bit_exact(weights, reference(directory))
+
+
 async def test_streamer_memory_limit_reaches_the_streamer(model_dir: Path,
                                                            settings: Settings) -> None:
     """memory_limit (the engines' name) bounds runai's staging buffer: a limit below the

@@ -31,6 +31,8 @@ from warmpool.pool.views import byte_view
 Progress = Callable[[int], None]
 CHUNK = 32 << 20
 THREADS = min(16, max(4, (os.cpu_count() or 4)))
+#: Buffers one ``preadv`` accepts; more fail with EINVAL (a model of many small tensors).
+MAX_PIECES = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def plan_jobs(layout: Layout, files: list[str] | None = None, chunk: int = CHUNK
             while done < slot.nbytes:
                 src = slot.file_offset + done
                 contiguous = pieces and pieces[-1].src + pieces[-1].nbytes == src
-                if pieces and (size >= chunk or not contiguous):
+                if pieces and (size >= chunk or not contiguous or len(pieces) >= MAX_PIECES):
                     jobs.append(Job(file, pieces[0].src, tuple(pieces)))
                     pieces, size = [], 0
                 n = min(slot.nbytes - done, chunk - size)

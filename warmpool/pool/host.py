@@ -3,8 +3,10 @@
 A segment is filled under a *partial* name (``…<hash>.part-<pid>``) and renamed to its
 final name only when every byte is in place, so a reader can never map half a model and
 a crashed filler leaves a name that :meth:`HostTier.reclaim` recognises. Beside it, in the
-private runtime directory, ``resident/<hash>@cpu.json`` records the URI and the layout:
-the one thing ``attach`` reads — never the source files.
+private runtime directory, ``resident/<hash>@cpu.json`` records the URI and
+``resident/<hash>@cpu.layout`` the layout as a binary index (constant cost to open, see
+:mod:`warmpool.pool.layout_index`): the one thing ``attach`` reads — never the source
+files. The index is written before the record, so a record always has its index.
 
 Segments are created mode 0600: only processes of the same user may map them.
 """
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from warmpool.config import private_dir
 from warmpool.pool.layout import Layout
+from warmpool.pool.layout_index import LayoutIndex, encode
 from warmpool.locks import try_lock
 from warmpool.pool.registry.files import atomic_write
 
@@ -39,7 +42,7 @@ class Resident:
     uri: str
     content_hash: str
     segment: str
-    layout: Layout
+    layout: LayoutIndex
     created_at: float
 
     @property
@@ -48,13 +51,16 @@ class Resident:
 
     def to_json(self) -> dict[str, object]:
         return {"uri": self.uri, "content_hash": self.content_hash, "segment": self.segment,
-                "created_at": self.created_at, "layout": self.layout.to_json()}
+                "created_at": self.created_at, "total_bytes": self.layout.total_bytes,
+                "tensors": len(self.layout)}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> Resident:
+    def from_json(cls, data: dict[str, object], layout: LayoutIndex) -> Resident:
+        if layout.content_hash != data["content_hash"]:
+            raise ValueError(f"layout index of {layout.content_hash} beside the record of "
+                             f"{data['content_hash']}")
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
-                   Layout.from_json(data["layout"]),  # type: ignore[arg-type]
-                   float(data["created_at"]))  # type: ignore[arg-type]
+                   layout, float(data["created_at"]))  # type: ignore[arg-type]
 
 
 class WritableSegment:
@@ -121,6 +127,9 @@ class HostTier:
     def _record_path(self, content_hash: str) -> Path:
         return self.records / f"{content_hash}@{DEVICE}.json"
 
+    def _index_path(self, content_hash: str) -> Path:
+        return self.records / f"{content_hash}@{DEVICE}.layout"
+
     # --- filling -------------------------------------------------------------------
     def create(self, content_hash: str, size: int) -> WritableSegment:
         """A new partial segment; the caller must hold the entry's lock while filling."""
@@ -133,7 +142,9 @@ class HostTier:
         """Give a filled segment its final name and write the record attach reads."""
         name = self.segment_name(layout.content_hash)
         os.rename(segment.path, SHM_DIR / name)
-        resident = Resident(uri, layout.content_hash, name, layout, created_at)
+        index = encode(layout)
+        atomic_write(self._index_path(layout.content_hash), index)
+        resident = Resident(uri, layout.content_hash, name, LayoutIndex(index), created_at)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
 
@@ -144,14 +155,15 @@ class HostTier:
     # --- reading -------------------------------------------------------------------
     def resident(self, content_hash: str) -> Resident | None:
         try:
-            resident = Resident.from_json(json.loads(self._record_path(content_hash).read_text()))
+            record = json.loads(self._record_path(content_hash).read_text())
+            resident = Resident.from_json(record, LayoutIndex.open(self._index_path(content_hash)))
         except FileNotFoundError:
             return None
         return resident if (SHM_DIR / resident.segment).exists() else None
 
     def residents(self, hash_prefix: str = "") -> list[Resident]:
         """Every published model (whose content hash starts with ``hash_prefix``): only
-        the matching records are parsed, and a record lists every tensor."""
+        the matching records are read, each small whatever the tensor count."""
         found = []
         for path in sorted(self.records.glob(f"{hash_prefix}*@{DEVICE}.json")):
             resident = self.resident(path.name.split("@", 1)[0])
@@ -169,7 +181,7 @@ class HostTier:
         """Drop every segment and record of this pool (tests and `warmpool evict --all`)."""
         for path in SHM_DIR.glob(f"{self.prefix}*"):
             path.unlink(missing_ok=True)
-        for record in self.records.glob("*.json"):
+        for record in [*self.records.glob("*.json"), *self.records.glob("*.layout")]:
             record.unlink(missing_ok=True)
 
     def remove(self, content_hash: str) -> None:
@@ -177,6 +189,7 @@ class HostTier:
         until they unmap it; the memory returns to the system after the last one does."""
         (SHM_DIR / self.segment_name(content_hash)).unlink(missing_ok=True)
         self._record_path(content_hash).unlink(missing_ok=True)
+        self._index_path(content_hash).unlink(missing_ok=True)
 
     # --- capacity and recovery -----------------------------------------------------
     @staticmethod
@@ -192,6 +205,7 @@ class HostTier:
         hashes = {p.name[len(self.prefix):].split(".", 1)[0]
                   for p in SHM_DIR.glob(f"{self.prefix}*")}
         hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.json")}
+        hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.layout")}
         removed: list[str] = []
         for content_hash in sorted(hashes):
             fd = try_lock(self.lock_path(f"{content_hash}@{DEVICE}"))
@@ -209,9 +223,11 @@ class HostTier:
         for partial in SHM_DIR.glob(f"{final.name}.part-*"):
             partial.unlink(missing_ok=True)
             removed.append(partial.name)
-        record = self._record_path(content_hash)
-        if final.exists() != record.exists():
+        record, index = self._record_path(content_hash), self._index_path(content_hash)
+        present = [final.exists(), record.exists(), index.exists()]
+        if any(present) and not all(present):
             final.unlink(missing_ok=True)
             record.unlink(missing_ok=True)
+            index.unlink(missing_ok=True)
             removed.append(final.name)
         return removed
