@@ -26,7 +26,7 @@ import torch
 from warmpool.config import StreamerOptions
 from warmpool.errors import StreamError, WarmpoolError
 from warmpool.pool.layout import Layout, Slot
-from warmpool.loading.pread import stream_pread
+from warmpool.loading.pread import Job, plan_jobs, stream_pread
 from warmpool.storage import open_store
 from warmpool.storage.base import Store
 from warmpool.model.uri import ModelURI
@@ -204,33 +204,36 @@ def copy_slot(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: Model
 
 async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
                         files: list[str] | None = None, progress: Progress,
-                        concurrency: int = NATIVE_CONCURRENCY) -> None:
+                        concurrency: int | None = None, piece_bytes: int | None = None) -> None:
     """Fill ``target`` with concurrent ranged reads through our own async client.
 
-    A host target is written in place (no intermediate copy); a device target goes
-    through one host bytes object per piece.
+    Reads are contiguous file ranges of up to ``piece_bytes`` that may span several
+    tensors (a model's many small tensors — norms, biases — would otherwise cost one
+    request each); each range is scattered into its slots with one copy. A host target
+    is written in place, a device target through the downloaded bytes.
     """
-    gate = asyncio.Semaphore(concurrency)
+    gate = asyncio.Semaphore(concurrency or NATIVE_CONCURRENCY)
     on_host = target.device.type == "cpu"
     view = byte_view(target) if on_host else None
 
-    async def piece(slot: Slot, start: int, length: int) -> None:
+    async def read(job: Job) -> None:
         async with gate:
-            dst = slot.offset + start
+            data = await store.read_range(job.file, job.start, job.nbytes)
+        if len(data) != job.nbytes:
+            raise StreamError(f"{store.uri.child(job.file)}: short read at {job.start}: "
+                              f"wanted {job.nbytes}, got {len(data)}")
+        source = memoryview(data)
+        for p in job.pieces:
+            at = p.src - job.start
             if view is not None:
-                await store.read_into(slot.file, slot.file_offset + start, view[dst : dst + length])
+                view[p.dst:p.dst + p.nbytes] = source[at:at + p.nbytes]
             else:
-                data = await store.read_range(slot.file, slot.file_offset + start, length)
-                if len(data) != length:
-                    raise StreamError(f"{store.uri.child(slot.file)}: short read of "
-                                      f"{slot.name!r}")
-                target[dst : dst + length].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            progress(length)
+                target[p.dst:p.dst + p.nbytes].copy_(
+                    torch.frombuffer(bytearray(source[at:at + p.nbytes]), dtype=torch.uint8))
+        progress(job.nbytes)
 
-    jobs = [piece(s, start, min(NATIVE_PIECE, s.nbytes - start))
-            for s in layout.slots if (files is None or s.file in files)
-            for start in range(0, s.nbytes, NATIVE_PIECE)]
-    tasks = [asyncio.ensure_future(j) for j in jobs]
+    jobs = plan_jobs(layout, files, chunk=piece_bytes or NATIVE_PIECE)
+    tasks = [asyncio.ensure_future(read(j)) for j in jobs]
     try:
         await asyncio.gather(*tasks)
     except BaseException:
