@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -77,11 +78,14 @@ async def _get_sweep(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _prefetch(spec: dict[str, Any]) -> dict[str, Any]:
     import torch  # noqa: F401  (imported before the clock, as in a serving process)
+    import warmpool.storage.s3  # noqa: F401  (aiobotocore: imported before the clock too)
     from warmpool.config import Settings
     from warmpool.loading import streaming
     from warmpool.pool.entries import Pool
     from warmpool.pool.prefetch import prefetch
 
+    if spec["loader"] == "runai":
+        import runai_model_streamer  # noqa: F401
     if spec.get("native"):
         streaming.NATIVE_CONCURRENCY, streaming.NATIVE_PIECE = spec["native"]
     settings = Settings.load()
@@ -173,6 +177,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from _seaweed import seaweedfs  # type: ignore[import-not-found]
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the server on the way out
     work = Path(tempfile.mkdtemp(prefix="warmpool-s3rate-", dir="/var/tmp"))
     load_start = os.getloadavg()[0]
     try:
@@ -209,7 +214,7 @@ def run_all(args: argparse.Namespace, env: dict[str, str], uri: str,
     default = (streaming.NATIVE_CONCURRENCY, streaming.NATIVE_PIECE)
     specs.append((f"prefetch native (default c={default[0]} part={default[1] >> 20} MiB)",
                   {"kind": "prefetch", "uri": uri, "loader": "native"}))
-    for c, p in [(8, 8), (16, 32), (32, 16), (32, 32), (64, 16)]:
+    for c, p in [(4, 16), (8, 16), (16, 4), (16, 64), (32, 16)]:
         if (c, p << 20) != default:
             specs.append((f"prefetch native c={c} part={p} MiB",
                           {"kind": "prefetch", "uri": uri, "loader": "native",

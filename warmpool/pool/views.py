@@ -31,7 +31,8 @@ if hasattr(torch, "float8_e8m0fnu"):
 class TensorViews(Mapping[str, torch.Tensor]):
     """name → view of the buffer, in buffer order; read-only (the buffer is shared by
     every serving process, so nobody may swap a tensor in it). A view is made on first
-    access and kept, so asking twice gives the same tensor object."""
+    access and kept, so asking twice gives the same tensor object. Threads may share it:
+    two racing first accesses build two equal views of the same bytes, nothing worse."""
 
     def __init__(self, buffer: torch.Tensor, table: LayoutIndex | Layout) -> None:
         self._buffer = buffer
