@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, get_args
@@ -30,7 +31,7 @@ from warmpool.loading.pread import Job, plan_jobs, stream_pread
 from warmpool.storage import open_store
 from warmpool.storage.base import Store
 from warmpool.model.uri import ModelURI
-from warmpool.pool.views import TORCH_DTYPES, byte_view
+from warmpool.pool.views import TORCH_DTYPES
 
 Progress = Callable[[int], None]
 Loader = Literal["auto", "runai", "native", "pread"]
@@ -209,12 +210,9 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
 
     Reads are contiguous file ranges of up to ``piece_bytes`` that may span several
     tensors (a model's many small tensors — norms, biases — would otherwise cost one
-    request each); each range is scattered into its slots with one copy. A host target
-    is written in place, a device target through the downloaded bytes.
+    request each); each range is scattered into its slots with one copy.
     """
     gate = asyncio.Semaphore(concurrency or NATIVE_CONCURRENCY)
-    on_host = target.device.type == "cpu"
-    view = byte_view(target) if on_host else None
 
     async def read(job: Job) -> None:
         async with gate:
@@ -222,14 +220,14 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
         if len(data) != job.nbytes:
             raise StreamError(f"{store.uri.child(job.file)}: short read at {job.start}: "
                               f"wanted {job.nbytes}, got {len(data)}")
-        source = memoryview(data)
-        for p in job.pieces:
-            at = p.src - job.start
-            if view is not None:
-                view[p.dst:p.dst + p.nbytes] = source[at:at + p.nbytes]
-            else:
-                target[p.dst:p.dst + p.nbytes].copy_(
-                    torch.frombuffer(bytearray(source[at:at + p.nbytes]), dtype=torch.uint8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only bytes: only read
+            source = torch.frombuffer(data, dtype=torch.uint8) if data else None
+        if source is not None:
+            # In a thread: the first write to a fresh segment page-faults every page, and
+            # torch's copy releases the GIL, so the faults overlap the event loop's reads
+            # instead of stalling them.
+            await asyncio.to_thread(_scatter, target, job, source)
         progress(job.nbytes)
 
     jobs = plan_jobs(layout, files, chunk=piece_bytes or NATIVE_PIECE)
@@ -241,3 +239,11 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _scatter(target: torch.Tensor, job: Job, source: torch.Tensor) -> None:
+    """Copy one downloaded file range into the slots it covers."""
+    at = 0
+    for p in job.pieces:
+        target[p.dst:p.dst + p.nbytes].copy_(source[at:at + p.nbytes])
+        at += p.nbytes
