@@ -47,8 +47,17 @@ async def _get_sweep(spec: dict[str, Any]) -> dict[str, Any]:
 
     files: list[tuple[str, int]] = spec["files"]
     total = sum(size for _, size in files)
-    memory = bytearray(total)
-    memory[::4096] = b"\1" * len(memory[::4096])  # fault every page in first
+    if spec.get("fresh"):  # a fresh shared-memory segment, as prefetch fills: faults count
+        import mmap
+        path = f"/dev/shm/warmpool-bench-get-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.unlink(path)
+        os.ftruncate(fd, total)
+        memory: Any = mmap.mmap(fd, total)
+        os.close(fd)
+    else:
+        memory = bytearray(total)
+        memory[::4096] = b"\1" * len(memory[::4096])  # fault every page in first
     view = memoryview(memory)
     part, concurrency = spec["part"], spec["concurrency"]
     jobs, at = [], 0
@@ -167,6 +176,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="4,8,16,32,64")
     parser.add_argument("--parts", default="4,8,16,32,64", help="MiB")
     parser.add_argument("--runai-concurrency", default="4,8,16,32")
+    parser.add_argument("--native", default="4:16,8:16,16:4,16:64,32:16",
+                        help="concurrency:MiB of native prefetch rows besides the default")
+    parser.add_argument("--fresh-get", default="8:16",
+                        type=lambda v: tuple(map(int, v.split(":"))),
+                        help="concurrency:MiB of a GET row into a fresh, unfaulted segment")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--name", default=socket.gethostname() or "dev")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -211,10 +225,15 @@ def run_all(args: argparse.Namespace, env: dict[str, str], uri: str,
         for p in map(int, args.parts.split(",")):
             specs.append((f"GET c={c} part={p} MiB",
                           {"kind": "get", "files": weights, "concurrency": c, "part": p << 20}))
+    best_c, best_p = args.fresh_get
+    specs.append((f"GET c={best_c} part={best_p} MiB into a fresh segment (page faults count)",
+                  {"kind": "get", "files": weights, "concurrency": best_c,
+                   "part": best_p << 20, "fresh": True}))
     default = (streaming.NATIVE_CONCURRENCY, streaming.NATIVE_PIECE)
     specs.append((f"prefetch native (default c={default[0]} part={default[1] >> 20} MiB)",
                   {"kind": "prefetch", "uri": uri, "loader": "native"}))
-    for c, p in [(4, 16), (8, 16), (16, 4), (16, 64), (32, 16)]:
+    variants = [tuple(map(int, v.split(":"))) for v in args.native.split(",") if v]
+    for c, p in variants:
         if (c, p << 20) != default:
             specs.append((f"prefetch native c={c} part={p} MiB",
                           {"kind": "prefetch", "uri": uri, "loader": "native",

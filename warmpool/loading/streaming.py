@@ -39,9 +39,11 @@ LOADERS: tuple[str, ...] = get_args(Loader)
 
 #: Schemes runai-model-streamer 0.17 streams for us.
 RUNAI_SCHEMES = ("file", "s3", "gs")
-#: Native ranged reads: pieces of at most this many bytes, this many in flight.
+#: Native ranged reads: file ranges of at most this many bytes, this many in flight. From
+#: a sweep of ranged GETs (bench/s3_rate.py, docs/performance.md): parts of 16 MiB beat 4
+#: and 64 MiB at every concurrency, and 8 in flight was best, with 4-32 close behind.
 NATIVE_PIECE = 16 << 20
-NATIVE_CONCURRENCY = 16
+NATIVE_CONCURRENCY = 8
 
 log = logging.getLogger(__name__)
 _environ_lock = threading.Lock()
