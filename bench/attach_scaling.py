@@ -22,7 +22,6 @@ the run), warmed with ``warmpool.pool.prefetch`` and evicted afterwards. Results
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil

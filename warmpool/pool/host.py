@@ -36,8 +36,10 @@ DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
-class Resident:
-    """What attach needs: which segment, which layout, for which model."""
+class HostResident:
+    """A model resident in the host tier: which segment, which buffer layout, for which
+    model — what attach needs. (A worker's counterpart on its device is
+    :class:`warmpool.workers.residents.DeviceResident`.)"""
 
     uri: str
     content_hash: str
@@ -55,7 +57,7 @@ class Resident:
                 "tensors": len(self.layout)}
 
     @classmethod
-    def from_json(cls, data: dict[str, object], layout: LayoutIndex) -> Resident:
+    def from_json(cls, data: dict[str, object], layout: LayoutIndex) -> HostResident:
         if layout.content_hash != data["content_hash"]:
             raise ValueError(f"layout index of {layout.content_hash} beside the record of "
                              f"{data['content_hash']}")
@@ -138,13 +140,13 @@ class HostTier:
         return WritableSegment(path, size)
 
     def publish(self, segment: WritableSegment, uri: str, layout: Layout,
-                created_at: float) -> Resident:
+                created_at: float) -> HostResident:
         """Give a filled segment its final name and write the record attach reads."""
         name = self.segment_name(layout.content_hash)
         os.rename(segment.path, SHM_DIR / name)
         index = encode(layout)
         atomic_write(self._index_path(layout.content_hash), index)
-        resident = Resident(uri, layout.content_hash, name, LayoutIndex(index), created_at)
+        resident = HostResident(uri, layout.content_hash, name, LayoutIndex(index), created_at)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
 
@@ -153,15 +155,15 @@ class HostTier:
         segment.path.unlink(missing_ok=True)
 
     # --- reading -------------------------------------------------------------------
-    def resident(self, content_hash: str) -> Resident | None:
+    def resident(self, content_hash: str) -> HostResident | None:
         try:
             record = json.loads(self._record_path(content_hash).read_text())
-            resident = Resident.from_json(record, LayoutIndex.open(self._index_path(content_hash)))
+            resident = HostResident.from_json(record, LayoutIndex.open(self._index_path(content_hash)))
         except FileNotFoundError:
             return None
         return resident if (SHM_DIR / resident.segment).exists() else None
 
-    def residents(self, hash_prefix: str = "") -> list[Resident]:
+    def residents(self, hash_prefix: str = "") -> list[HostResident]:
         """Every published model (whose content hash starts with ``hash_prefix``): only
         the matching records are read, each small whatever the tensor count."""
         found = []
@@ -171,14 +173,14 @@ class HostTier:
                 found.append(resident)
         return found
 
-    def holds(self, resident: Resident) -> bool:
+    def holds(self, resident: HostResident) -> bool:
         """Still published? Two stats, no parse: an eviction removes the record and the
         segment under the entry's exclusive lock, and a content hash names its bytes."""
         return (self._record_path(resident.content_hash).exists()
                 and (SHM_DIR / resident.segment).exists())
 
     def remove_all(self) -> None:
-        """Drop every segment and record of this pool (tests and `warmpool evict --all`)."""
+        """Drop every segment and record of this pool (tests and benchmarks)."""
         for path in SHM_DIR.glob(f"{self.prefix}*"):
             path.unlink(missing_ok=True)
         for record in [*self.records.glob("*.json"), *self.records.glob("*.layout")]:

@@ -1,0 +1,1 @@
+"""Serving engines and model libraries that load from the warm pool."""
