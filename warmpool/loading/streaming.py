@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from warmpool.config import StreamerOptions
-from warmpool.errors import StreamError, WarmpoolError
+from warmpool.errors import StorageError, StreamError, WarmpoolError
 from warmpool.loading.environ import STREAMER_ENVIRONMENT
 from warmpool.pool.layout import Layout, Slot
 from warmpool.loading.pread import Job, plan_jobs, stream_pread
@@ -205,9 +205,10 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
     async def read(job: Job) -> None:
         async with gate:
             data = await store.read_range(job.file, job.start, job.nbytes)
-        if len(data) != job.nbytes:
-            raise StreamError(f"{store.uri.child(job.file)}: short read at {job.start}: "
-                              f"wanted {job.nbytes}, got {len(data)}")
+        if len(data) != job.nbytes:  # the object is shorter than its header said
+            raise StorageError(f"{store.uri.child(job.file)}: object ended at "
+                               f"{job.start + len(data)}, {job.nbytes - len(data)} bytes short",
+                               key=job.file)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only bytes: only read
             source = torch.frombuffer(data, dtype=torch.uint8) if data else None
