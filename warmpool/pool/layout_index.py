@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 import sys
 from array import array
@@ -103,9 +104,14 @@ class LayoutIndex:
     @classmethod
     def open(cls, path: Path) -> LayoutIndex:
         """Map an index file read-only: constant cost, pages are read as they are used."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # Not through a link, and never a FIFO or device planted under the name (it would
+        # block the reader or feed it endless bytes): checked on the open descriptor.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{path} is not a regular file")
+            size = st.st_size
             data: bytes | mmap.mmap = (mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
                                        if size else b"")
         finally:
