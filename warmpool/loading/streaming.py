@@ -17,21 +17,22 @@ import asyncio
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 
 from warmpool.config import StreamerOptions
-from warmpool.errors import ObjectChangedError, StreamError, WarmpoolError
+from warmpool.errors import ObjectChangedError, StorageError, StreamError, WarmpoolError
 from warmpool.loading.environ import STREAMER_ENVIRONMENT
 from warmpool.pool.layout import Layout, Slot
-from warmpool.loading.pread import stream_pread
+from warmpool.loading.pread import Job, plan_jobs, stream_pread
 from warmpool.storage import open_store
 from warmpool.storage.base import ObjectInfo, Store
 from warmpool.storage.local import open_regular
 from warmpool.model.uri import ModelURI
-from warmpool.pool.views import TORCH_DTYPES, byte_view
+from warmpool.pool.views import TORCH_DTYPES
 
 Progress = Callable[[int], None]
 Loader = Literal["auto", "runai", "native", "pread"]
@@ -39,9 +40,11 @@ LOADERS: tuple[str, ...] = get_args(Loader)
 
 #: Schemes runai-model-streamer 0.17 streams for us.
 RUNAI_SCHEMES = ("file", "s3", "gs")
-#: Native ranged reads: pieces of at most this many bytes, this many in flight.
+#: Native ranged reads: file ranges of at most this many bytes, this many in flight. From
+#: a sweep of ranged GETs (bench/s3_rate.py, docs/performance.md): parts of 16 MiB beat 4
+#: and 64 MiB at every concurrency, and 8 in flight was best, with 4-32 close behind.
 NATIVE_PIECE = 16 << 20
-NATIVE_CONCURRENCY = 16
+NATIVE_CONCURRENCY = 8
 
 log = logging.getLogger(__name__)
 
@@ -255,33 +258,34 @@ def copy_slot(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: Model
 
 async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
                         files: list[str] | None = None, progress: Progress,
-                        concurrency: int = NATIVE_CONCURRENCY) -> None:
+                        concurrency: int | None = None, piece_bytes: int | None = None) -> None:
     """Fill ``target`` with concurrent ranged reads through our own async client.
 
-    A host target is written in place (no intermediate copy); a device target goes
-    through one host bytes object per piece.
+    Reads are contiguous file ranges of up to ``piece_bytes`` that may span several
+    tensors (a model's many small tensors — norms, biases — would otherwise cost one
+    request each); each range is scattered into its slots with one copy.
     """
-    gate = asyncio.Semaphore(concurrency)
-    on_host = target.device.type == "cpu"
-    view = byte_view(target) if on_host else None
+    gate = asyncio.Semaphore(concurrency or NATIVE_CONCURRENCY)
 
-    async def piece(slot: Slot, start: int, length: int) -> None:
+    async def read(job: Job) -> None:
         async with gate:
-            dst = slot.offset + start
-            if view is not None:
-                await store.read_into(slot.file, slot.file_offset + start, view[dst : dst + length])
-            else:
-                data = await store.read_range(slot.file, slot.file_offset + start, length)
-                if len(data) != length:
-                    raise StreamError(f"{store.uri.child(slot.file)}: short read of "
-                                      f"{slot.name!r}")
-                target[dst : dst + length].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            progress(length)
+            data = await store.read_range(job.file, job.start, job.nbytes)
+        if len(data) != job.nbytes:  # the object is shorter than its header said
+            raise StorageError(f"{store.uri.child(job.file)}: object ended at "
+                               f"{job.start + len(data)}, {job.nbytes - len(data)} bytes short",
+                               key=job.file)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only bytes: only read
+            source = torch.frombuffer(data, dtype=torch.uint8) if data else None
+        if source is not None:
+            # In a thread: the first write to a fresh segment page-faults every page, and
+            # torch's copy releases the GIL, so the faults overlap the event loop's reads
+            # instead of stalling them.
+            await asyncio.to_thread(_scatter, target, job, source)
+        progress(job.nbytes)
 
-    jobs = [piece(s, start, min(NATIVE_PIECE, s.nbytes - start))
-            for s in layout.slots if (files is None or s.file in files)
-            for start in range(0, s.nbytes, NATIVE_PIECE)]
-    tasks = [asyncio.ensure_future(j) for j in jobs]
+    jobs = plan_jobs(layout, files, chunk=piece_bytes or NATIVE_PIECE)
+    tasks = [asyncio.ensure_future(read(j)) for j in jobs]
     try:
         await asyncio.gather(*tasks)
     except BaseException:
@@ -289,3 +293,11 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _scatter(target: torch.Tensor, job: Job, source: torch.Tensor) -> None:
+    """Copy one downloaded file range into the slots it covers."""
+    at = 0
+    for p in job.pieces:
+        target[p.dst:p.dst + p.nbytes].copy_(source[at:at + p.nbytes])
+        at += p.nbytes

@@ -1,9 +1,10 @@
 """What serving processes call: ``attach(uri_or_hash, device)`` → zero-copy tensors.
 
 On the host tier attach reads one small JSON record from the private runtime directory,
-maps the model's shared-memory segment read-only (one ``mmap``, no page touched) and
-builds one view per tensor: its cost grows with the number of tensors, not with bytes,
-and it never reads the source files (they may be gone). A lease is held from the call
+maps the layout index and the model's shared-memory segment read-only (two ``mmap``s, no
+page of the segment touched), checks every slot in a few vectorised operations, and
+builds each view when it is first asked for: what remains per tensor is decoding its
+name. It never reads the source files (they may be gone). A lease is held from the call
 until ``close()`` or the process's death, and keeps the entry from being evicted.
 """
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from warmpool.config import Settings
 from warmpool.errors import NotWarmError
 from warmpool.pool.layout import Layout
+from warmpool.pool.layout_index import LayoutIndex
 from warmpool.pool.leases import Lease, Leases
 from warmpool.locks import file_lock
 from warmpool.pool.entries import HOST_DEVICE
@@ -36,7 +38,7 @@ class AttachedModel(Mapping[str, "torch.Tensor"]):
     the views (after copying into its own layout, say) so the pool may free the memory.
     """
 
-    def __init__(self, uri: str, content_hash: str, device: str, layout: Layout,
+    def __init__(self, uri: str, content_hash: str, device: str, layout: Layout | LayoutIndex,
                  tensors: Mapping[str, torch.Tensor], transport: str,
                  closer: Any) -> None:
         self.uri = uri
@@ -49,6 +51,9 @@ class AttachedModel(Mapping[str, "torch.Tensor"]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)

@@ -201,7 +201,7 @@ class Pool:
                               content_hash=resident.content_hash,
                               device=HOST_DEVICE, node=self.settings.node,
                               bytes=resident.layout.total_bytes,
-                              tensors=len(resident.layout.slots), transport="shm",
+                              tensors=len(resident.layout), transport="shm",
                               created_at=resident.created_at, history=[])
             adopted.append(await self.registry.transition(entry, State.WARM))
         return adopted

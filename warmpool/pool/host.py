@@ -3,8 +3,10 @@
 A segment is filled under a *partial* name (``…<hash>.part-<pid>``) and renamed to its
 final name only when every byte is in place, so a reader can never map half a model and
 a crashed filler leaves a name that :meth:`HostTier.reclaim` recognises. Beside it, in the
-private runtime directory, ``resident/<hash>@cpu.json`` records the URI and the layout:
-the one thing ``attach`` reads — never the source files.
+private runtime directory, ``resident/<hash>@cpu.json`` records the URI and
+``resident/<hash>@cpu.layout`` the layout as a binary index (constant cost to open, see
+:mod:`warmpool.pool.layout_index`): the one thing ``attach`` reads — never the source
+files. The index is written before the record, so a record always has its index.
 
 Segments are created mode 0600: only processes of the same user may map them. Names in
 ``/dev/shm`` are predictable and anyone may create one, so a segment is used only when it
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 from warmpool.config import private_dir
 from warmpool.errors import CapacityError, PoolError
 from warmpool.pool.layout import Layout
+from warmpool.pool.layout_index import LayoutIndex, encode
 from warmpool.locks import try_lock
 from warmpool.pool.registry.files import atomic_write, read_regular
 
@@ -50,7 +53,7 @@ class HostResident:
     uri: str
     content_hash: str
     segment: str
-    layout: Layout
+    layout: LayoutIndex
     created_at: float
     aliases: tuple[str, ...] = ()  # other URIs of the same bytes
 
@@ -66,13 +69,15 @@ class HostResident:
     def to_json(self) -> dict[str, object]:
         return {"uri": self.uri, "content_hash": self.content_hash, "segment": self.segment,
                 "created_at": self.created_at, "aliases": list(self.aliases),
-                "layout": self.layout.to_json()}
+                "total_bytes": self.layout.total_bytes, "tensors": len(self.layout)}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> HostResident:
+    def from_json(cls, data: dict[str, object], layout: LayoutIndex) -> HostResident:
+        if layout.content_hash != data["content_hash"]:
+            raise ValueError(f"layout index of {layout.content_hash} beside the record of "
+                             f"{data['content_hash']}")
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
-                   Layout.from_json(data["layout"]),  # type: ignore[arg-type]
-                   float(data["created_at"]),  # type: ignore[arg-type]
+                   layout, float(data["created_at"]),  # type: ignore[arg-type]
                    tuple(map(str, data.get("aliases") or ())))  # type: ignore[call-overload]
 
 
@@ -225,6 +230,9 @@ class HostTier:
     def _record_path(self, content_hash: str) -> Path:
         return self.records / f"{content_hash}@{DEVICE}.json"
 
+    def _index_path(self, content_hash: str) -> Path:
+        return self.records / f"{content_hash}@{DEVICE}.layout"
+
     # --- filling -------------------------------------------------------------------
     def create(self, content_hash: str, size: int) -> WritableSegment:
         """A new partial segment; the caller must hold the entry's lock while filling."""
@@ -263,7 +271,9 @@ class HostTier:
             os.rename(segment.path, final)
         except PermissionError:
             raise self._in_the_way(final) from None
-        resident = HostResident(uri, layout.content_hash, name, layout, created_at)
+        index = encode(layout)
+        atomic_write(self._index_path(layout.content_hash), index)
+        resident = HostResident(uri, layout.content_hash, name, LayoutIndex(index), created_at)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
 
@@ -298,7 +308,8 @@ class HostTier:
         logged and skipped, so one corrupt file never breaks attach for every model."""
         path = self._record_path(content_hash)
         try:
-            resident = HostResident.from_json(json.loads(read_regular(path)))
+            resident = HostResident.from_json(json.loads(read_regular(path)),
+                                              LayoutIndex.open(self._index_path(content_hash)))
             if (resident.content_hash != content_hash
                     or resident.layout.content_hash != content_hash
                     or resident.segment != self.segment_name(content_hash)):
@@ -314,7 +325,7 @@ class HostTier:
 
     def residents(self, hash_prefix: str = "") -> list[HostResident]:
         """Every published model (whose content hash starts with ``hash_prefix``): only
-        the matching records are parsed, and a record lists every tensor."""
+        the matching records are read, each small whatever the tensor count."""
         found = []
         for path in sorted(self.records.glob(f"{hash_prefix}*@{DEVICE}.json")):
             resident = self.resident(path.name.split("@", 1)[0])
@@ -332,7 +343,7 @@ class HostTier:
         """Drop every segment and record of this pool (tests and benchmarks)."""
         for path in SHM_DIR.glob(f"{self.prefix}*"):
             _remove_ours(path)
-        for record in self.records.glob("*.json"):
+        for record in [*self.records.glob("*.json"), *self.records.glob("*.layout")]:
             record.unlink(missing_ok=True)
 
     def remove(self, content_hash: str) -> None:
@@ -340,6 +351,7 @@ class HostTier:
         until they unmap it; the memory returns to the system after the last one does."""
         _remove_ours(SHM_DIR / self.segment_name(content_hash))
         self._record_path(content_hash).unlink(missing_ok=True)
+        self._index_path(content_hash).unlink(missing_ok=True)
 
     # --- capacity and recovery -----------------------------------------------------
     @staticmethod
@@ -365,6 +377,7 @@ class HostTier:
         hashes = {p.name[len(self.prefix):].split(".", 1)[0]
                   for p in SHM_DIR.glob(f"{self.prefix}*")}
         hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.json")}
+        hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.layout")}
         hashes = {h for h in hashes if _HEX.fullmatch(h)}  # names anyone may have made
         removed: list[str] = []
         for content_hash in sorted(hashes):
@@ -402,11 +415,14 @@ class HostTier:
         for partial in SHM_DIR.glob(f"{final.name}.part-*"):
             if _remove_ours(partial):
                 removed.append(partial.name)
-        record = self._record_path(content_hash)
-        if self.resident(content_hash) is None and (final.exists() or record.exists()):
-            # Half a model (a record without its segment, or the reverse), a record that
-            # does not parse, or a segment that is not ours: nothing attach may use.
+        record, index = self._record_path(content_hash), self._index_path(content_hash)
+        if self.resident(content_hash) is None and (final.exists() or record.exists()
+                                                    or index.exists()):
+            # Part of a model (a record, its layout index or its segment without the
+            # others), a record that does not parse, or a segment that is not ours:
+            # nothing attach may use.
             _remove_ours(final)
             record.unlink(missing_ok=True)
+            index.unlink(missing_ok=True)
             removed.append(final.name)
         return removed
