@@ -1,4 +1,4 @@
-"""SeaweedFS as the S3 server for benchmarks (FACTS.md: never benchmark on moto).
+"""SeaweedFS as the S3 server for benchmarks (never benchmark on moto).
 
 ``weed server -s3`` runs master, volume, filer and S3 gateway in one process. Every port
 it opens (HTTP and gRPC for each of the four) is chosen free on the loopback interface

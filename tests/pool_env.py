@@ -37,10 +37,11 @@ def segments_of(settings: Settings) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(f"{prefix}*"))
 
 
-def run_python(code: str, *, env: dict[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 120,
+               argv: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (a separate serving process)."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, *(argv or [])], capture_output=True,
+                          text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -28,6 +28,8 @@ from tests.redis_server import Failover, RedisServer
 from tests.servers import Backend
 from warmpool.pool.attachment import attach
 from warmpool.config import Settings
+from warmpool.controller.desired import DesiredState
+from warmpool.controller.events import Request
 from warmpool.controller.loop import Controller, ControllerOptions
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.redis_client import CONNECTION_ERRORS, connect
@@ -461,6 +463,32 @@ async def test_a_controller_on_an_empty_redis_adopts_the_warm_host_tier(
     await harness.xadd(ask("evict", uri))
     await harness.wait_entry(uri, State.EVICTED)
     assert HostTier(settings.runtime_dir).resident(entry.content_hash) is None
+
+
+async def test_desired_state_keeps_the_request_that_still_holds(harness: Harness) -> None:
+    desired = DesiredState(harness.redis, KEYS, "n1")
+    a, b = parse_uri("s3://bucket/a/"), parse_uri("s3://bucket/b/")
+    await desired.add(Request("pin", a, "cuda:1", 2, "sharded", node="n1", request_id="r1"))
+    kept = await desired.add(Request("deploy", a, "cuda:1", 2, "sharded"), source="watch")
+    assert kept == Request("pin", a, "cuda:1", 2, "sharded")  # the pin survives a deploy
+    assert await desired.set_pinned(str(a), "cuda:1", False) == Request("deploy", a, "cuda:1", 2,
+                                                                         "sharded")
+    await desired.add(Request("deploy", b), source="watch")
+    assert await desired.all() == [Request("deploy", a, "cuda:1", 2, "sharded"),
+                                   Request("deploy", b)]  # the longest-desired first
+    stored = {k.decode(): json.loads(v) for k, v in
+              (await harness.redis.hgetall(KEYS.desired("n1"))).items()}
+    assert [stored[f"cuda:1|{a}"]["source"], stored[f"cpu|{b}"]["source"]] == ["request", "watch"]
+
+    # the older form (pinned, layout) still reads; an unreadable field is skipped
+    await harness.redis.hset(KEYS.desired("n1"), f"cpu|{b}", json.dumps(
+        {"uri": str(b), "device": "cpu", "tp": 1, "layout": "replicated", "pinned": True,
+         "source": "request", "since": 0.0}))
+    await harness.redis.hset(KEYS.desired("n1"), "cpu|junk", '{"uri": "not a uri"}')
+    assert await desired.all() == [Request("pin", b), Request("deploy", a, "cuda:1", 2, "sharded")]
+
+    await harness.redis.delete(KEYS.desired("n1"))  # Redis came back empty
+    assert await desired.resync() == 2 and len(await desired.all()) == 2
 
 
 async def test_restarted_controller_reconciles_desired_state(harness: Harness,

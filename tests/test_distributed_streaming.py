@@ -81,9 +81,9 @@ def test_sharded_layout_gives_each_rank_only_its_own_files(group: Settings,
                                                            tmp_path: Path) -> None:
     model = tmp_path / "sharded"
     per_rank = write_sharded_model(model, ranks=2, parts=2)
-    result = prefetch_via_workers(str(model), device="cpu:0", tp=2, layout="sharded",
+    result = prefetch_via_workers(str(model), device="cpu:0", tp=2, sharding="sharded",
                                   settings=group)
-    assert result["devices"] == ["cpu:0", "cpu:1"] and result["layout"] == "sharded"
+    assert result["devices"] == ["cpu:0", "cpu:1"] and result["sharding"] == "sharded"
     for rank, expected in enumerate(per_rank):
         with attach_gpu(str(model), f"cpu:{rank}", group) as attached:
             assert attached.layout.files == [f"model-rank-{rank}-part-{p}.safetensors"
@@ -96,7 +96,7 @@ def test_sharded_layout_refuses_a_group_of_the_wrong_size(group: Settings,
     model = tmp_path / "sharded"
     write_sharded_model(model, ranks=2)
     with pytest.raises(ConfigError, match="sharded for ranks"):
-        prefetch_via_workers(str(model), device="cpu:0", tp=1, layout="sharded",
+        prefetch_via_workers(str(model), device="cpu:0", tp=1, sharding="sharded",
                              settings=group)
 
 

@@ -288,16 +288,37 @@ def test_gcs_overwrite_is_marked_so_it_is_not_taken_for_a_deletion() -> None:
 def test_request_actions_with_defaults(action: str) -> None:
     (request,) = parse({"action": action, "uri": "s3://models-prod/llama-3-8b"})
     assert request == Request(action, parse_uri("s3://models-prod/llama-3-8b/"))
-    defaults = (request.device, request.tp, request.layout, request.node)
+    defaults = (request.device, request.tp, request.sharding, request.node)
     assert defaults == ("cpu", 1, "replicated", None)
 
 
 def test_request_with_every_field() -> None:
     doc = {"action": "evict", "uri": "gs://models-gcs/llama/", "device": "cuda:3", "tp": 8,
-           "layout": "sharded", "node": "gpu-node-07.example", "request_id": "req-42",
+           "sharding": "sharded", "node": "gpu-node-07.example", "request_id": "req-42",
            "force": True}
     assert parse(doc) == [Request("evict", ModelURI("gs", "models-gcs", "llama/"), "cuda:3", 8,
                                   "sharded", "gpu-node-07.example", "req-42", force=True)]
+
+
+@pytest.mark.parametrize("doc", [
+    {"action": "pin", "uri": "s3://b/m/"},
+    {"action": "deploy", "uri": "s3://b/m/", "device": "cuda:1", "tp": 2, "sharding": "sharded",
+     "node": "n1", "request_id": "r"},
+    {"action": "evict", "uri": "s3://b/m/", "force": True},
+])
+def test_request_to_doc_reads_back_as_the_same_request(doc: dict[str, Any]) -> None:
+    (request,) = parse(doc)
+    assert parse(request.to_doc()) == [request]
+    assert request.pinned == (doc["action"] == "pin")
+
+
+def test_request_layout_is_the_old_name_of_sharding() -> None:
+    (request,) = parse({"action": "deploy", "uri": "s3://b/m/", "layout": "sharded"})
+    assert request.sharding == "sharded" and "layout" not in request.to_doc()
+    with pytest.raises(BadEvent) as err:
+        parse({"action": "deploy", "uri": "s3://b/m/", "layout": "sharded",
+               "sharding": "replicated"})
+    assert err.value.reason == "bad_field"
 
 
 def test_request_nulls_mean_defaults() -> None:
@@ -346,6 +367,7 @@ REQ = {"action": "deploy", "uri": "s3://b/m/"}
         ({**REQ, "tp": "2"}, "bad_field"),
         ({**REQ, "tp": True}, "bad_field"),
         ({**REQ, "layout": "striped"}, "bad_field"),
+        ({**REQ, "sharding": "striped"}, "bad_field"),
         ({**REQ, "node": "../other"}, "bad_field"),
         ({**REQ, "node": "a:b"}, "bad_field"),
         ({**REQ, "devcie": "cuda:0"}, "bad_field"),
@@ -425,7 +447,7 @@ def test_bad_event_is_a_warmpool_error() -> None:
 VOCAB = ["Records", "eventName", "eventSource", "s3", "bucket", "object", "name", "key",
          "size", "eTag", "message", "attributes", "data", "eventType", "bucketId", "objectId",
          "objectGeneration", "overwrittenByGeneration", "kind", "generation", "action", "uri",
-         "device", "tp", "layout", "node", "request_id", "Event"]
+         "device", "tp", "layout", "sharding", "node", "request_id", "Event"]
 WORDS = ["ObjectCreated:Put", "s3:ObjectRemoved:Delete", "ObjectLifecycle:Expiration:Current",
          "ceph:s3", "minio:s3", "OBJECT_FINALIZE", "OBJECT_DELETE", "OBJECT_METADATA_UPDATE",
          "storage#object", "s3:TestEvent", "deploy", "evict", "s3://b/m/", "file:///tmp/",

@@ -26,6 +26,7 @@ from warmpool.errors import (CapacityError, LeaseHeldError, NotWarmError, Safete
                              StorageError, StreamError)
 from warmpool.pool.entries import Pool
 from warmpool.pool.prefetch import prefetch
+from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import State
 
 
@@ -214,6 +215,32 @@ def test_attach_of_cold_model_says_how_to_warm_it(model_dir: Path, settings: Set
     proc = run_cli("attach", str(model_dir))
     assert proc.returncode == 1 and "warmpool prefetch" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_path_named_like_a_hash_is_that_path(tmp_path: Path, settings: Settings,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hex digits name a hash prefix unless a file or directory of that name exists here
+    (model folders are often named by a hash); ``./name`` is always the path."""
+    named = tmp_path / "0123abcd"
+    write_model(named, shards=2)
+    warm = (await prefetch(str(named), settings=settings)).entry
+    assert not warm.content_hash.startswith("0123abcd")
+    monkeypatch.chdir(tmp_path)
+    assert ModelRef.parse("0123abcd") == ModelRef.parse("./0123abcd") == ModelRef(warm.uri, False)
+    with attach("0123abcd", settings=settings) as weights:
+        assert weights.content_hash == warm.content_hash
+        assert_bit_exact(weights, reference(named))
+    prefix = warm.content_hash[:10]
+    assert ModelRef.parse(prefix) == ModelRef(prefix, True)  # no such path here: a hash
+    with attach(prefix, settings=settings) as weights:
+        assert weights.uri == warm.uri
+    monkeypatch.chdir(named)  # here "0123abcd" names no path, so it is a hash prefix
+    with pytest.raises(NotWarmError):
+        attach("0123abcd", settings=settings)
+    with pytest.raises(NotWarmError):
+        await Pool(settings).evict("0123abcd")
+    monkeypatch.chdir(tmp_path)
+    assert (await Pool(settings).evict("0123abcd")).content_hash == warm.content_hash
 
 
 async def test_evict_refused_while_attached_then_allowed(model_dir: Path,
@@ -405,7 +432,9 @@ def test_status_and_cli_round_trip(model_dir: Path, settings: Settings) -> None:
     assert attached.returncode == 0, attached.stderr
     assert json.loads(attached.stdout)["verified"] is True
     assert run_cli("evict", entry["content_hash"][:12]).returncode == 0
-    assert json.loads(run_cli("status", "--json").stdout)[0]["state"] == "evicted"
+    assert json.loads(run_cli("status", "--json").stdout) == []  # live entries only
+    [gone] = json.loads(run_cli("status", "--history", "--json").stdout)
+    assert gone["state"] == "evicted" and gone["content_hash"] == entry["content_hash"]
 
 
 def test_bad_uri_is_a_clear_error(settings: Settings) -> None:

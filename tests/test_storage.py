@@ -21,6 +21,7 @@ from warmpool.errors import (
     AccessDeniedError,
     ConfigError,
     ObjectNotFoundError,
+    StorageError,
     TransientStorageError,
     UnsafeKeyError,
 )
@@ -177,6 +178,66 @@ async def test_missing_bucket_not_retried(backend: Backend, monkeypatch: pytest.
             await store.read_range("config.json", 0, 10)
     if backend.name != "local":
         assert len(attempts) == 2, attempts  # one each: FAST would allow 4
+
+
+def _sdk_failures() -> list[tuple[str, BaseException, str, type[StorageError], str]]:
+    """(scheme, the client library's exception, key, the warmpool error, its wording)."""
+    import aiohttp
+    import botocore.exceptions as bce
+    from azure.core.exceptions import (ClientAuthenticationError, HttpResponseError,
+                                       ResourceNotFoundError, ServiceRequestError)
+
+    def s3(code: str, status: int) -> BaseException:
+        return bce.ClientError({"Error": {"Code": code, "Message": "m"},
+                                "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def gcs(status: int) -> BaseException:
+        return aiohttp.ClientResponseError(None, (), status=status,  # type: ignore[arg-type]
+                                           message="m")
+
+    def azure(status: int, code: str | None = None) -> BaseException:
+        exc = HttpResponseError(message="m")
+        exc.status_code, exc.error_code = status, code  # type: ignore[assignment]
+        return exc
+
+    return [
+        ("s3", s3("NoSuchBucket", 404), "w.bin", ObjectNotFoundError, "no such bucket 'b'"),
+        ("s3", s3("NoSuchKey", 404), "w.bin", ObjectNotFoundError, "no such object"),
+        ("s3", s3("AccessDenied", 403), "w.bin", AccessDeniedError, "access denied"),
+        ("s3", bce.NoCredentialsError(), "w.bin", AccessDeniedError, "AWS credentials"),
+        ("s3", s3("SlowDown", 503), "w.bin", TransientStorageError, "SlowDown"),
+        ("s3", s3("RequestTimeout", 400), "w.bin", TransientStorageError, "RequestTimeout"),
+        ("s3", bce.SSLError(endpoint_url="https://x", error="cert"), "w.bin", StorageError,
+         "SSLError"),
+        ("s3", s3("InvalidArgument", 400), "w.bin", StorageError, "InvalidArgument"),
+        ("gs", gcs(404), "", ObjectNotFoundError, "no such bucket 'b'"),
+        ("gs", gcs(404), "w.bin", ObjectNotFoundError, "no such bucket or object"),
+        ("gs", gcs(401), "w.bin", AccessDeniedError, "HTTP 401"),
+        ("gs", gcs(429), "w.bin", TransientStorageError, "HTTP 429"),
+        ("gs", gcs(400), "w.bin", StorageError, "HTTP 400"),
+        ("gs", aiohttp.ServerDisconnectedError(), "w.bin", TransientStorageError,
+         "ServerDisconnectedError"),
+        ("az", azure(404, "ContainerNotFound"), "w.bin", ObjectNotFoundError,
+         "no such container 'b'"),
+        ("az", ResourceNotFoundError("m"), "w.bin", ObjectNotFoundError, "no such blob"),
+        ("az", ClientAuthenticationError("m"), "w.bin", AccessDeniedError, "access denied"),
+        ("az", azure(503, "ServerBusy"), "w.bin", TransientStorageError, "ServerBusy"),
+        ("az", ServiceRequestError("refused"), "w.bin", TransientStorageError, "refused"),
+        ("az", azure(409, "Conflict"), "w.bin", StorageError, "Conflict"),
+    ]
+
+
+@pytest.mark.parametrize("case", _sdk_failures(), ids=lambda c: f"{c[0]}-{type(c[1]).__name__}")
+def test_each_sdk_error_maps_to_one_warmpool_error(
+        case: tuple[str, BaseException, str, type[StorageError], str]) -> None:
+    """The base ObjectStore maps statuses and codes for every service; a backend only
+    says what its exception carries."""
+    scheme, exc, key, expected, words = case
+    store = open_store(parse_uri(f"{scheme}://b/m/"))
+    with pytest.raises(StorageError) as err:
+        store._raise(exc, key)  # type: ignore[attr-defined]
+    assert type(err.value) is expected and words in str(err.value), str(err.value)
+    assert f"{scheme}://b/m/{key}" in str(err.value) and err.value.key == key
 
 
 # --- hostile keys --------------------------------------------------------------------------

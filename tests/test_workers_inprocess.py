@@ -36,7 +36,7 @@ from warmpool.workers.client import evict_via_workers, prefetch_via_workers, wor
 from warmpool.workers.devices import parse_device
 from warmpool.workers.plan import plan_model
 from warmpool.workers.promote import copy_by_layout
-from warmpool.workers.residents import Resident, choose_victims
+from warmpool.workers.residents import DeviceResident, choose_victims
 from warmpool.workers.worker import Worker
 
 MiB = 1 << 20
@@ -265,9 +265,9 @@ async def test_a_second_worker_for_the_same_device_is_refused(
 
 def test_eviction_policy_takes_least_recently_attached_and_spares_leased_and_pinned() -> None:
     def resident(name: str, last: float, *, leased: bool = False,
-                 pinned: bool = False) -> Resident:
+                 pinned: bool = False) -> DeviceResident:
         layout = Layout(name, MiB, ())
-        r = Resident(name, name, layout, ShmFdBuffer(4096), PoolEntry(name, name), warm=True,
+        r = DeviceResident(name, name, layout, ShmFdBuffer(4096), PoolEntry(name, name), warm=True,
                      pinned=pinned, last_attached=last)
         if leased:
             r.leases.add(1)

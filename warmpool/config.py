@@ -63,8 +63,7 @@ class StreamerOptions:
         ``RUNAI_STREAMER_CONCURRENCY`` by hand meant it. Without a ``memory_limit`` the
         staging buffer is two of the largest tensor (at least 256 MiB): enough for the
         streamer to overlap reads with our copies, while a bigger ring of freshly
-        allocated memory only costs page faults (measured: 2 GiB made a 2 GB host-tier
-        prefetch 1.5-2x slower than 256-512 MiB on the dev VM).
+        allocated memory only costs page faults (docs/findings.md).
         """
         env = dict(os.environ if base is None else base)
         cores = os.cpu_count() or 2
@@ -76,7 +75,7 @@ class StreamerOptions:
                 else max(2 * largest_tensor, 256 << 20)
             ),
             # O_DIRECT (the streamer's default) re-reads from disk what the page cache
-            # already holds; buffered io_uring is 3x faster from a warm cache (FACTS.md).
+            # already holds; buffered io_uring reads it from there (docs/findings.md).
             "RUNAI_STREAMER_FS_STRATEGY": "io_uring_buffered",
         }
         explicit = {"RUNAI_STREAMER_CONCURRENCY": self.concurrency,
@@ -117,6 +116,9 @@ class Settings:
     # The config file's ``controller:`` section, raw; checked and typed by
     # ControllerOptions.load, where WARMPOOL_<NAME> variables override it.
     controller: dict[str, Any] = field(default_factory=dict)
+    # The config file's ``relays:`` list, raw; checked by warmpool.relay.spec, and run
+    # by ``warmpool serve`` next to the controller.
+    relays: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -147,6 +149,10 @@ class Settings:
                 if not isinstance(value, dict):
                     raise ConfigError("'controller' must be a mapping of controller settings")
                 top[key] = {**self.controller, **value}
+            elif key == "relays":
+                if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                    raise ConfigError("'relays' must be a list of relay settings (mappings)")
+                top[key] = tuple(value)
             else:
                 raise ConfigError(f"unknown setting {key!r}")
         if streamer:

@@ -25,7 +25,7 @@ class ConfigError(WarmpoolError, ValueError):
 
 
 class StorageError(WarmpoolError):
-    """A storage operation failed; ``key`` names the object, ``reason`` says why."""
+    """A storage operation failed; ``key`` names the object, the message says why."""
 
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message)
@@ -99,6 +99,10 @@ class StreamError(WarmpoolError):
 
 class WorkerError(WarmpoolError):
     """A worker process failed, died or answered with an error."""
+
+
+class ControllerError(WarmpoolError):
+    """No controller answered, or it answered with a failure."""
 
 
 class ProtocolError(WarmpoolError):

@@ -17,7 +17,7 @@ from typing import Any
 
 from warmpool.config import Settings
 from warmpool.errors import ConfigError, WarmpoolError, WorkerError
-from warmpool.pool.entries import normalise_ref
+from warmpool.pool.refs import ModelRef
 from warmpool.model.uri import parse_uri
 from warmpool.workers.devices import DeviceSpec, device_uuid, parse_device
 from warmpool.workers.discovery import WorkerRecord, find_worker, read_records
@@ -59,7 +59,7 @@ def group_devices(device: str, tp: int) -> list[str]:
 
 
 def prefetch_via_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
-                         layout: str = "replicated", loader: str = "auto",
+                         sharding: str = "replicated", loader: str = "auto",
                          settings: Settings, plan: ModelPlan | None = None,
                          shard_pattern: str = DEFAULT_SHARD_PATTERN,
                          timeout: float | None = LOAD_TIMEOUT) -> dict[str, Any]:
@@ -69,11 +69,11 @@ def prefetch_via_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
     plan = plan or asyncio.run(plan_model(parse_uri(uri), settings.cache_dir))
     devices = group_devices(device, tp)
     records = [worker_for(settings, d) for d in devices]
-    layouts = plan.rank_layouts(len(devices), layout, shard_pattern)
+    layouts = plan.rank_layouts(len(devices), sharding, shard_pattern)
     base = {"uri": str(plan.uri), "content_hash": plan.content_hash, "loader": loader,
             "streamer": {"concurrency": settings.streamer.concurrency,
                          "memory_limit": settings.streamer.memory_limit}}
-    if layout == "replicated" and len(records) > 1:
+    if sharding == "replicated" and len(records) > 1:
         reply = call(records[0], {"op": "group_load", **base, "layout": layouts[0].to_json(),
                                   "peers": [r.socket for r in records[1:]]}, timeout)
         ranks = [{**_fields(r), "device": devices[r["rank"]]} for r in reply.pop("ranks")]
@@ -86,23 +86,23 @@ def prefetch_via_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
             replies = list(pool.map(load, range(len(records))))
         reply = replies[0]
         ranks = [{"rank": i, **_fields(r)} for i, r in enumerate(replies)]
-    return _summary(reply, ranks, devices, layout, time.perf_counter() - started)
+    return _summary(reply, ranks, devices, sharding, time.perf_counter() - started)
 
 
 def _fields(reply: Message) -> dict[str, Any]:
     return {k: v for k, v in reply.items() if k != "ok"}
 
 
-def _summary(reply: Message, ranks: list[dict[str, Any]], devices: list[str], layout: str,
+def _summary(reply: Message, ranks: list[dict[str, Any]], devices: list[str], sharding: str,
              seconds: float) -> dict[str, Any]:
     already = all(r.get("already_warm") for r in ranks)
     # sharded: each rank holds only its own files, so the model is the sum of the ranks
     sizes = ([int(r["bytes"] if "bytes" in r else reply["bytes"]) for r in ranks]
-             if layout == "sharded" else [int(reply["bytes"])])
+             if sharding == "sharded" else [int(reply["bytes"])])
     total = sum(sizes)
     return {"uri": reply["uri"], "content_hash": reply["content_hash"], "state": "warm",
             "device": devices[0] if len(devices) == 1 else ",".join(devices),
-            "devices": devices, "layout": layout, "bytes": total,
+            "devices": devices, "sharding": sharding, "bytes": total,
             "tensors": reply["tensors"], "transport": reply.get("transport", ""),
             "loader": reply.get("loader", ""), "already_warm": already,
             "seconds": round(seconds, 4), "ranks": ranks,
@@ -126,6 +126,6 @@ def evict_via_workers(ref: str, *, device: str, settings: Settings, force: bool 
     """Ask ``device``'s worker to free ``ref``: holders get a detach notice and
     ``grace_s`` seconds; refused while a lease remains unless ``force``."""
     reply = call(worker_for(settings, device),
-                 {"op": "evict", "ref": normalise_ref(ref), "force": force,
+                 {"op": "evict", "ref": ModelRef.parse(ref).text, "force": force,
                   "grace_s": grace_s}, timeout=grace_s + QUICK_TIMEOUT)
     return dict(reply["entry"])

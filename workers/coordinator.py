@@ -27,7 +27,7 @@ from warmpool.workers.group import (DEFAULT_TIMEOUT_S, RankRun, backend_for, mas
                                     stream_rank)
 from warmpool.workers.protocol import AsyncChannel, Message, ok
 from warmpool.workers.requests import Connection, LoadRequest, Reply
-from warmpool.workers.residents import Resident
+from warmpool.workers.residents import DeviceResident
 
 if TYPE_CHECKING:
     from warmpool.workers.worker import Worker
@@ -85,7 +85,7 @@ class Groups:
                 for i in range(1 + len(channels))]
 
     async def _prepare_group(self, req: LoadRequest, channels: list[AsyncChannel]
-                             ) -> tuple[Resident | None, list[bool]]:
+                             ) -> tuple[DeviceResident | None, list[bool]]:
         world = 1 + len(channels)
         prepare = {"op": "group_prepare", **req.to_message(),
                    "backend": backend_for(self.worker.device), "world": world}
@@ -100,7 +100,7 @@ class Groups:
         return mine, [mine is not None, *peers]  # type: ignore[return-value]
 
     async def _stream_group(self, req: LoadRequest, channels: list[AsyncChannel],
-                            mine: Resident | None, todo: list[int], distributed: bool,
+                            mine: DeviceResident | None, todo: list[int], distributed: bool,
                             timeout_s: float) -> dict[int, dict[str, Any]]:
         """Stream on the ranks in ``todo``: as one distributed group, or each alone."""
         backend = backend_for(self.worker.device)
@@ -124,7 +124,7 @@ class Groups:
         return {i: {k: v for k, v in r.items() if k != "ok"}  # type: ignore[union-attr]
                 for i, r in zip(todo, results, strict=True)}
 
-    async def _group_prepare_local(self, req: LoadRequest, world: int) -> Resident | None:
+    async def _group_prepare_local(self, req: LoadRequest, world: int) -> DeviceResident | None:
         current = self.worker.residents.get(req.content_hash)
         if current is not None and current.warm:
             return None
@@ -134,7 +134,7 @@ class Groups:
 
     async def _abort_group(self, req: LoadRequest, mine: object, channels: list[AsyncChannel],
                            outcomes: Sequence[object]) -> None:
-        if isinstance(mine, Resident):
+        if isinstance(mine, DeviceResident):
             await self.worker.fail(mine,
                                    WorkerError("group load aborted: another rank refused"))
         for channel, outcome in zip(channels, outcomes, strict=True):
@@ -145,7 +145,7 @@ class Groups:
                 except (WarmpoolError, OSError):
                     pass
 
-    async def _group_stream(self, resident: Resident, req: LoadRequest,
+    async def _group_stream(self, resident: DeviceResident, req: LoadRequest,
                             run: RankRun) -> dict[str, Any]:
         started = time.perf_counter()
         try:

@@ -5,8 +5,8 @@ torch shares a CUDA tensor as ``reduce_tensor(t) → (rebuild_cuda_tensor, args)
 ``_share_cuda_()`` fields (an IPC memory handle, sizes, offsets, a ref-counter file name,
 an event handle) go over the socket as plain bytes and ints, and the receiver rebuilds the
 storage by hand with ``UntypedStorage._new_shared_cuda`` on *its* index for the GPU's
-UUID. One handle covers the whole flat buffer: opening it costs about a millisecond
-whatever the model's tensor count (FACTS.md: 8 ms for 16 GB and 291 views).
+UUID. One handle covers the whole flat buffer, so opening it costs the same whatever the
+model's tensor count.
 
 Unlike cuda-vmm the worker must stay alive while importers use the memory, and a freed
 buffer returns to the device only once importers drop it and the worker runs

@@ -29,7 +29,7 @@ import torch
 from warmpool.config import Settings
 from warmpool.errors import WarmpoolError
 from warmpool.pool.layout import Layout
-from warmpool.pool.entries import normalise_ref
+from warmpool.pool.refs import ModelRef
 from warmpool.pool.views import tensor_views
 from warmpool.workers.buffers import open_export
 from warmpool.workers.devices import device_uuid, parse_device
@@ -128,7 +128,7 @@ def attach_gpu(ref: str, device: str, settings: Settings, *, holder: str = "",
     channel = Channel.connect(Path(record.socket))
     try:
         reply, fds = channel.request(
-            {"op": "attach", "ref": normalise_ref(ref), "device_uuid": uuid,
+            {"op": "attach", "ref": ModelRef.parse(ref).text, "device_uuid": uuid,
              "holder": holder or f"pid {os.getpid()}"}, timeout=ATTACH_TIMEOUT)
         layout = Layout.from_json(reply["layout"])
         flat = open_export(str(reply["transport"]), dict(reply["handle"]), fds, uuid)

@@ -1,7 +1,7 @@
 """What a worker is asked to load: the model's identity, headers, and per-rank layouts.
 
-The client plans, the worker executes: the content hash (sha256 over the listing, as
-DESIGN.md defines it), every shard's validated safetensors header, and from them the
+The client plans, the worker executes: the content hash (sha256 over the listing,
+:func:`warmpool.model.identity.content_hash`), every shard's validated safetensors header, and from them the
 layout each rank receives. A ``replicated`` group gives every rank the whole layout; a
 ``sharded`` one gives rank r a layout over its own pre-sharded files only — by default
 ``model-rank-{rank}-part-{part}.safetensors``, the names vLLM's sharded-state format
@@ -21,7 +21,7 @@ from warmpool.model.safetensors import SafetensorsHeader
 from warmpool.model.uri import ModelURI
 
 DEFAULT_SHARD_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
-LAYOUTS = ("replicated", "sharded")
+SHARDINGS = ("replicated", "sharded")
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,13 @@ class ModelPlan:
         chosen = self.headers if files is None else {k: self.headers[k] for k in files}
         return plan_layout(self.content_hash, chosen.items())
 
-    def rank_layouts(self, world: int, kind: str = "replicated",
+    def rank_layouts(self, world: int, sharding: str = "replicated",
                      pattern: str = DEFAULT_SHARD_PATTERN) -> list[Layout]:
-        """One layout per rank of a ``world``-sized group."""
-        if kind not in LAYOUTS:
-            raise ConfigError(f"unknown layout {kind!r}; choose {' or '.join(LAYOUTS)}")
-        if kind == "replicated":
+        """One buffer layout per rank of a ``world``-sized group."""
+        if sharding not in SHARDINGS:
+            raise ConfigError(f"unknown sharding {sharding!r}; choose "
+                              f"{' or '.join(SHARDINGS)}")
+        if sharding == "replicated":
             return [self.layout()] * world
         files = shard_files(list(self.headers), world, pattern)
         return [self.layout(files[rank]) for rank in range(world)]
@@ -68,7 +69,7 @@ def shard_files(keys: list[str], world: int, pattern: str = DEFAULT_SHARD_PATTER
             by_rank.setdefault(int(m.group("rank")), []).append((part, key))
     if not by_rank:
         raise ConfigError(f"no file matches the shard pattern {pattern!r}; is the model "
-                          "pre-sharded? (use --layout replicated otherwise)")
+                          "pre-sharded? (use --sharding replicated otherwise)")
     ranks = sorted(by_rank)
     if ranks != list(range(world)):
         raise ConfigError(f"the model is sharded for ranks {ranks}, not for a group of "

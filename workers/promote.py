@@ -2,8 +2,8 @@
 no storage read.
 
 The worker maps the host segment read-only and, for a GPU, page-locks that mapping
-(``cudaHostRegister`` with the read-only flag) so the upload runs at PCIe speed — about
-55 GB/s on an H100 against 8 GB/s from pageable memory (FACTS.md). The registration is
+(``cudaHostRegister`` with the read-only flag) so the upload runs at full PCIe speed
+instead of through pageable staging (docs/findings.md has the figures). The registration is
 the worker's, not each serving process's: that is the point of doing it here, and the
 worker keeps it (:class:`PinnedSegments`) so only the first promotion pays for it.
 
@@ -23,7 +23,7 @@ import torch
 
 from warmpool.errors import StreamError
 from warmpool.pool.layout import Layout
-from warmpool.pool.host import SHM_DIR, Resident, map_readonly
+from warmpool.pool.host import SHM_DIR, HostResident, map_readonly
 from warmpool.workers.devices import pin_host_memory, unpin_host_memory
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class PinnedSegments:
         self._held: dict[str, _Pinned] = {}
         self._lock = threading.Lock()
 
-    def get(self, host: Resident, pin: bool) -> torch.Tensor:
+    def get(self, host: HostResident, pin: bool) -> torch.Tensor:
         with self._lock:
             self.release_stale()
             held = self._held.get(host.segment)
@@ -59,11 +59,11 @@ class PinnedSegments:
                 held = self._held[host.segment] = _Pinned(mapping, source, pinned)
             return held.source
 
-    def sync(self, residents: list[Resident], pin: bool) -> None:
+    def sync(self, residents: list[HostResident], pin: bool) -> None:
         """Hold every host-warm model (page-locked when ``pin``), release vanished ones.
 
         A GPU worker runs this in the background so that the first promotion of a model
-        warmed on the host tier already finds it locked (DESIGN.md, "Two tiers").
+        warmed on the host tier already finds it locked.
         """
         with self._lock:
             self.release_stale()
@@ -96,7 +96,7 @@ class PinnedSegments:
 PINNED = PinnedSegments()
 
 
-def promote(host: Resident, layout: Layout, target: torch.Tensor,
+def promote(host: HostResident, layout: Layout, target: torch.Tensor,
             segments: PinnedSegments = PINNED) -> None:
     """Copy ``host``'s segment into ``target`` (laid out by ``layout``); blocking."""
     source = segments.get(host, pin=target.is_cuda)

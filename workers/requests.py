@@ -14,10 +14,10 @@ from warmpool.loading.streaming import LOADERS
 from warmpool.config import StreamerOptions
 from warmpool.errors import ProtocolError, WarmpoolError
 from warmpool.pool.layout import Layout
-from warmpool.pool.entries import is_hash_ref
+from warmpool.pool.refs import looks_like_hash
 from warmpool.model.uri import parse_uri
 from warmpool.workers.protocol import AsyncChannel, Message
-from warmpool.workers.residents import Resident
+from warmpool.workers.residents import DeviceResident
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class LoadRequest:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed load request: {exc!r}") from None
-        if not is_hash_ref(content_hash) or layout.content_hash != content_hash:
+        if not looks_like_hash(content_hash) or layout.content_hash != content_hash:
             raise ProtocolError("load request: content_hash and layout disagree")
         loader = str(msg.get("loader", "auto"))
         if loader not in LOADERS:
@@ -72,4 +72,4 @@ class Connection:
     leases: set[str] = field(default_factory=set)  # content hashes
     #: group ranks prepared by this connection's coordinator, awaiting group_stream;
     #: discarded if the coordinator goes away first.
-    prepared: dict[str, tuple[Resident, LoadRequest]] = field(default_factory=dict)
+    prepared: dict[str, tuple[DeviceResident, LoadRequest]] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """What a worker holds: one resident per model, its leases, and the eviction policy.
 
-The policy is the pool's (DESIGN.md): room for a new model is made before any byte is
+The policy is the host tier's (:mod:`warmpool.pool.entries`): room for a new model is made before any byte is
 streamed, by evicting warm models with no live lease and no pin, least recently attached
 first; if that cannot free enough, the load is refused at once with the free and needed
 bytes — a worker never runs out of device memory half-way through a stream.
@@ -20,7 +20,11 @@ from warmpool.workers.buffers import ResidentBuffer
 
 
 @dataclass(eq=False)
-class Resident:
+class DeviceResident:
+    """A model a worker holds in its device's memory: the buffer, its leases and whether
+    it is warm yet. (The host tier's counterpart is
+    :class:`warmpool.pool.host.HostResident`.)"""
+
     uri: str
     content_hash: str
     layout: Layout
@@ -61,8 +65,8 @@ class Resident:
                 "loader": self.loader, "last_attached_at": self.last_attached}
 
 
-def choose_victims(residents: Iterable[Resident], needed: int, room: int, *,
-                   who: str, device: str) -> list[Resident]:
+def choose_victims(residents: Iterable[DeviceResident], needed: int, room: int, *,
+                   who: str, device: str) -> list[DeviceResident]:
     """Which residents to evict so that ``needed`` bytes fit in ``room`` (plus what they
     free); raises :class:`CapacityError` when even all candidates are not enough."""
     if needed <= room:

@@ -36,7 +36,7 @@ from typing import Any
 from warmpool.config import Settings, parse_bytes
 from warmpool.errors import LeaseHeldError, NotWarmError, ProtocolError, WarmpoolError, WorkerError
 from warmpool.locks import try_lock
-from warmpool.pool.entries import is_hash_ref, normalise_ref
+from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.loading.streaming import fill_buffer
@@ -53,7 +53,7 @@ from warmpool.workers.promote import PINNED, promote
 from warmpool.workers.protocol import (AsyncChannel, Message, check_peer, check_socket_path,
                                        error_reply, ok, socket_dir)
 from warmpool.workers.requests import Connection, LoadRequest, Reply
-from warmpool.workers.residents import Resident, choose_victims
+from warmpool.workers.residents import DeviceResident, choose_victims
 
 log = logging.getLogger("warmpool.worker")
 
@@ -82,10 +82,10 @@ class Worker:
         self.capacity = capacity
         self.transport = transport
         self.headroom = DEFAULT_HEADROOM if headroom is None else headroom
-        self.residents: dict[str, Resident] = {}
+        self.residents: dict[str, DeviceResident] = {}
         self.conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
-        self.inflight: dict[str, asyncio.Future[Resident]] = {}
+        self.inflight: dict[str, asyncio.Future[DeviceResident]] = {}
         self._reserve_lock = asyncio.Lock()
         self.groups = Groups(self)
         self._stop = asyncio.Event()
@@ -265,13 +265,13 @@ class Worker:
         return Reply(ok(**self.load_summary(resident, already_warm=not fresh,
                                              seconds=time.perf_counter() - started)))
 
-    def load_summary(self, resident: Resident, **extra: Any) -> dict[str, Any]:
+    def load_summary(self, resident: DeviceResident, **extra: Any) -> dict[str, Any]:
         return {"uri": resident.uri, "content_hash": resident.content_hash,
                 "device": str(self.device), "state": "warm", "bytes": resident.nbytes,
                 "tensors": len(resident.layout.slots), "transport": resident.buffer.transport,
                 "loader": resident.loader, **extra}
 
-    async def _load_once(self, req: LoadRequest) -> tuple[Resident, bool]:
+    async def _load_once(self, req: LoadRequest) -> tuple[DeviceResident, bool]:
         """Load ``req`` unless it is warm or already loading; (resident, loaded_now)."""
         current = self.residents.get(req.content_hash)
         if current is not None and current.warm:
@@ -281,7 +281,7 @@ class Worker:
         if current is not None:  # prepared or streaming as a rank of a group
             raise WorkerError(f"{req.uri} is already streaming on {self.device} for a group; "
                               "retry when it is warm")
-        future: asyncio.Future[Resident] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[DeviceResident] = asyncio.get_running_loop().create_future()
         self.inflight[req.content_hash] = future
         try:
             resident = await self.reserve(req, world=1)
@@ -302,7 +302,7 @@ class Worker:
         finally:
             del self.inflight[req.content_hash]
 
-    async def reserve(self, req: LoadRequest, world: int) -> Resident:
+    async def reserve(self, req: LoadRequest, world: int) -> DeviceResident:
         """Make room, allocate the buffer, record ``streaming``; nothing streamed yet."""
         previous = await self.registry.get(f"{req.content_hash}@{self.device}")
         entry = PoolEntry(uri=req.uri, content_hash=req.content_hash, device=str(self.device),
@@ -316,7 +316,7 @@ class Worker:
                 await self._make_room(needed, req.uri)
                 buffer = allocate(self.device, layout.total_bytes, self.transport,
                                   label=f"warmpool-{req.content_hash[:16]}")
-                resident = Resident(req.uri, req.content_hash, layout, buffer, entry,
+                resident = DeviceResident(req.uri, req.content_hash, layout, buffer, entry,
                                     pinned=entry.pinned)
                 self.residents[req.content_hash] = resident
         except BaseException as exc:
@@ -327,7 +327,7 @@ class Worker:
             transport=buffer.transport)
         return resident
 
-    async def fill(self, resident: Resident, req: LoadRequest) -> str:
+    async def fill(self, resident: DeviceResident, req: LoadRequest) -> str:
         """Fill from the host tier when the model is warm there, else from storage."""
         target = resident.buffer.tensor
         assert target is not None
@@ -341,14 +341,14 @@ class Worker:
         return await fill_buffer(parse_uri(req.uri), req.layout, target, options=req.options,
                                  loader=req.loader)  # type: ignore[arg-type]
 
-    async def finish(self, resident: Resident, loader: str) -> None:
+    async def finish(self, resident: DeviceResident, loader: str) -> None:
         resident.buffer.seal()
         resident.warm = True
         resident.loader = loader
         resident.entry = await self.registry.transition(resident.entry, State.WARM, error=None,
                                                         loader=loader)
 
-    async def fail(self, resident: Resident, exc: BaseException) -> None:
+    async def fail(self, resident: DeviceResident, exc: BaseException) -> None:
         if self.residents.get(resident.content_hash) is resident:
             del self.residents[resident.content_hash]
         resident.buffer.free()
@@ -377,13 +377,10 @@ class Worker:
             await self._free(victim)
 
     # --- attach and leases -----------------------------------------------------------
-    def find(self, ref: str) -> Resident:
-        try:
-            wanted = normalise_ref(ref)
-        except WarmpoolError:
-            raise NotWarmError(f"{ref!r} is neither a model URI nor a content hash") from None
-        matches = [r for r in self.residents.values() if r.warm and (
-            r.content_hash.startswith(wanted) if is_hash_ref(wanted) else r.uri == wanted)]
+    def find(self, ref: str) -> DeviceResident:
+        wanted = ModelRef.canonical(ref)  # the client parsed the user's text
+        matches = [r for r in self.residents.values()
+                   if r.warm and wanted.matches(r.uri, r.content_hash)]
         if not matches:
             raise NotWarmError(f"{ref} is not warm on {self.device}: run `warmpool prefetch "
                                f"{ref} --device {self.device}` first")
@@ -403,7 +400,7 @@ class Worker:
                      handle=export.handle, device=str(self.device), uuid=self.uuid)
         return Reply(message, export.fds, after=lambda: self._record_leases(resident))
 
-    async def _record_leases(self, resident: Resident) -> None:
+    async def _record_leases(self, resident: DeviceResident) -> None:
         if self.residents.get(resident.content_hash) is not resident:
             return
         resident.entry = replace(resident.entry, leases=len(resident.leases),
@@ -425,7 +422,7 @@ class Worker:
         entry = await self._free(resident)
         return Reply(ok(entry=entry.to_json()))
 
-    async def _ask_to_detach(self, resident: Resident, grace: float) -> None:
+    async def _ask_to_detach(self, resident: DeviceResident, grace: float) -> None:
         notice = {"notice": "detach", "content_hash": resident.content_hash,
                   "uri": resident.uri, "deadline_s": grace}
         for conn_id in list(resident.leases):
@@ -437,7 +434,7 @@ class Worker:
         except TimeoutError:
             pass
 
-    async def _free(self, resident: Resident, error: str | None = None) -> PoolEntry:
+    async def _free(self, resident: DeviceResident, error: str | None = None) -> PoolEntry:
         """Drop the worker's buffer; holders (if forced) keep their mapping until they
         drop it (cuda-vmm, shm-fd) — the memory returns when the last one does."""
         self.residents.pop(resident.content_hash, None)

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from warmpool.config import Settings
 from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
+from warmpool.controller.events import Request
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.metrics import Metrics
 from warmpool.pool.entries import HOST_DEVICE, Pool
@@ -36,15 +37,6 @@ from warmpool.model.uri import ModelURI
 from warmpool.controller.worker_bridge import WorkerBridge
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Target:
-    uri: ModelURI
-    device: str = HOST_DEVICE
-    tp: int = 1
-    layout: str = "replicated"
-    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,8 +96,9 @@ class Dispatcher:
         self._closing = False
 
     # --- warming -------------------------------------------------------------------
-    async def warm(self, target: Target) -> Outcome:
-        """Warm ``target``, joining a warm-up of the same model already in flight."""
+    async def warm(self, target: Request) -> Outcome:
+        """Warm the model a deploy or pin ``target`` names (and pin it for a pin),
+        joining a warm-up of the same model already in flight."""
         slot = (str(target.uri), target.device)
         task = self._inflight.get(slot)
         if task is None:
@@ -129,14 +122,14 @@ class Dispatcher:
         if self._inflight.get(slot) is task:
             del self._inflight[slot]
 
-    async def _warm(self, target: Target) -> Outcome:
+    async def _warm(self, target: Request) -> Outcome:
         started = time.perf_counter()
         try:
             listing = await list_model(self.cache, target.uri)
             lock = RedisLock(self.redis, self.keys.lock(listing.content_hash, target.device,
                                                         self.node), self.lock_ttl_ms)
-            while not await lock.acquire():  # another controller streams it: wait, then
-                await asyncio.sleep(self.lock_poll_s)  # find it warm
+            while not await lock.acquire():  # noqa: ASYNC110 - the holder is another node
+                await asyncio.sleep(self.lock_poll_s)  # streaming it: wait, then find it warm
             async with lock.renewed():
                 outcome = await self._fill(target, listing.content_hash)
         except CONNECTION_ERRORS:
@@ -154,12 +147,12 @@ class Dispatcher:
             await self._retire_old_versions(outcome.entry)
         return outcome
 
-    async def _fill(self, target: Target, content_hash: str) -> Outcome:
+    async def _fill(self, target: Request, content_hash: str) -> Outcome:
         if target.device == HOST_DEVICE and target.tp == 1:
             return await self._fill_host(target)
         return await self._fill_gpu(target, content_hash)
 
-    async def _fill_host(self, target: Target) -> Outcome:
+    async def _fill_host(self, target: Request) -> Outcome:
         from warmpool.pool.prefetch import prefetch
 
         result = await prefetch(target.uri, settings=self.settings, pool=self.pool,
@@ -168,19 +161,19 @@ class Dispatcher:
         return Outcome(str(target.uri), target.device, result.entry.state.value, result.entry,
                        result.seconds, result.loader, result.already_warm, result.entry.error)
 
-    async def _fill_gpu(self, target: Target, content_hash: str) -> Outcome:
+    async def _fill_gpu(self, target: Request, content_hash: str) -> Outcome:
         started = time.perf_counter()
         try:
             data, entry = await self.workers.load(str(target.uri), content_hash,
                                                   device=target.device, tp=target.tp,
-                                                  layout=target.layout, loader=self.loader)
+                                                  sharding=target.sharding, loader=self.loader)
         except WarmpoolError as exc:  # no worker for the device, or the load failed
             return await self._failed_here(target, content_hash, str(exc))
         return Outcome(str(target.uri), target.device, str(data.get("state", "failed")), entry,
                        time.perf_counter() - started, str(data.get("loader", "")),
                        bool(data.get("already_warm")), data.get("error"))
 
-    async def _failed_here(self, target: Target, content_hash: str, error: str) -> Outcome:
+    async def _failed_here(self, target: Request, content_hash: str, error: str) -> Outcome:
         entry = PoolEntry(uri=str(target.uri), content_hash=content_hash,
                           device=target.device, node=self.node, history=[])
         entry = await self.registry.transition(entry, State.FAILED, error=error)

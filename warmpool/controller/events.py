@@ -16,6 +16,7 @@ Shapes understood:
   (``{"attributes": ..., "data": base64}``) or a Pub/Sub push envelope
   (``{"message": {...}, "subscription": ...}``).
 - Requests (``{"action": "deploy", "uri": ..., ...}``): deploy, evict, pin, unpin.
+  :meth:`Request.to_doc` writes the same shape back, for forwarding and desired state.
 
 One payload may carry several S3 records; it is accepted or refused as a whole, so a
 dead-lettered payload was never partly acted on and replaying it acts on each record once.
@@ -42,9 +43,10 @@ MAX_KEY_BYTES = 1024
 MAX_TP = 64
 
 Action = Literal["deploy", "evict", "pin", "unpin"]
-Layout = Literal["replicated", "sharded"]
+#: How a ``tp`` > 1 group holds the model: every rank all of it, or each rank its shard.
+Sharding = Literal["replicated", "sharded"]
 ACTIONS: tuple[str, ...] = ("deploy", "evict", "pin", "unpin")
-LAYOUTS: tuple[str, ...] = ("replicated", "sharded")
+SHARDINGS: tuple[str, ...] = ("replicated", "sharded")
 
 _DEVICE = re.compile(
     r"cpu|cuda:[0-9]{1,3}"
@@ -57,16 +59,20 @@ _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _GCS_UPLOADED = frozenset({"OBJECT_FINALIZE"})
 _GCS_REMOVED = frozenset({"OBJECT_DELETE", "OBJECT_ARCHIVE"})
 _GCS_IGNORED = frozenset({"OBJECT_METADATA_UPDATE"})
-_REQUEST_FIELDS = frozenset({"action", "uri", "device", "tp", "layout", "node", "request_id",
-                             "force"})
+_REQUEST_FIELDS = frozenset({"action", "uri", "device", "tp", "sharding", "node",
+                             "request_id", "force",
+                             "layout"})  # the old name of "sharding", still accepted
 
 
 class BadEvent(WarmpoolError, ValueError):
     """A payload the controller cannot act on.
 
-    ``reason`` is a stable code: ``oversized``, ``not_json``, ``unknown_shape``,
-    ``bad_action``, ``bad_uri``, ``bad_device``, ``bad_field`` or ``unsafe_key``;
-    ``detail`` says what was wrong, for a human reading the dead-letter stream.
+    ``reason`` is a stable code. Parsing gives ``oversized``, ``not_json``,
+    ``unknown_shape``, ``bad_action``, ``bad_uri``, ``bad_device``, ``bad_field`` or
+    ``unsafe_key``; the controller adds ``not_watched`` (an upload under no watched
+    prefix), and the dead-letter stream also holds ``poison`` entries (a stream entry
+    delivered too often without being done). ``detail`` says what was wrong, for a human
+    reading the dead-letter stream.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -111,16 +117,34 @@ class ObjectRemoved(ObjectEvent):
 
 @dataclass(frozen=True)
 class Request:
-    """An operator's (or a scheduler's) request about one model on one device."""
+    """One model on one device: what an operator or a scheduler asks for, what the
+    desired state keeps (the deploy or pin still in force) and what the dispatcher warms.
+
+    One type for all three, so that no field is lost converting between them; a pin is a
+    deploy that also pins, so :attr:`pinned` is read off the action.
+    """
 
     action: Action
     uri: ModelURI
     device: str = "cpu"
     tp: int = 1
-    layout: Layout = "replicated"
+    sharding: Sharding = "replicated"
     node: str | None = None
     request_id: str | None = None
     force: bool = False  # evict: even while serving processes hold leases
+
+    @property
+    def pinned(self) -> bool:
+        return self.action == "pin"
+
+    def to_doc(self) -> dict[str, Any]:
+        """The payload that :func:`parse_event` reads back as this request (fields that
+        are unset left out)."""
+        doc: dict[str, Any] = {"action": self.action, "uri": str(self.uri),
+                               "device": self.device, "tp": self.tp, "sharding": self.sharding,
+                               "node": self.node, "request_id": self.request_id,
+                               "force": self.force or None}
+        return {k: v for k, v in doc.items() if v is not None}
 
 
 Event: TypeAlias = ObjectUploaded | ObjectRemoved | Request
@@ -136,7 +160,7 @@ def parse_event(payload: bytes | str, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> 
     if not isinstance(doc, dict):
         raise BadEvent("unknown_shape", f"expected a JSON object, got {type(doc).__name__}")
     if "action" in doc:
-        return [_request(doc)]
+        return [parse_request(doc)]
     if "Records" in doc:
         return _s3_records(doc["Records"])
     if doc.get("Event") == "s3:TestEvent":
@@ -260,12 +284,20 @@ def _generation(value: object) -> str | None:
 # --- requests --------------------------------------------------------------------------
 
 
-def _request(doc: dict[str, Any]) -> Request:
+def parse_request(doc: dict[str, Any]) -> Request:
+    """A request payload already decoded from JSON; raises :class:`BadEvent`."""
     # Strict: a misspelt field ("devcie") must not quietly become a default.
     unknown = doc.keys() - _REQUEST_FIELDS
     if unknown:
         raise BadEvent("bad_field", f"unknown request fields {_clip(sorted(unknown))}")
-    action = doc["action"]
+    if "layout" in doc:  # the old name of "sharding"
+        doc = dict(doc)
+        old = doc.pop("layout")
+        if old is not None:
+            if doc.get("sharding") is not None:
+                raise BadEvent("bad_field", "give 'sharding' only ('layout' is its old name)")
+            doc["sharding"] = old
+    action = doc.get("action")
     if action not in ACTIONS:
         raise BadEvent("bad_action", f"action {_clip(action)} is not one of {ACTIONS}")
     return Request(
@@ -273,7 +305,7 @@ def _request(doc: dict[str, Any]) -> Request:
         uri=_model_uri(doc.get("uri")),
         device=_device(_default(doc, "device", "cpu")),
         tp=_tp(_default(doc, "tp", 1)),
-        layout=_layout(_default(doc, "layout", "replicated")),
+        sharding=_sharding(_default(doc, "sharding", "replicated")),
         node=_node(doc.get("node")),
         request_id=_optional_text(doc.get("request_id"), "request_id", max_len=128),
         force=_flag(_default(doc, "force", False), "force"),
@@ -319,9 +351,9 @@ def _tp(value: object) -> int:
     return value
 
 
-def _layout(value: object) -> Layout:
-    if value not in LAYOUTS:
-        raise BadEvent("bad_field", f"layout {_clip(value)} is not one of {LAYOUTS}")
+def _sharding(value: object) -> Sharding:
+    if value not in SHARDINGS:
+        raise BadEvent("bad_field", f"sharding {_clip(value)} is not one of {SHARDINGS}")
     return value  # type: ignore[return-value]
 
 

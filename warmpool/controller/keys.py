@@ -4,7 +4,8 @@
     p:requests                        stream    requests for any node; group p-controllers
     p:requests:<node>                 stream    requests placed on one node; same group
     p:dead                            stream    refused payloads: payload, reason, detail,
-                                                source (channel or stream), ts
+                                                source (channel, stream, or a relay's
+                                                sqs:<queue> / http:<address>), ts
     p:desired:<node>                  hash      what should be warm on <node>: one field per
                                                 (model, device), value = the request JSON;
                                                 a restarted controller reconciles from it
@@ -81,7 +82,7 @@ class RedisKeys:
         """``model_uri``: a :class:`~warmpool.model.uri.ModelURI` or its string."""
         return f"{self.prefix}:upload-pending:{model_uri}"
 
-    # --- added for the controller (issue 5) ----------------------------------------
+    # --- the controller's ----------------------------------------------------------
     def node_entries(self, node: str) -> str:
         return f"{self.prefix}:entries:{node}"
 

@@ -26,8 +26,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.config import Settings
+from warmpool.controller.deadletter import dead_record, write_dead_letter
 from warmpool.controller.desired import DesiredState
-from warmpool.controller.dispatch import Dispatcher, Target
+from warmpool.controller.dispatch import Dispatcher
 from warmpool.errors import ConfigError
 from warmpool.controller.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
 from warmpool.controller.keys import RedisKeys
@@ -40,11 +41,9 @@ from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.controller.routing import Router
 from warmpool.controller.sources import PubSubSource, StreamSource
 from warmpool.controller.uploads import Uploads
-from warmpool.model.uri import ModelURI, parse_uri
+from warmpool.model.uri import ModelURI
 
 log = logging.getLogger(__name__)
-DEAD_PAYLOAD_BYTES = 4096  # what the dead-letter stream keeps of a refused payload
-DEAD_MAXLEN = 10_000
 
 
 @dataclass(frozen=True)
@@ -121,6 +120,7 @@ class Controller:
         self.uploads = Uploads(redis, keys, cache=self.dispatcher.cache,
                                debounce_s=options.debounce_s, on_ready=self.router.upload_ready)
         self.stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second signal: abandon in-flight work now
         self.ready = asyncio.Event()
         self.consumer = f"{self.node}-{os.getpid()}-{secrets.token_hex(3)}"
         self.pubsub = PubSubSource(redis, options.events_channel or keys.events_channel,
@@ -153,6 +153,8 @@ class Controller:
         """Stop taking work; in-flight work gets ``grace_s`` (default: the option) to end."""
         if grace_s is not None:
             self.options = replace(self.options, shutdown_grace_s=grace_s)
+            if grace_s <= 0:
+                self._hurry.set()  # a drain already under way reads no option again
         self.stopping.set()
 
     async def _start(self) -> None:
@@ -166,8 +168,7 @@ class Controller:
         await self._adopt()
         wants = await self.desired.all()
         for want in wants:
-            target = Target(parse_uri(want.uri), want.device, want.tp, want.layout, want.pinned)
-            self._spawn(self.dispatcher.warm(target), f"reconcile {want.uri}")
+            self._spawn(self.dispatcher.warm(want), f"reconcile {want.uri}")
         if wants:
             log.info("reconciling %d desired model(s)", len(wants),
                      extra={"event": "reconcile", "count": len(wants)})
@@ -188,14 +189,12 @@ class Controller:
         entries = await self.pool.entries()
         started = 0
         for want in await self.desired.all():
-            mine = [e for e in entries if e.uri == want.uri and e.device == want.device]
+            mine = [e for e in entries if e.uri == str(want.uri) and e.device == want.device]
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
                     newest.state == State.FAILED
                     and (newest.error or "").startswith("interrupted")):
-                target = Target(parse_uri(want.uri), want.device, want.tp, want.layout,
-                                want.pinned)
-                self._spawn(self.dispatcher.warm(target), f"converge {want.uri}")
+                self._spawn(self.dispatcher.warm(want), f"converge {want.uri}")
                 started += 1
         return started
 
@@ -209,7 +208,7 @@ class Controller:
         if work:
             log.info("stopping: waiting up to %.0fs for %d task(s) in flight",
                      self.options.shutdown_grace_s, len(work), extra={"event": "draining"})
-            _, left = await asyncio.wait(work, timeout=self.options.shutdown_grace_s)
+            left = await _drain(work, self.options.shutdown_grace_s, self._hurry)
         if left:
             log.warning("abandoning %d task(s); their stream entries stay pending for the "
                         "next controller", len(left), extra={"event": "abandoned"})
@@ -260,12 +259,8 @@ class Controller:
         # the channel or stream it came from, so an operator can replay it there
         where = {"pubsub": self.pubsub.channel, "shared": self.keys.requests_stream,
                  "node": self.keys.node_stream(self.node)}.get(source, source)
-        record: dict[Any, Any] = {
-            "payload": bytes(payload[:DEAD_PAYLOAD_BYTES]), "reason": reason,
-            "detail": detail[:1024], "source": where, "node": self.node, "size": len(payload),
-            "truncated": int(len(payload) > DEAD_PAYLOAD_BYTES), "ts": repr(time.time())}
-        await self.redis.xadd(self.keys.dead_stream, record, maxlen=DEAD_MAXLEN,
-                              approximate=True)
+        await write_dead_letter(self.redis, self.keys.dead_stream,
+                                dead_record(payload, reason, detail, where, self.node))
 
     # --- housekeeping --------------------------------------------------------------------
     async def _maintain(self) -> None:
@@ -313,3 +308,21 @@ async def _logged(coro: Any, name: str) -> None:
                     extra={"event": "redis_unreachable", "task": name})
     except Exception:  # noqa: BLE001
         log.exception("%s failed", name)
+
+
+async def _drain(work: list[asyncio.Task[Any]], grace_s: float,
+                 hurry: asyncio.Event) -> set[asyncio.Task[Any]]:
+    """The tasks of ``work`` still running after ``grace_s``, or as soon as ``hurry`` is
+    set (a second signal must not wait out the grace period the first one started)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    hurried = asyncio.ensure_future(hurry.wait())
+    try:
+        pending = {t for t in work if not t.done()}
+        while pending and not hurry.is_set() and (left_s := deadline - loop.time()) > 0:
+            await asyncio.wait([*pending, hurried], timeout=left_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            pending = {t for t in pending if not t.done()}
+        return pending
+    finally:
+        hurried.cancel()

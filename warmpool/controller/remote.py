@@ -19,10 +19,10 @@ from typing import Any
 
 from warmpool.config import Settings
 from warmpool.controller.embedded_redis import running_url
-from warmpool.errors import NotWarmError, WarmpoolError
+from warmpool.errors import ControllerError, NotWarmError
 from warmpool.controller.keys import RedisKeys
 from warmpool.pool.leases import Leases
-from warmpool.pool.entries import is_hash_ref, normalise_ref
+from warmpool.pool.refs import ModelRef
 from warmpool.controller.redis_client import CONNECTION_ERRORS, connect, redact
 from warmpool.pool.registry.base import PoolEntry
 from warmpool.pool.registry.redis import RedisRegistry
@@ -37,22 +37,18 @@ OUTAGE_S = 60.0
 STOPPED_AFTER_S = 20.0
 
 
-class ControllerError(WarmpoolError):
-    """No controller answered, or it answered with a failure."""
-
-
 def controller_url(settings: Settings) -> str | None:
     """The Redis of a controller to talk to, or None to work in-process."""
     return settings.redis_url or running_url(settings.runtime_dir)
 
 
 async def prefetch(url: str, uri: str, *, settings: Settings, device: str = "cpu", tp: int = 1,
-                   layout: str = "replicated", timeout_s: float | None = None,
+                   sharding: str = "replicated", timeout_s: float | None = None,
                    keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
     """Ask this node's controller to warm ``uri``; its reply (``state`` is ``warm``)."""
     async def doc(redis: Any) -> dict[str, Any]:
         return {"action": "deploy", "uri": str(parse_uri(uri)), "device": device, "tp": tp,
-                "layout": layout}
+                "sharding": sharding}
 
     reply = await _ask(url, doc, settings=settings, keys=keys,
                        timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
@@ -109,11 +105,11 @@ async def _ask(url: str, doc: Callable[[Any], Awaitable[dict[str, Any]]], *,
 async def _uri_of(redis: Any, keys: RedisKeys, ref: str, node: str, device: str) -> str:
     """The model URI that ``ref`` names: itself, or the URI of this node's entry whose
     content hash starts with it (requests name models by URI)."""
-    wanted = normalise_ref(ref)
-    if not is_hash_ref(wanted):
-        return wanted
+    wanted = ModelRef.parse(ref)
+    if not wanted.is_hash:
+        return wanted.text
     uris = {e.uri for e in await RedisRegistry(redis, keys, node).list()
-            if e.device == device and e.content_hash.startswith(wanted)}
+            if e.device == device and wanted.matches(e.uri, e.content_hash)}
     if len(uris) != 1:
         raise NotWarmError(f"{ref!r} names {'no' if not uris else 'more than one'} model on "
                            f"{device} of node {node}" + (f": {sorted(uris)}" if uris else ""))

@@ -19,12 +19,11 @@ import hashlib
 import json
 import logging
 from dataclasses import replace
-from typing import Any
 
 from redis.asyncio import Redis
 
-from warmpool.controller.desired import DesiredState, Want
-from warmpool.controller.dispatch import Dispatcher, Outcome, Target
+from warmpool.controller.desired import DesiredState
+from warmpool.controller.dispatch import Dispatcher, Outcome
 from warmpool.controller.events import Request
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.nodes import Nodes, place
@@ -34,13 +33,6 @@ from warmpool.model.uri import ModelURI
 log = logging.getLogger(__name__)
 REPLY_TTL_S = 600
 STREAM_MAXLEN = 100_000
-
-
-def request_doc(req: Request) -> dict[str, Any]:
-    doc = {"action": req.action, "uri": str(req.uri), "device": req.device, "tp": req.tp,
-           "layout": req.layout, "node": req.node, "request_id": req.request_id,
-           "force": req.force or None}
-    return {k: v for k, v in doc.items() if v is not None}
 
 
 class Router:
@@ -79,10 +71,7 @@ class Router:
         """Do ``req`` on this node."""
         uri, device = str(req.uri), req.device
         if req.action in ("deploy", "pin"):
-            want = await self.desired.add(Want(uri, device, req.tp, req.layout,
-                                               pinned=req.action == "pin", source=source))
-            return await self.dispatcher.warm(Target(req.uri, device, req.tp, req.layout,
-                                                     want.pinned))
+            return await self.dispatcher.warm(await self.desired.add(req, source))
         if req.action == "unpin":
             await self.desired.set_pinned(uri, device, False)
             changed = await self.dispatcher.set_pin(uri, device, False)
@@ -106,7 +95,7 @@ class Router:
         return place(uri, device, live, entries, self.node)
 
     async def forward(self, req: Request, node: str) -> None:
-        doc = request_doc(replace(req, node=node))
+        doc = replace(req, node=node).to_doc()
         await self.redis.xadd(self.keys.node_stream(node),
                               {"payload": json.dumps(doc), "from": self.node},
                               maxlen=STREAM_MAXLEN, approximate=True)
@@ -125,7 +114,7 @@ class Router:
         await pipe.execute()
 
     async def _claim(self, req: Request) -> bool:
-        digest = hashlib.sha256(json.dumps(request_doc(req), sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(req.to_doc(), sort_keys=True).encode()).hexdigest()
         return bool(await self.redis.set(self.keys.claim(digest[:32]), self.node, nx=True,
                                          px=self.claim_ttl_ms))
 

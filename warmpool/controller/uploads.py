@@ -4,7 +4,7 @@ An upload of a sharded model is a burst of events, one per object, in any order.
 event marks its model *pending* in Redis (``p:upload-pending:<uri>``, with the time of
 the latest event); a model is checked only once no event has arrived for ``debounce_s``,
 and then by one controller at a time (a short Redis lock). The check is one listing plus
-the index (DESIGN.md's completeness rule). A complete model is handed on and forgotten;
+the index (the completeness rule, :func:`warmpool.model.identity.check_complete`). A complete model is handed on and forgotten;
 an incomplete one stays pending — remembered in Redis, so another controller or a
 restarted one picks it up — and is checked again on its next event and periodically.
 """

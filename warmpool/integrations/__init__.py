@@ -1,6 +1,7 @@
-"""Serving engines load from the pool by naming it.
+"""Serving engines and model libraries that load from the warm pool.
 
-One module per engine (``vllm``, ``sglang``), each importing its engine only when the
-engine calls it, so warmpool itself never depends on an engine. What they share — which
-tier a rank's weights come from, and warming a cold model — is :mod:`.weights`.
+One module per engine or library (``vllm``, ``sglang``, ``transformers``), each importing
+it only when called, so warmpool itself never depends on one. What the serving engines
+share — which tier a rank's weights come from, and warming a cold model — is
+:mod:`.weights`.
 """

@@ -29,7 +29,8 @@ from warmpool.config import Settings
 from warmpool.errors import ConfigError, NotWarmError, WarmpoolError, WorkerError
 from warmpool.model.cache import FILES_DIR, MANIFEST
 from warmpool.pool.attachment import AttachedModel, attach
-from warmpool.pool.entries import HOST_DEVICE, is_hash_ref
+from warmpool.pool.entries import HOST_DEVICE
+from warmpool.pool.refs import ModelRef
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +121,7 @@ def warm(uri: str, settings: Settings) -> None:
     set up, threads pinned to its cores and its own event loop, and the streamer has been
     seen to hang in there, while a separate process starts clean. Ranks that warm the
     same model at once are serialised by the pool's lock; the last ones find it warm."""
-    if is_hash_ref(uri):
+    if ModelRef.parse(uri).is_hash:
         raise NotWarmError(f"{uri} is a content hash that is not warm; a hash cannot be "
                            "warmed, name the model by its URI")
     argv = [sys.executable, "-m", "warmpool.cli", "prefetch", uri, "--json"]
@@ -175,7 +176,7 @@ class LoaderOptions:
 
 
 @dataclass(frozen=True)
-class ModelRef:
+class RequestedModel:
     """The model an engine asked for: ``uri`` to attach, and ``content_hash`` when the
     engine was given a metadata-cache files directory (its config and tokenizer are of
     that exact content, so the weights must be too)."""
@@ -185,7 +186,7 @@ class ModelRef:
     files_dir: Path
 
 
-def resolve_model(model_dir: str | os.PathLike[str], uri: str | None = None) -> ModelRef:
+def resolve_model(model_dir: str | os.PathLike[str], uri: str | None = None) -> RequestedModel:
     """The model behind the directory an engine was given (``<cache>/<hash>/files``),
     optionally with ``uri`` named explicitly; the URI is read from the cache's manifest
     when not. Engines refuse object-store paths with their own formats, so this
@@ -193,13 +194,13 @@ def resolve_model(model_dir: str | os.PathLike[str], uri: str | None = None) -> 
     files_dir = Path(model_dir).expanduser()
     content_hash, recorded = _cache_identity(files_dir)
     if uri:
-        return ModelRef(uri, content_hash, files_dir)
+        return RequestedModel(uri, content_hash, files_dir)
     if recorded is None:
         raise ConfigError(
             f"cannot tell which model to load: {files_dir} is not a warmpool metadata cache "
             f"directory (`warmpool metadata URI --files-dir` prints one); name the model "
             f"with the loader's extra config {{\"uri\": \"s3://bucket/prefix/\"}}")
-    return ModelRef(recorded, content_hash, files_dir)
+    return RequestedModel(recorded, content_hash, files_dir)
 
 
 def _cache_identity(files_dir: Path) -> tuple[str | None, str | None]:
@@ -216,7 +217,7 @@ def _cache_identity(files_dir: Path) -> tuple[str | None, str | None]:
     return entry.name, str(manifest.get("uri") or "") or None
 
 
-def check_same_model(ref: ModelRef, model: AttachedModel) -> None:
+def check_same_model(ref: RequestedModel, model: AttachedModel) -> None:
     """Refuse weights of another content than the config the engine read: a pool entry
     of another version would load without a shape error and serve garbage."""
     if ref.content_hash is not None and model.content_hash != ref.content_hash:

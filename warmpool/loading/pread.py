@@ -1,15 +1,15 @@
 """The ``pread`` loader: many threads of plain ``preadv`` for local files.
 
-runai-model-streamer reads local files at 5-7 GB/s from the page cache (its default
-O_DIRECT strategy re-reads from disk, about 1-2 GB/s; FACTS.md), while 8-16 threads of
-``preadv`` reach 16-18 GB/s. This loader does exactly that and nothing else:
+runai-model-streamer reads local files from the page cache several times slower than
+8-16 threads of plain ``preadv`` (its default O_DIRECT strategy even re-reads from disk;
+docs/findings.md has the measurements). This loader does exactly that and nothing else:
 
 * into a host target (a shared-memory segment) each read scatters straight into the
   tensors' slots with one ``preadv`` of several buffers: no staging copy at all;
 * into a CUDA target each thread reads into its own page-locked staging buffer and
   uploads it with a non-blocking copy on its own stream, so disk, memory and PCIe
   overlap. Staging buffers are allocated once per process and reused (page-locking
-  costs about 0.7 s per GiB).
+  them is slow).
 """
 
 from __future__ import annotations

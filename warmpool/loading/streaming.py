@@ -3,7 +3,7 @@
 Both loaders fill the same thing: a flat uint8 tensor (a host segment or a device
 buffer) laid out by a :class:`~warmpool.pool.layout.Layout`. runai-model-streamer reads local
 files, ``s3://`` and ``gs://``; ``az://`` has no streamer support against Azurite in
-0.17 (FACTS.md), so it — and anything forced with ``loader="native"`` — comes through
+0.17 (docs/findings.md), so it — and anything forced with ``loader="native"`` — comes through
 our async backend with concurrent ranged reads straight into the buffer.
 
 Memory stays bounded: the streamer runs with ``owned=False`` and a ``memory_limit``, and
@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import torch
 
 from warmpool.config import StreamerOptions
 from warmpool.errors import StreamError, WarmpoolError
+from warmpool.loading.environ import STREAMER_ENVIRONMENT
 from warmpool.pool.layout import Layout, Slot
 from warmpool.loading.pread import stream_pread
 from warmpool.storage import open_store
@@ -43,7 +42,6 @@ NATIVE_PIECE = 16 << 20
 NATIVE_CONCURRENCY = 16
 
 log = logging.getLogger(__name__)
-_environ_lock = threading.Lock()
 
 #: runai-model-streamer 0.17 opens ONE object-storage backend per process and keeps it
 #: until exit ("Object storage backend will be closed on process exit"): after an
@@ -114,9 +112,10 @@ def _runai_path(uri: ModelURI, key: str) -> str:
     return str(uri.path / key) if uri.is_local else uri.child(key)
 
 
-def streamer_environment(options: StreamerOptions, largest_tensor: int = 0) -> dict[str, str]:
+def streamer_environment(options: StreamerOptions, largest_tensor: int = 0,
+                         base: dict[str, str] | None = None) -> dict[str, str]:
     """The variables a streamer run needs, including what test servers need."""
-    env = options.environment(largest_tensor=largest_tensor)
+    env = options.environment(base, largest_tensor=largest_tensor)
     if env.get("AWS_ENDPOINT_URL"):
         # S3-compatible servers answer path-style only.
         env.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
@@ -126,20 +125,6 @@ def streamer_environment(options: StreamerOptions, largest_tensor: int = 0) -> d
         env["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = (
             emulator if emulator.startswith("http") else f"http://{emulator}")
     return env
-
-
-@contextmanager
-def patched_environ(env: dict[str, str]) -> Iterator[None]:
-    """The streamer reads its settings from the process environment when it opens."""
-    with _environ_lock:
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
 
 
 def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
@@ -162,12 +147,13 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     slots = {s.name: s for s in layout.slots if files is None or s.file in files}
     paths = [_runai_path(uri, f) for f in sorted({s.file for s in slots.values()})]
     largest = max((s.nbytes for s in slots.values()), default=0)
-    env = {**streamer_environment(options, largest), **(extra_env or {})}
+    env = {**streamer_environment(options, largest, STREAMER_ENVIRONMENT.base()),
+           **(extra_env or {})}
     filled = 0
     try:
         # Held for the whole run: the native library reads some variables (endpoints,
         # timeouts) when a request starts, not only when the streamer opens.
-        with patched_environ(env), SafetensorsStreamer() as streamer:
+        with STREAMER_ENVIRONMENT.holding(env), SafetensorsStreamer() as streamer:
             if on_open is not None:
                 on_open(streamer)
             streamer.stream_files(paths, device=stream_device, is_distributed=distributed,

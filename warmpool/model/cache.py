@@ -18,7 +18,6 @@ Hugging Face model directory without its weights, which serving engines can read
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import re
 import shutil
 import tempfile
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -38,7 +36,7 @@ from warmpool.config import Settings
 from warmpool.errors import (IncompleteModelError, StorageError, TransientStorageError,
                              UnsafeKeyError)
 from warmpool.model.identity import INDEX_FILE, Completeness, check_complete, content_hash, is_weight_file
-from warmpool.locks import is_locked
+from warmpool.locks import async_file_lock, is_locked
 from warmpool.model.safetensors import SafetensorsHeader, read_header
 from warmpool.storage import Store, open_store
 from warmpool.storage.base import ObjectInfo, validate_relative_key
@@ -179,7 +177,7 @@ class MetadataCache:
 
     async def _completeness(self, store: Store, objects: tuple[ObjectInfo, ...],
                             digest: str) -> tuple[Completeness, bytes | None]:
-        """DESIGN.md's rule, reading the index (from the cache when it holds this hash)."""
+        """The completeness rule (:func:`~warmpool.model.identity.check_complete`), reading the index (from the cache when it holds this hash)."""
         index = next((o for o in objects if o.key == INDEX_FILE), None)
         if index is None:
             return check_complete(list(objects), None), None
@@ -198,9 +196,10 @@ class MetadataCache:
         completeness, index_json = await self._completeness(store, objects, digest)
         if not completeness.complete:
             missing = ", ".join(completeness.missing)
+            named = not missing or missing in completeness.reason  # said once is enough
             raise IncompleteModelError(
                 f"{uri} is not a complete model yet: {completeness.reason}"
-                + (f" (missing: {missing})" if missing else ""),
+                + ("" if named else f" (missing: {missing})"),
                 missing=list(completeness.missing))
         files, skipped = _plan_files(objects)
         shards = [o for o in objects if o.key in set(completeness.shards)]
@@ -224,7 +223,7 @@ class MetadataCache:
             }
             await _to_thread_to_the_end(_commit, tmp, manifest, final)
         except BaseException:
-            _discard(tmp)
+            await _to_thread_to_the_end(_discard, tmp)  # rmtree and retries: off the loop
             raise
         return _from_manifest(manifest, final)
 
@@ -235,20 +234,11 @@ class MetadataCache:
 
     @asynccontextmanager
     async def _build_lock(self, digest: str) -> AsyncIterator[None]:
-        """Exclusive right to build ``digest``, across coroutines and processes.
-
-        Coroutines of one process queue on an asyncio lock first, so at most one thread
-        per hash blocks in ``flock``: a crowd of waiters in the default executor would
-        otherwise starve the holder's own ``to_thread`` downloads and deadlock.
-        """
+        """Exclusive right to build ``digest``, across coroutines and processes."""
         path = self._lock_path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        async with _loop_lock(str(path)):
-            fd = await _flock(path)
-            try:
-                yield
-            finally:
-                os.close(fd)  # closing our only descriptor releases the flock
+        async with async_file_lock(path):
+            yield
 
     def _building(self, digest: str) -> bool:
         """True while some coroutine or process holds ``digest``'s build lock."""
@@ -350,7 +340,7 @@ async def _download(store: Store, obj: ObjectInfo, dest: Path) -> None:
     got = -1
     for attempt in (1, 2):
         await store.download(obj.key, dest)
-        got = dest.stat().st_size if dest.exists() else -1
+        got = await asyncio.to_thread(_size_or_missing, dest)
         if got == obj.size:
             return
         log.warning("%s: downloaded %d bytes, listing says %d (attempt %d)",
@@ -435,39 +425,6 @@ def _from_manifest(data: dict[str, Any], directory: Path) -> CachedModel:
 
 # --- helpers ----------------------------------------------------------------------------
 
-#: Per event loop, per lock file: asyncio locks bind to the loop that first uses them.
-_LOOP_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
-    weakref.WeakKeyDictionary())
-
-
-def _loop_lock(name: str) -> asyncio.Lock:
-    locks = _LOOP_LOCKS.setdefault(asyncio.get_running_loop(), {})
-    return locks.setdefault(name, asyncio.Lock())
-
-
-def _open_locked(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-async def _flock(path: Path) -> int:
-    """An fd holding ``path``'s exclusive flock, waited for in a thread."""
-    task = asyncio.ensure_future(asyncio.to_thread(_open_locked, path))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        # The thread cannot be interrupted; when it gets the lock, drop it at once, or
-        # the fd would hold the lock until this process exits.
-        task.add_done_callback(
-            lambda t: os.close(t.result()) if not t.cancelled() and not t.exception() else None)
-        raise
-
-
 async def _to_thread_to_the_end(fn: Callable[..., T], *args: Any) -> T:
     """``to_thread`` that, when cancelled, still waits for ``fn`` before re-raising.
 
@@ -480,6 +437,13 @@ async def _to_thread_to_the_end(fn: Callable[..., T], *args: Any) -> T:
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
+
+
+def _size_or_missing(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def _discard(tmp: Path) -> None:

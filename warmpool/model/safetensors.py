@@ -109,9 +109,15 @@ def parse_header_json(raw: bytes, *, file: str, file_size: int,
     """Validate the JSON header ``raw`` of a file of ``file_size`` bytes."""
     header_size = len(raw) if header_size is None else header_size
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as dup:
+        # Readers disagree on which of two entries wins (ours kept the last): a tensor
+        # named twice could stream one byte range and be described by the other.
+        raise SafetensorsError(f"header names {dup.args[0]!r} twice", file=file) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SafetensorsError(f"header is not valid JSON ({exc})", file=file) from None
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise SafetensorsError("header JSON is nested too deeply", file=file) from None
     if not isinstance(obj, dict):
         raise SafetensorsError("header is not a JSON object", file=file)
     metadata = _metadata(obj.pop("__metadata__", None), file)
@@ -120,6 +126,21 @@ def parse_header_json(raw: bytes, *, file: str, file_size: int,
     tensors.sort(key=lambda t: (t.begin, t.end))
     _check_no_overlap(tensors, file)
     return SafetensorsHeader(file, file_size, header_size, tuple(tensors), metadata)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
 
 
 def parse_header(data: bytes, *, file: str, file_size: int) -> SafetensorsHeader:

@@ -21,8 +21,9 @@ from warmpool.errors import NotWarmError
 from warmpool.pool.layout import Layout
 from warmpool.pool.leases import Lease, Leases
 from warmpool.locks import file_lock
-from warmpool.pool.entries import HOST_DEVICE, is_hash_ref, normalise_ref
-from warmpool.pool.host import HostTier, Resident, map_readonly
+from warmpool.pool.entries import HOST_DEVICE
+from warmpool.pool.refs import ModelRef
+from warmpool.pool.host import HostTier, HostResident, map_readonly
 
 if TYPE_CHECKING:  # torch is imported when a model is attached, not with the package:
     import torch   # `warmpool status` and friends start in a fraction of a second
@@ -116,8 +117,8 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
 def _gc_paused() -> Iterator[None]:
     """No garbage collection while the layout and the views are built. They are a few
     objects per tensor, enough to trigger a full collection, and in a process that has
-    imported torch (~170,000 tracked objects) one costs 100-200 ms: most of an attach of
-    2,048 tensors. The collector runs again afterwards, as before."""
+    imported torch (a great many tracked objects) one costs more than the whole attach
+    (docs/findings.md). The collector runs again afterwards, as before."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -139,15 +140,14 @@ class _HostCloser:
         self.lease.release()
 
 
-def _resolve(host: HostTier, ref: str) -> Resident:
-    try:
-        wanted = normalise_ref(ref)
-    except Exception:  # noqa: BLE001 - any unparsable ref is simply not warm
-        raise _not_warm(ref) from None
-    if is_hash_ref(wanted):
-        matches = host.residents(hash_prefix=wanted)  # parses only the matching records
+def _resolve(host: HostTier, ref: str) -> HostResident:
+    # NotWarmError for text that names nothing; a bug (a ref that is no string) is not
+    # caught here, so it surfaces as the TypeError it is rather than as "not warm".
+    wanted = ModelRef.parse(ref)
+    if wanted.is_hash:
+        matches = host.residents(hash_prefix=wanted.text)  # parses only the matching records
     else:
-        matches = [r for r in host.residents() if r.uri == wanted]
+        matches = [r for r in host.residents() if wanted.matches(r.uri, r.content_hash)]
     if not matches:
         raise _not_warm(ref)
     return max(matches, key=lambda r: r.created_at)

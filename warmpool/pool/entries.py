@@ -9,30 +9,19 @@ prefetch fails at once with the free and needed bytes — never half-way through
 
 from __future__ import annotations
 
-import re
+import time
 from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
-from warmpool.errors import CapacityError, InvalidURIError, LeaseHeldError, NotWarmError
+from warmpool.errors import CapacityError, LeaseHeldError, NotWarmError
 from warmpool.pool.leases import Leases
 from warmpool.locks import async_file_lock, is_locked
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.pool.host import HostTier
-from warmpool.model.uri import parse_uri
+from warmpool.pool.refs import ModelRef
 
-HASH_RE = re.compile(r"^[0-9a-f]{8,64}$")
 HOST_DEVICE = "cpu"
-
-
-def is_hash_ref(ref: str) -> bool:
-    """A content hash or an unambiguous prefix of one (8+ hex digits), not a path."""
-    return bool(HASH_RE.match(ref))
-
-
-def normalise_ref(ref: str) -> str:
-    """A hash prefix stays as it is; anything else becomes its canonical URI string."""
-    return ref if is_hash_ref(ref) else str(parse_uri(ref))
 
 
 class Pool:
@@ -60,15 +49,12 @@ class Pool:
 
     async def find(self, ref: str, device: str = HOST_DEVICE,
                    states: tuple[State, ...] = (State.WARM,)) -> PoolEntry | None:
-        """The newest entry on ``device`` in one of ``states`` matching a URI or hash."""
-        try:
-            wanted = normalise_ref(ref)
-        except InvalidURIError:
-            raise NotWarmError(f"{ref!r} is neither a model URI nor a content hash") from None
+        """The newest entry on ``device`` in one of ``states`` that ``ref`` names
+        (:class:`~warmpool.pool.refs.ModelRef`)."""
+        wanted = ModelRef.parse(ref)
         matches = [e for e in await self.entries()
                    if e.device == device and e.state in states
-                   and (e.content_hash.startswith(wanted) if is_hash_ref(wanted)
-                        else e.uri == wanted)]
+                   and wanted.matches(e.uri, e.content_hash)]
         return max(matches, key=lambda e: e.updated_at, default=None)
 
     # --- capacity ------------------------------------------------------------------
@@ -145,6 +131,18 @@ class Pool:
                 except LeaseHeldError:
                     continue  # attached between the listing and the lock: keep it
         return retired
+
+    async def forget_history(self, older_than_s: float) -> list[PoolEntry]:
+        """Drop evicted, failed and lost entries not updated for ``older_than_s``: they
+        are history for ``status --history``, and kept forever they would make every
+        listing (and the registry) grow with every model this node ever warmed."""
+        cutoff = time.time() - older_than_s
+        gone = [e for e in await self.registry.list()
+                if e.state in (State.EVICTED, State.FAILED, State.LOST)
+                and e.updated_at < cutoff]
+        for entry in gone:
+            await self.registry.delete(entry.key)
+        return gone
 
     # --- recovery ------------------------------------------------------------------
     async def adopt_residents(self) -> list[PoolEntry]:

@@ -33,8 +33,10 @@ DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
-class Resident:
-    """What attach needs: which segment, which layout, for which model."""
+class HostResident:
+    """A model resident in the host tier: which segment, which buffer layout, for which
+    model — what attach needs. (A worker's counterpart on its device is
+    :class:`warmpool.workers.residents.DeviceResident`.)"""
 
     uri: str
     content_hash: str
@@ -51,7 +53,7 @@ class Resident:
                 "created_at": self.created_at, "layout": self.layout.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> Resident:
+    def from_json(cls, data: dict[str, object]) -> HostResident:
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
                    Layout.from_json(data["layout"]),  # type: ignore[arg-type]
                    float(data["created_at"]))  # type: ignore[arg-type]
@@ -129,11 +131,11 @@ class HostTier:
         return WritableSegment(path, size)
 
     def publish(self, segment: WritableSegment, uri: str, layout: Layout,
-                created_at: float) -> Resident:
+                created_at: float) -> HostResident:
         """Give a filled segment its final name and write the record attach reads."""
         name = self.segment_name(layout.content_hash)
         os.rename(segment.path, SHM_DIR / name)
-        resident = Resident(uri, layout.content_hash, name, layout, created_at)
+        resident = HostResident(uri, layout.content_hash, name, layout, created_at)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
 
@@ -142,14 +144,15 @@ class HostTier:
         segment.path.unlink(missing_ok=True)
 
     # --- reading -------------------------------------------------------------------
-    def resident(self, content_hash: str) -> Resident | None:
+    def resident(self, content_hash: str) -> HostResident | None:
         try:
-            resident = Resident.from_json(json.loads(self._record_path(content_hash).read_text()))
+            record = json.loads(self._record_path(content_hash).read_text())
+            resident = HostResident.from_json(record)
         except FileNotFoundError:
             return None
         return resident if (SHM_DIR / resident.segment).exists() else None
 
-    def residents(self, hash_prefix: str = "") -> list[Resident]:
+    def residents(self, hash_prefix: str = "") -> list[HostResident]:
         """Every published model (whose content hash starts with ``hash_prefix``): only
         the matching records are parsed, and a record lists every tensor."""
         found = []
@@ -159,14 +162,14 @@ class HostTier:
                 found.append(resident)
         return found
 
-    def holds(self, resident: Resident) -> bool:
+    def holds(self, resident: HostResident) -> bool:
         """Still published? Two stats, no parse: an eviction removes the record and the
         segment under the entry's exclusive lock, and a content hash names its bytes."""
         return (self._record_path(resident.content_hash).exists()
                 and (SHM_DIR / resident.segment).exists())
 
     def remove_all(self) -> None:
-        """Drop every segment and record of this pool (tests and `warmpool evict --all`)."""
+        """Drop every segment and record of this pool (tests and benchmarks)."""
         for path in SHM_DIR.glob(f"{self.prefix}*"):
             path.unlink(missing_ok=True)
         for record in self.records.glob("*.json"):

@@ -1,6 +1,6 @@
 """Prefetch: one model from its URI to a warm entry on the host tier.
 
-The order is the data flow of DESIGN.md: list → content hash → metadata cache → layout
+The order is the data flow: list → content hash → metadata cache → layout
 → reserve room → stream into a partial segment → publish → ``warm``. Every step records
 its state in the registry; any failure (storage error, corrupt file, Ctrl-C) discards
 the partial segment and records ``failed`` with the error, so nothing half-loaded stays.

@@ -15,9 +15,8 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
 from azure.core.exceptions import (
@@ -31,20 +30,14 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
-from warmpool.errors import (
-    AccessDeniedError,
-    ConfigError,
-    ObjectNotFoundError,
-    StorageError,
-    TransientStorageError,
-)
+from warmpool.errors import ConfigError, StorageError
 from warmpool.retry import Backoff
-from warmpool.storage.base import DOWNLOAD_CHUNK, ObjectInfo, Store, validate_relative_key
+from warmpool.storage.base import DOWNLOAD_CHUNK, Failure, Listed, ObjectStore
 from warmpool.model.uri import ModelURI
 
 
 # Every GET asks for at most this much. The SDK's default first GET is 32 MiB, and while
-# it iterates it holds up to four chunks at once (measured: ~16 MiB with 4 MiB chunks), so
+# it iterates it holds up to four chunks at once (docs/findings.md), so
 # smaller chunks keep a download's memory small and independent of the blob's size.
 _GET_SIZE = 2 * DOWNLOAD_CHUNK
 _CLIENT_OPTIONS: dict[str, Any] = {
@@ -56,8 +49,12 @@ _CLIENT_OPTIONS: dict[str, Any] = {
 }
 
 
-class AzureStore(Store):
+class AzureStore(ObjectStore):
     """One ``BlobServiceClient`` per store, opened on first use and closed by :meth:`close`."""
+
+    container_word = "container"
+    object_word = "blob"
+    missing_container_codes = frozenset({"ContainerNotFound"})
 
     sdk_errors = (AzureError, aiohttp.ClientError, TimeoutError, ConnectionError)
 
@@ -105,57 +102,34 @@ class AzureStore(Store):
         await self._stack.aclose()
         self._container_client = None
 
-    # --- error translation -----------------------------------------------------------
+    # --- the client library's calls and errors ------------------------------------------
 
-    def _raise(self, exc: BaseException, key: str) -> NoReturn:
-        where = self.uri.child(key)
-        code = getattr(exc, "error_code", None)
+    def _failure(self, exc: BaseException) -> Failure:
         status = getattr(exc, "status_code", None) or 0
-        reason = f"{code or status or type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        if isinstance(exc, ResourceNotFoundError) or status == 404:
-            what = (f"no such container {self.uri.bucket!r}" if code == "ContainerNotFound"
-                    else "no such blob")
-            raise ObjectNotFoundError(f"{where}: {what} ({reason})", key=key) from exc
-        if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
-            raise AccessDeniedError(f"{where}: access denied ({reason})", key=key) from exc
-        if (isinstance(exc, (ServiceRequestError, ServiceResponseError, IncompleteReadError,
-                             aiohttp.ClientError, TimeoutError, ConnectionError))
-                or status in (408, 429) or status >= 500):
-            raise TransientStorageError(f"{where}: {reason}", key=key) from exc
-        raise StorageError(f"{where}: {reason}", key=key) from exc
+        if not status and isinstance(exc, ResourceNotFoundError):
+            status = 404
+        if not status and isinstance(exc, ClientAuthenticationError):
+            status = 401
+        return Failure(status, getattr(exc, "error_code", None) or "",
+                       str(exc).splitlines()[0] if str(exc) else "",
+                       network=isinstance(exc, (ServiceRequestError, ServiceResponseError,
+                                                IncompleteReadError, aiohttp.ClientError,
+                                                TimeoutError, ConnectionError)))
 
-    # --- the Store interface -------------------------------------------------------------
-
-    async def list(self) -> list[ObjectInfo]:
-        """All pages (continuation tokens); each page is retried on its own."""
+    async def _list_page(self, token: str | None) -> tuple[list[Listed], str | None]:
         container = await self._container()
-        found: list[ObjectInfo] = []
-        token: str | None = None
-        plen = len(self.uri.prefix)
+        pages: Any = container.list_blobs(name_starts_with=self.uri.prefix or None,
+                                          results_per_page=self.page_size).by_page(token)
+        try:
+            page = await pages.__anext__()
+        except StopAsyncIteration:
+            return [], None
+        found = [Listed(b.name, int(b.size), str(b.etag).strip('"')) async for b in page]
+        return found, pages.continuation_token
 
-        async def one_page(tok: str | None) -> tuple[list[Any], str | None]:
-            pages: Any = container.list_blobs(name_starts_with=self.uri.prefix or None,
-                                              results_per_page=self.page_size).by_page(tok)
-            try:
-                page = await pages.__anext__()
-            except StopAsyncIteration:
-                return [], None
-            return [b async for b in page], pages.continuation_token
-
-        while True:
-            blobs, token = await self._call("", "list", partial(one_page, token))
-            for blob in blobs:
-                full: str = blob.name
-                if full.endswith("/") or not full.startswith(self.uri.prefix):
-                    continue  # "directory" placeholders (hierarchical namespace, tools)
-                key = validate_relative_key(full[plen:])
-                found.append(ObjectInfo(key, int(blob.size), str(blob.etag).strip('"')))
-            if not token:
-                return sorted(found)
-
-    async def _chunks(self, key: str, start: int | None, length: int | None
+    async def _chunks(self, name: str, start: int | None, length: int | None
                       ) -> AsyncIterator[bytes]:
-        blob = (await self._container()).get_blob_client(self.uri.join(validate_relative_key(key)))
+        blob = (await self._container()).get_blob_client(name)
         try:
             downloader = await blob.download_blob(offset=start, length=length, max_concurrency=1)
         except HttpResponseError as exc:
@@ -165,17 +139,12 @@ class AzureStore(Store):
         async for chunk in downloader.chunks():
             yield chunk
 
-    async def _read_range_once(self, key: str, start: int, length: int) -> bytes:
-        return b"".join([c async for c in self._chunks(key, start, length)])
-
-    async def read_range(self, key: str, start: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        return await self._call(key, "read", lambda: self._read_range_once(key, start, length))
+    async def _get_range(self, name: str, start: int, length: int) -> bytes:
+        return b"".join([c async for c in self._chunks(name, start, length)])
 
     async def _read_into_once(self, key: str, start: int, out: memoryview) -> None:
         done = 0
-        async for chunk in self._chunks(key, start, len(out)):
+        async for chunk in self._chunks(self._name(key), start, len(out)):
             out[done:done + len(chunk)] = chunk
             done += len(chunk)
         if done != len(out):
@@ -186,14 +155,13 @@ class AzureStore(Store):
         if len(out):
             await self._call(key, "read", lambda: self._read_into_once(key, start, out))
 
-    async def _download_once(self, key: str, dest: Path) -> int:
+    async def _download_to(self, name: str, dest: Path) -> int:
         done = 0
-        with open(dest, "wb") as f:
-            async for chunk in self._chunks(key, None, None):
+        f = await asyncio.to_thread(dest.open, "wb")
+        try:
+            async for chunk in self._chunks(name, None, None):
                 await asyncio.to_thread(f.write, chunk)
                 done += len(chunk)
+        finally:
+            await asyncio.to_thread(f.close)
         return done
-
-    async def download(self, key: str, dest: Path) -> int:
-        """Stream the blob into ``dest`` a chunk at a time; a retry starts the file over."""
-        return await self._call(key, "download", lambda: self._download_once(key, dest))

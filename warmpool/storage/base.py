@@ -4,6 +4,11 @@ Keys handed to and returned by a :class:`Store` are *relative* to the model pref
 (``config.json``, ``sub/model-00001-of-00004.safetensors``): the rest of warmpool never
 sees bucket names or absolute paths, and every key coming back from a listing is checked
 by :func:`validate_relative_key` before it can become a file name.
+
+:class:`ObjectStore` is the part the object stores (S3, GCS, Azure) share — the paged
+listing, retried reads and downloads, and the mapping of HTTP statuses and service error
+codes to :mod:`warmpool.errors` — so that a backend only names its client library's calls
+and errors.
 """
 
 from __future__ import annotations
@@ -13,11 +18,18 @@ import asyncio
 import posixpath
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, NoReturn, TypeVar
 
-from warmpool.errors import UnsafeKeyError
+from warmpool.errors import (
+    AccessDeniedError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientStorageError,
+    UnsafeKeyError,
+)
 from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
 from warmpool.model.uri import ModelURI
 
@@ -107,8 +119,6 @@ class Store(abc.ABC):
         """Fill ``out`` from ``key`` at ``start``; backends may override to avoid a copy."""
         data = await self.read_range(key, start, len(out))
         if len(data) != len(out):
-            from warmpool.errors import StorageError
-
             raise StorageError(
                 f"{self.uri.child(key)}: short read at {start}: wanted {len(out)}, got {len(data)}",
                 key=key,
@@ -130,6 +140,117 @@ class Store(abc.ABC):
         await self.close()
 
 
+@dataclass(frozen=True)
+class Listed:
+    """One object of a listing page, named in full (``models/llama/config.json``)."""
+
+    name: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A client library's exception in the terms :meth:`ObjectStore._raise` maps.
+
+    ``status`` is the HTTP status (0 without a response), ``code`` the service's error code
+    (``NoSuchKey``, ``ContainerNotFound``), ``network`` true when no answer came at all
+    (refused, reset, timed out): a retry may cure that.
+    """
+
+    status: int = 0
+    code: str = ""
+    message: str = ""
+    network: bool = False
+
+
+class ObjectStore(Store):
+    """A bucket (or container) of an object store, reached through its client library.
+
+    A backend implements four hooks — one listing page, one ranged GET, one download and
+    :meth:`_failure` — and names its service's error codes; the listing loop, the retries
+    and the error classes are the same for every service.
+    """
+
+    #: What the service calls a bucket and an object, for error messages.
+    container_word: ClassVar[str] = "bucket"
+    object_word: ClassVar[str] = "object"
+    #: Error codes that mean the bucket itself is missing, the object is missing, the
+    #: caller may not read it, or the service is busy (so a retry may succeed).
+    missing_container_codes: ClassVar[frozenset[str]] = frozenset()
+    not_found_codes: ClassVar[frozenset[str]] = frozenset()
+    denied_codes: ClassVar[frozenset[str]] = frozenset()
+    transient_codes: ClassVar[frozenset[str]] = frozenset()
+
+    @abc.abstractmethod
+    async def _list_page(self, token: str | None) -> tuple[list[Listed], str | None]:
+        """One page of the objects under the prefix (at most :attr:`page_size`) and the
+        next page's token, ``None`` after the last."""
+
+    @abc.abstractmethod
+    async def _get_range(self, name: str, start: int, length: int) -> bytes:
+        """One ranged GET of the object ``name``; ``b""`` when ``start`` is at or past
+        its end."""
+
+    @abc.abstractmethod
+    async def _download_to(self, name: str, dest: Path) -> int:
+        """One streamed GET of ``name`` into ``dest`` (:func:`stream_to_file`)."""
+
+    @abc.abstractmethod
+    def _failure(self, exc: BaseException) -> Failure:
+        """What ``exc``, one of :attr:`sdk_errors`, says went wrong."""
+
+    async def list(self) -> list[ObjectInfo]:
+        """All pages; each page is retried on its own, so a transient failure on page
+        400 of a huge prefix does not restart the listing. Names ending in ``/`` are the
+        "directory" markers consoles and sync tools write, not objects."""
+        found: list[ObjectInfo] = []
+        token: str | None = None
+        prefix = self.uri.prefix
+        while True:
+            page, token = await self._call("", "list", partial(self._list_page, token))
+            for obj in page:
+                if obj.name.endswith("/") or not obj.name.startswith(prefix):
+                    continue
+                found.append(ObjectInfo(validate_relative_key(obj.name[len(prefix):]),
+                                        obj.size, obj.etag))
+            if not token:
+                return sorted(found)
+
+    def _name(self, key: str) -> str:
+        return self.uri.join(validate_relative_key(key))
+
+    async def read_range(self, key: str, start: int, length: int) -> bytes:
+        name = self._name(key)
+        if length <= 0:
+            return b""
+        return await self._call(key, "read", lambda: self._get_range(name, start, length))
+
+    async def download(self, key: str, dest: Path) -> int:
+        """Stream the object into ``dest`` a chunk at a time; a retry starts the file over."""
+        name = self._name(key)
+        return await self._call(key, "download", lambda: self._download_to(name, dest))
+
+    def _raise(self, exc: BaseException, key: str) -> NoReturn:
+        where = self.uri.child(key)
+        f = self._failure(exc)
+        label = f.code or (f"HTTP {f.status}" if f.status else type(exc).__name__)
+        reason = f"{label}: {f.message[:300] or 'no message'}"
+        if f.code in self.missing_container_codes or (f.status == 404 and not key):
+            # a listing (no key) that is not found lacks its bucket, never an object
+            raise ObjectNotFoundError(f"{where}: no such {self.container_word} "
+                                      f"{self.uri.bucket!r} ({reason})", key=key) from exc
+        if f.code in self.not_found_codes or f.status == 404:
+            raise ObjectNotFoundError(f"{where}: no such {self.object_word} ({reason})",
+                                      key=key) from exc
+        if f.code in self.denied_codes or f.status in (401, 403):
+            raise AccessDeniedError(f"{where}: access denied ({reason})", key=key) from exc
+        if f.network or f.code in self.transient_codes or f.status in (408, 429) \
+                or f.status >= 500:
+            raise TransientStorageError(f"{where}: {reason}", key=key) from exc
+        raise StorageError(f"{where}: {reason}", key=key) from exc
+
+
 async def read_full(read: Callable[[int], Awaitable[bytes]], size: int) -> bytes:
     """Up to ``size`` bytes from a stream whose ``read(n)`` may return less than ``n``
     before the end, so that each disk write is a whole chunk rather than a socket buffer."""
@@ -147,8 +268,11 @@ async def read_full(read: Callable[[int], Awaitable[bytes]], size: int) -> bytes
 async def stream_to_file(read: Callable[[int], Awaitable[bytes]], dest: Path) -> int:
     """Copy a response body into ``dest`` a chunk at a time; never whole into memory."""
     done = 0
-    with open(dest, "wb") as f:
+    f = await asyncio.to_thread(dest.open, "wb")  # a slow cache disk must not stall the loop
+    try:
         while chunk := await read_full(read, DOWNLOAD_CHUNK):
             await asyncio.to_thread(f.write, chunk)
             done += len(chunk)
+    finally:
+        await asyncio.to_thread(f.close)
     return done

@@ -8,21 +8,14 @@ which is exactly the "bytes changed" signal the content hash needs.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
 from gcloud.aio.storage import Storage
 
-from warmpool.errors import (
-    AccessDeniedError,
-    ObjectNotFoundError,
-    StorageError,
-    TransientStorageError,
-)
 from warmpool.retry import Backoff
-from warmpool.storage.base import ObjectInfo, Store, stream_to_file, validate_relative_key
+from warmpool.storage.base import Failure, Listed, ObjectStore, stream_to_file
 from warmpool.model.uri import ModelURI
 
 
@@ -31,8 +24,12 @@ from warmpool.model.uri import ModelURI
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
 
 
-class GCSStore(Store):
-    """One gcloud-aio ``Storage`` (one aiohttp session) per store, opened on first use."""
+class GCSStore(ObjectStore):
+    """One gcloud-aio ``Storage`` (one aiohttp session) per store, opened on first use.
+
+    GCS answers a missing bucket and a missing object alike (HTTP 404, no code)."""
+
+    object_word = "bucket or object"
 
     sdk_errors = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
@@ -51,78 +48,40 @@ class GCSStore(Store):
             storage, self._storage = self._storage, None
             await storage.close()
 
-    # --- error translation -----------------------------------------------------------
+    # --- the client library's calls and errors ------------------------------------------
 
-    def _raise(self, exc: BaseException, key: str) -> NoReturn:
-        where = self.uri.child(key)
+    def _failure(self, exc: BaseException) -> Failure:
         if isinstance(exc, aiohttp.ClientResponseError):
-            status = exc.status
-            reason = f"HTTP {status}: {str(exc.message)[:300]}"
-            if status == 404:
-                what = "no such bucket or object" if key else f"no such bucket {self.uri.bucket!r}"
-                raise ObjectNotFoundError(f"{where}: {what} ({reason})", key=key) from exc
-            if status in (401, 403):
-                raise AccessDeniedError(f"{where}: access denied ({reason})", key=key) from exc
-            if status in (408, 429) or status >= 500:
-                raise TransientStorageError(f"{where}: {reason}", key=key) from exc
-            raise StorageError(f"{where}: {reason}", key=key) from exc
-        if isinstance(exc, (aiohttp.ClientError, TimeoutError, ConnectionError)):
-            raise TransientStorageError(
-                f"{where}: {type(exc).__name__}: {exc or 'timed out'}", key=key) from exc
-        raise StorageError(f"{where}: {type(exc).__name__}: {exc}", key=key) from exc
+            return Failure(exc.status, message=str(exc.message))
+        return Failure(message=str(exc) or "timed out",
+                       network=isinstance(exc, (aiohttp.ClientError, TimeoutError,
+                                                ConnectionError)))
 
-    # --- the Store interface -------------------------------------------------------------
+    async def _list_page(self, token: str | None) -> tuple[list[Listed], str | None]:
+        params = {"maxResults": str(self.page_size),
+                  "fields": "items(name,size,generation),nextPageToken"}
+        if self.uri.prefix:
+            params["prefix"] = self.uri.prefix
+        if token:
+            params["pageToken"] = token
+        page: dict[str, Any] = await self._gcs().list_objects(
+            self.uri.bucket, params=params, timeout=_TIMEOUT)  # type: ignore[arg-type]
+        found = [Listed(item["name"], int(item["size"]), str(item["generation"]))
+                 for item in page.get("items", [])]
+        return found, page.get("nextPageToken") or None
 
-    async def list(self) -> list[ObjectInfo]:
-        """All pages (``pageToken``); each page is retried on its own."""
-        gcs = self._gcs()
-        found: list[ObjectInfo] = []
-        token = ""
-        plen = len(self.uri.prefix)
-        while True:
-            params = {"maxResults": str(self.page_size),
-                      "fields": "items(name,size,generation),nextPageToken"}
-            if self.uri.prefix:
-                params["prefix"] = self.uri.prefix
-            if token:
-                params["pageToken"] = token
-            page: dict[str, Any] = await self._call(
-                "", "list", partial(gcs.list_objects, self.uri.bucket, params=params,
-                                    timeout=_TIMEOUT))  # type: ignore[arg-type]
-            for item in page.get("items", []):
-                full: str = item["name"]
-                if full.endswith("/") or not full.startswith(self.uri.prefix):
-                    continue  # "folder" placeholders made by the console and gsutil
-                key = validate_relative_key(full[plen:])
-                found.append(ObjectInfo(key, int(item["size"]), str(item["generation"])))
-            token = page.get("nextPageToken") or ""
-            if not token:
-                return sorted(found)
-
-    async def _read_range_once(self, key: str, start: int, length: int) -> bytes:
+    async def _get_range(self, name: str, start: int, length: int) -> bytes:
         try:
             return await self._gcs().download(
-                self.uri.bucket, self.uri.join(validate_relative_key(key)),
-                headers={"Range": f"bytes={start}-{start + length - 1}"},
+                self.uri.bucket, name, headers={"Range": f"bytes={start}-{start + length - 1}"},
                 timeout=_TIMEOUT)  # type: ignore[arg-type]
         except aiohttp.ClientResponseError as exc:
             if exc.status == 416:
                 return b""  # start at or past the end of the object
             raise
 
-    async def read_range(self, key: str, start: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        return await self._call(key, "read", lambda: self._read_range_once(key, start, length))
-
-    async def _download_once(self, key: str, dest: Path) -> int:
+    async def _download_to(self, name: str, dest: Path) -> int:
         stream = await self._gcs().download_stream(
-            self.uri.bucket, self.uri.join(validate_relative_key(key)),
-            timeout=_TIMEOUT)  # type: ignore[arg-type]
+            self.uri.bucket, name, timeout=_TIMEOUT)  # type: ignore[arg-type]
         async with stream:
             return await stream_to_file(stream.read, dest)
-
-    async def download(self, key: str, dest: Path) -> int:
-        """Stream the object into ``dest`` a chunk at a time; a retry starts the file over."""
-        return await self._call(key, "download", lambda: self._download_once(key, dest))
-

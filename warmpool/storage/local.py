@@ -21,7 +21,12 @@ class LocalStore(Store):
         root = self.uri.path
         if not root.is_dir():
             raise ObjectNotFoundError(f"{self.uri}: no such directory", key="")
-        return await asyncio.to_thread(self._walk, root)
+        try:
+            return await asyncio.to_thread(self._walk, root)
+        except OSError as exc:  # a dangling link, a file we may not read, a vanished dir
+            name = Path(exc.filename).name if exc.filename else ""
+            raise StorageError(f"{self.uri}: cannot list {name or 'the directory'}: "
+                               f"{exc.strerror or exc}", key=name or None) from exc
 
     @staticmethod
     def _walk(root: Path) -> builtins.list[ObjectInfo]:
@@ -84,6 +89,8 @@ class LocalStore(Store):
         src = self._path(key)
         try:
             await asyncio.to_thread(shutil.copyfile, src, dest)
+            return (await asyncio.to_thread(dest.stat)).st_size
         except FileNotFoundError:
             raise ObjectNotFoundError(f"{self.uri.child(key)}: no such file", key=key) from None
-        return dest.stat().st_size
+        except OSError as exc:
+            raise StorageError(f"{self.uri.child(key)}: {exc.strerror or exc}", key=key) from exc

@@ -6,6 +6,7 @@ so a reader never sees half an entry and a crash never leaves one.
 
 from __future__ import annotations
 
+import asyncio
 import builtins  # the class's own ``list`` method shadows the type in its body
 import json
 import os
@@ -36,14 +37,16 @@ class FileRegistry(Registry):
             return None
 
     async def put(self, entry: PoolEntry) -> None:
-        self.put_sync(entry)
+        # fsync can take a disk's worth of latency: never on the loop (a worker's loop
+        # also answers attach requests)
+        await asyncio.to_thread(self.put_sync, entry)
 
     def put_sync(self, entry: PoolEntry) -> None:
         data = json.dumps(entry.to_json(), indent=1).encode()
         atomic_write(self._path(entry.key), data)
 
     async def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
 
     async def list(self) -> list[PoolEntry]:
         return self.list_sync()
