@@ -66,8 +66,9 @@ demo-s3: install-dev
 test: install-dev typecheck lint vllm-venv
 	$(BIN)/pytest -q
 
-# The stamp is written last, so an interrupted install is redone, not half-used.
-$(VLLM_VENV)/.installed:
+# The stamp is written last, so an interrupted install is redone, not half-used; a
+# changed pyproject.toml (entry points) reinstalls warmpool there.
+$(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	@if [ -n "$(TORCH_INDEX)" ] && $(VLLM_VENV)/bin/python -c "import urllib.request as r; \
 	        r.urlopen('$(TORCH_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
