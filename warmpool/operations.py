@@ -140,6 +140,7 @@ def evict(ref: str, device: str = "cpu", *, force: bool = False,
     """
     settings = _settings(settings, redis_url)
     controller = _controller(settings)
+    _reclaim(settings, registry=not controller)
     if controller:
         from warmpool.controller import remote
 
@@ -164,6 +165,7 @@ def status(*, history: bool = False, settings: Settings | None = None,
     Through a controller: every node's entries."""
     settings = _settings(settings, redis_url)
     controller = _controller(settings)
+    _reclaim(settings, registry=not controller)
     if controller:
         from warmpool.controller import remote
 
@@ -186,6 +188,7 @@ def metadata(uri: str, *, settings: Settings | None = None) -> CachedModel:
     from warmpool.model.uri import parse_uri
 
     settings = settings or Settings.load()
+    _reclaim(settings)
     return _run(MetadataCache(settings.cache_dir).fetch(parse_uri(uri)))
 
 
@@ -203,6 +206,19 @@ def _settings(settings: Settings | None, redis_url: str | None, **overrides: Any
     if streamer:
         settings = replace(settings, streamer=replace(settings.streamer, **streamer))
     return settings
+
+
+def _reclaim(settings: Settings, *, registry: bool = False) -> None:
+    """Every operation cleans up after killed prefetches: their partial segments (as
+    large as the model) and, where this process owns the pool's registry, their entries
+    that still say ``streaming``. The entry locks say which writers are gone."""
+    from warmpool.pool.entries import Pool
+    from warmpool.pool.host import HostTier
+
+    if registry:
+        _run(Pool(settings).reclaim(vanished=False))  # a read does not judge warm entries
+    else:
+        HostTier(settings.runtime_dir).reclaim()
 
 
 def _controller(settings: Settings) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -41,6 +42,7 @@ from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.controller.routing import Router
 from warmpool.controller.sources import PubSubSource, StreamSource
 from warmpool.controller.uploads import Uploads
+from warmpool.loading.streaming import LOADERS
 from warmpool.model.uri import ModelURI
 
 log = logging.getLogger(__name__)
@@ -85,14 +87,47 @@ class ControllerOptions:
             for where, raw in sources:
                 if raw is None:
                     continue
-                try:
-                    if kind is not str and isinstance(raw, bool):
-                        raise ValueError("a boolean")
-                    values[name] = kind(raw)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{where}: {raw!r} is not a valid {kind.__name__}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                values[name] = _option(name, kind, raw, where)
+        for name, raw in overrides.items():
+            if raw is not None:
+                if name not in known:
+                    raise ConfigError(f"unknown controller option {name!r}")
+                kind = type(getattr(defaults, name))
+                values[name] = _option(name, kind, raw, f"controller option {name}")
         return cls(**values)
+
+
+#: The smallest usable value of each numeric option: a heartbeat of 0 s floods the log,
+#: a max_inflight of 0 never takes a message, a TTL of 0 is a lock that never holds.
+_MINIMUM: dict[str, float] = {
+    "debounce_s": 0.0, "recheck_s": 0.1, "heartbeat_s": 0.1, "claim_idle_s": 0.1,
+    "max_deliveries": 1, "max_inflight": 1, "lock_ttl_s": 0.3, "shutdown_grace_s": 0.0,
+}
+
+
+def _option(name: str, kind: type, raw: Any, where: str) -> Any:
+    """``raw`` converted to ``kind`` and checked, or a one-line ConfigError naming ``where``."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{where}: {raw!r} is not usable: {why}")
+
+    try:
+        if kind is not str and isinstance(raw, bool):
+            raise ValueError
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        value = kind(raw.strip() if isinstance(raw, str) and kind is not str else raw)
+    except (TypeError, ValueError, OverflowError):
+        raise bad(f"not a valid {kind.__name__}") from None
+    if kind in (int, float):
+        if not math.isfinite(value):
+            raise bad("not a finite number")
+        if value < _MINIMUM.get(name, 0):
+            raise bad(f"must be at least {_MINIMUM.get(name, 0):g}")
+    if name == "loader" and value not in LOADERS:
+        raise bad(f"choose one of {', '.join(LOADERS)}")
+    if name == "key_prefix" and (not value or any(c.isspace() for c in value)):
+        raise bad("must be a non-empty prefix without spaces")
+    return value
 
 
 class Controller:

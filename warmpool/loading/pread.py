@@ -27,6 +27,7 @@ import torch
 from warmpool.errors import StreamError
 from warmpool.pool.layout import Layout
 from warmpool.pool.views import byte_view
+from warmpool.storage.local import open_regular
 
 Progress = Callable[[int], None]
 CHUNK = 32 << 20
@@ -130,7 +131,7 @@ def stream_pread(root: Path, layout: Layout, target: torch.Tensor, *,
     fds: dict[str, int] = {}
     try:
         for file in {j.file for j in jobs}:
-            fds[file] = os.open(root / file, os.O_RDONLY | os.O_CLOEXEC)
+            fds[file] = open_regular(root / file, file)  # a FIFO would block for ever
         if target.is_cuda:
             staging = _Staging.get(target.device, threads, CHUNK)
             run = lambda job: _to_device(job, fds, root, target, staging)  # noqa: E731

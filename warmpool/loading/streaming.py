@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 
 from warmpool.config import StreamerOptions
-from warmpool.errors import StreamError, WarmpoolError
+from warmpool.errors import ObjectChangedError, StreamError, WarmpoolError
 from warmpool.loading.environ import STREAMER_ENVIRONMENT
 from warmpool.pool.layout import Layout, Slot
 from warmpool.loading.pread import stream_pread
 from warmpool.storage import open_store
-from warmpool.storage.base import Store
+from warmpool.storage.base import ObjectInfo, Store
+from warmpool.storage.local import open_regular
 from warmpool.model.uri import ModelURI
 from warmpool.pool.views import TORCH_DTYPES, byte_view
 
@@ -81,8 +83,56 @@ def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
 async def fill_buffer(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
                       options: StreamerOptions = StreamerOptions(), loader: Loader = "auto",
                       files: list[str] | None = None, progress: Progress | None = None,
-                      store: Store | None = None) -> str:
-    """Stream every slot of ``layout`` (or of ``files``) into ``target``; return the loader used."""
+                      store: Store | None = None,
+                      pins: Sequence[ObjectInfo] | None = None) -> str:
+    """Stream every slot of ``layout`` (or of ``files``) into ``target``; return the loader used.
+
+    ``pins`` is the listing the layout was planned from. With it, the bytes are those of
+    that version or the fill fails with :class:`ObjectChangedError`: our own S3 reads
+    carry ``If-Match``, and after any loader the files are listed again and compared
+    (size, etag or generation, and for local files inode and mtime), so a file replaced
+    or rewritten mid-stream is never published under the old content hash.
+    """
+    if pins is None:
+        return await _stream(uri, layout, target, options=options, loader=loader,
+                             files=files, progress=progress, store=store)
+    if store is None:
+        async with open_store(uri) as opened:
+            return await fill_buffer(uri, layout, target, options=options, loader=loader,
+                                     files=files, progress=progress, store=opened, pins=pins)
+    store.pin(pins)
+    try:
+        used = await _stream(uri, layout, target, options=options, loader=loader,
+                             files=files, progress=progress, store=store)
+    except StreamError:
+        # A loader's error may not say which file (runai's C++ errors name none): a file
+        # that vanished or changed is the better answer.
+        await _check_unchanged(uri, layout, pins, files, store)
+        raise
+    await _check_unchanged(uri, layout, pins, files, store)
+    return used
+
+
+async def _check_unchanged(uri: ModelURI, layout: Layout, pins: Sequence[ObjectInfo],
+                           files: list[str] | None, store: Store) -> None:
+    """Fail if a file the layout reads differs now from its pinned listing."""
+    now = {o.key: o for o in await store.list()}
+    listed = {o.key: o for o in pins}
+    for key in layout.files:
+        if files is not None and key not in files:
+            continue
+        before, after = listed.get(key), now.get(key)
+        if before is None or after is None or (before.size, before.etag) != (after.size,
+                                                                             after.etag):
+            raise ObjectChangedError(
+                f"{uri.child(key)} changed while it was being streamed (listed "
+                f"{before.etag if before else 'absent'!r}, now "
+                f"{after.etag if after else 'absent'!r}); nothing was published", key=key)
+
+
+async def _stream(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
+                  options: StreamerOptions, loader: Loader, files: list[str] | None,
+                  progress: Progress | None, store: Store | None) -> str:
     chosen = choose_loader(uri, loader)
     report = progress or (lambda n: None)
     if chosen in ("runai", "pread"):
@@ -149,6 +199,9 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     largest = max((s.nbytes for s in slots.values()), default=0)
     env = {**streamer_environment(options, largest, STREAMER_ENVIRONMENT.base()),
            **(extra_env or {})}
+    if uri.is_local:  # the streamer's own open of a FIFO would block for ever
+        for f in sorted({s.file for s in slots.values()}):
+            os.close(open_regular(uri.path / f, f))
     filled = 0
     try:
         # Held for the whole run: the native library reads some variables (endpoints,
@@ -170,10 +223,22 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     except WarmpoolError:
         raise
     except Exception as exc:  # the streamer raises plain exceptions from C++
-        raise StreamError(f"{uri}: runai-model-streamer failed: {exc}") from exc
+        raise StreamError(f"{uri}: runai-model-streamer failed reading "
+                          f"{_suspects(uri, paths)}: {exc}") from exc
     if filled != len(slots):
         raise StreamError(f"{uri}: streamed {filled} of {len(slots)} tensors")
     return filled
+
+
+def _suspects(uri: ModelURI, paths: list[str]) -> str:
+    """The files a failed streamer run may have failed on: its C++ errors name none. A
+    local file that is gone now is the culprit; otherwise every file of the run."""
+    if uri.is_local:
+        gone = [p for p in paths if not os.path.exists(p)]
+        if gone:
+            return ", ".join(gone) + " (no longer there)"
+    shown = ", ".join(paths[:5])
+    return shown + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
 def copy_slot(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: ModelURI) -> None:

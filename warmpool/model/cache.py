@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from warmpool.config import Settings
-from warmpool.errors import (IncompleteModelError, StorageError, TransientStorageError,
-                             UnsafeKeyError)
+from warmpool.errors import (IncompleteModelError, MetadataLimitError, StorageError,
+                             TransientStorageError, UnsafeKeyError)
 from warmpool.model.identity import INDEX_FILE, Completeness, check_complete, content_hash, is_weight_file
 from warmpool.locks import async_file_lock, is_locked
 from warmpool.model.safetensors import SafetensorsHeader, read_header
@@ -51,6 +51,10 @@ LOCKS_DIR = ".locks"
 MANIFEST_VERSION = 1
 #: Non-weight files above this size are not metadata (legacy weights, datasets): skipped.
 MAX_FILE_BYTES = 512 << 20
+#: All non-weight files of one model together: configs and tokenizers are tens of MB.
+MAX_FILES_TOTAL_BYTES = 2 << 30
+#: Non-weight files of one model: a real one has a few dozen.
+MAX_FILES = 10_000
 #: An index lists tensor names; tens of MB would already be absurd.
 MAX_INDEX_BYTES = 64 << 20
 #: Weights in formats we never stream; skipped whatever their size.
@@ -209,6 +213,7 @@ class MetadataCache:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest}-", dir=self.root))
         try:
+            store.pin(objects)  # headers and files of this listing's version, or a failure
             headers = await _download_all(store, tmp / FILES_DIR, files, shards, index_json)
             if content_hash(await _list(store)) != digest:
                 raise TransientStorageError(f"{uri} changed while its metadata was being "
@@ -300,6 +305,12 @@ def _plan_files(objects: Iterable[ObjectInfo]) -> tuple[list[ObjectInfo], list[O
             continue
         legacy = o.key.lower().endswith(LEGACY_WEIGHT_SUFFIXES)
         (skipped if legacy or o.size > MAX_FILE_BYTES else files).append(o)
+    total = sum(o.size for o in files)
+    if total > MAX_FILES_TOTAL_BYTES or len(files) > MAX_FILES:
+        raise MetadataLimitError(
+            f"the model's {len(files)} non-weight files hold {total} bytes; the metadata "
+            f"cache takes at most {MAX_FILES} files and {MAX_FILES_TOTAL_BYTES} bytes per "
+            "model (move datasets and extra files out of the model prefix)")
     keys = {o.key for o in files}
     for o in files:
         parts = o.key.split("/")

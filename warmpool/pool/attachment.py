@@ -96,6 +96,7 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
     from warmpool.pool.views import tensor_views
 
     host = HostTier(settings.runtime_dir)
+    host.reclaim_partials()  # what a killed prefetch left must not hold memory for ever
     with _gc_paused():
         resident = _resolve(host, ref)
         with file_lock(host.lock_path(resident.key), exclusive=False):
@@ -106,6 +107,9 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
         try:
             mapping, buffer = map_readonly(resident.segment, resident.layout.total_bytes)
             tensors = tensor_views(buffer, resident.layout)
+        except FileNotFoundError:  # a forced evict between the lease and the open
+            lease.release()
+            raise _not_warm(ref) from None
         except BaseException:
             lease.release()
             raise

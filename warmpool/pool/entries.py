@@ -161,9 +161,9 @@ class Pool:
             adopted.append(await self.registry.transition(entry, State.WARM))
         return adopted
 
-    async def reclaim(self) -> list[str]:
+    async def reclaim(self, *, vanished: bool = True) -> list[str]:
         """Clean up after crashed processes: orphaned segments, and entries that claim to
-        be streaming or warm while their segment is gone."""
+        be streaming (or, with ``vanished``, warm) while their segment is gone."""
         removed = self.host.reclaim()
         for entry in await self.registry.list():
             if entry.device != HOST_DEVICE:
@@ -172,7 +172,8 @@ class Pool:
             if entry.state.active and not is_locked(lock):
                 await self.registry.transition(
                     entry, State.FAILED, error="interrupted: the prefetching process died")
-            elif entry.state == State.WARM and self.host.resident(entry.content_hash) is None:
+            elif (vanished and entry.state == State.WARM
+                  and self.host.resident(entry.content_hash) is None):
                 await self.registry.transition(entry, State.LOST,
                                                error="segment vanished (host rebooted?)")
         return removed

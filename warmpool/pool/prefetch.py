@@ -17,7 +17,7 @@ from typing import Any
 
 from warmpool.model.cache import MetadataCache
 from warmpool.config import Settings
-from warmpool.errors import WarmpoolError
+from warmpool.errors import ObjectChangedError, WarmpoolError
 from warmpool.pool.layout import plan_layout
 from warmpool.locks import async_file_lock
 from warmpool.pool.entries import HOST_DEVICE, Pool
@@ -51,11 +51,26 @@ class PrefetchResult:
 async def prefetch(uri: str | ModelURI, *, settings: Settings, pool: Pool | None = None,
                    loader: Loader = "auto", progress: ProgressFactory | None = None,
                    cache: MetadataCache | None = None) -> PrefetchResult:
-    """Make ``uri`` warm on the host tier; return at once if it already is."""
+    """Make ``uri`` warm on the host tier; return at once if it already is.
+
+    A model re-uploaded while it streams fails that fill (nothing of it is published) and
+    is started over once, from a new listing: the bytes of the new version.
+    """
     started = time.perf_counter()
     model = uri if isinstance(uri, ModelURI) else parse_uri(uri)
     pool = pool or Pool(settings)
     cache = cache or MetadataCache(settings.cache_dir)
+    try:
+        return await _prefetch_once(model, settings, pool, loader, progress, cache, started)
+    except ObjectChangedError as exc:
+        log.info("%s changed while it was streaming (%s); starting over", model, exc,
+                 extra={"event": "source_changed", "uri": str(model)})
+        return await _prefetch_once(model, settings, pool, loader, progress, cache, started)
+
+
+async def _prefetch_once(model: ModelURI, settings: Settings, pool: Pool, loader: Loader,
+                         progress: ProgressFactory | None, cache: MetadataCache,
+                         started: float) -> PrefetchResult:
     await pool.reclaim()
     async with open_store(model) as store:
         listing = await cache.inspect(model, store)
@@ -103,12 +118,15 @@ async def _fill(pool: Pool, cache: MetadataCache, model: ModelURI, store: Any,
     try:
         entry = await pool.registry.transition(entry, State.FETCHING_METADATA)
         cached = await cache.fetch(model, store)
+        if cached.content_hash != content_hash:  # its headers are another version's
+            raise ObjectChangedError(f"{model} changed since it was listed", key="")
         layout = plan_layout(content_hash, cached.headers.items())
         entry = await pool.reserve(entry, layout.total_bytes)
         segment = pool.host.create(content_hash, layout.total_bytes)
         on_chunk = progress(layout.total_bytes) if progress else None
         used = await fill_buffer(model, layout, segment.buffer, options=settings.streamer,
-                                 loader=loader, progress=on_chunk, store=store)
+                                 loader=loader, progress=on_chunk, store=store,
+                                 pins=cached.objects)
         segment.close()
         pool.host.publish(segment, str(model), layout, entry.created_at)
         return await pool.registry.transition(entry, State.WARM, error=None, loader=used,

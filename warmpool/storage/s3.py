@@ -137,6 +137,9 @@ class S3Store(ObjectStore):
         kwargs: dict[str, Any] = {"Bucket": self.uri.bucket, "Key": name}
         if range_header:
             kwargs["Range"] = range_header
+        etag = self.pins.get(name[len(self.uri.prefix):])
+        if etag:  # the server refuses (412) the bytes of any other version
+            kwargs["IfMatch"] = f'"{etag}"'
         return await s3.get_object(**kwargs)
 
     async def _get_range(self, name: str, start: int, length: int) -> bytes:
