@@ -197,16 +197,28 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
            as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
            redis: Optional[str] = RedisOpt) -> None:
     """List the pool's entries that are warm or on their way (--history: all)."""
+    from warmpool.operations import failing as pool_failing
     from warmpool.operations import status as pool_status
 
-    entries = pool_status(history=history, settings=_settings(config), redis_url=redis)
+    settings = _settings(config)
+    entries = pool_status(history=history, settings=settings, redis_url=redis)
+    failing = pool_failing(settings=settings, redis_url=redis)
     if as_json:
-        _emit([{**e.to_json(), "leases": e.leases} for e in entries])
+        _emit([{**e.to_json(), "leases": e.leases} for e in entries]
+              + [{**f.to_json(), "state": "failed", "desired": True, "node": settings.node}
+                 for f in failing])
         return
+    if failing:
+        rows = Table("desired", "device", "failures", "next try", "uri", "error")
+        for f in failing:
+            rows.add_row("given up" if f.given_up else "backing off", f.device, str(f.failures),
+                         "when asked again" if f.given_up else
+                         time.strftime("%H:%M:%S", time.localtime(f.retry_at)), f.uri, f.error)
+        out.print(rows)
     table = Table("state", "device", "GB", "tensors", "leases", "hash", "uri", "updated")
     for e in entries:
         table.add_row(e.state.value, e.device, f"{e.bytes / 1e9:.3f}", str(e.tensors),
-                      str(e.leases), e.content_hash[:12], e.uri,
+                      str(e.leases), e.content_hash[:12], "\n".join(e.uris),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
     empty = "nothing is warm" + ("" if history else " (--history shows what was)")
     out.print(table if entries else empty)
@@ -230,8 +242,11 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
         _emit(result.to_json())
     else:
         verb = ("leased, evicted when its leases end:" if result.state == "retiring"
-                else "evicted")
-        out.print(f"{verb} {result.uri} ({result.content_hash[:12]}) from {result.device}")
+                else "released (its bytes stay for the URIs that still name them)"
+                if result.state == "warm" else "evicted")
+        version = f" ({result.content_hash[:12]})" if result.content_hash else ""
+        name = ref if result.state == "warm" else result.uri
+        out.print(f"{verb} {name}{version} from {result.device}")
 
 
 @app.command("attach")

@@ -113,6 +113,10 @@ class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     runtime_dir: Path = field(default_factory=_default_runtime_dir)
     host_capacity: int | None = None  # bytes the host tier may hold; None = 80% of /dev/shm
+    # The metadata cache keeps at most this many models, none unused for longer than
+    # this; what a pool entry or a lease uses is always kept.
+    cache_max_models: int = 256
+    cache_max_age_s: float = 7 * 86400.0
     redis_url: str | None = None
     watch: tuple[str, ...] = ()
     streamer: StreamerOptions = StreamerOptions()
@@ -196,6 +200,15 @@ def _path(value: Any) -> Path:
     return Path(value).expanduser()
 
 
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a number of seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return seconds
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -241,6 +254,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "concurrency": lambda v: _int(v, 1, 1024),
     "memory_limit": lambda v: _size(v, -1),
     "distributed": _bool,
+    "cache_max_models": lambda v: _int(v, 1),
+    "cache_max_age_s": lambda v: _seconds(v),
 }
 
 
@@ -257,6 +272,8 @@ ENV_NAMES = {
     "WARMPOOL_WATCH": "watch",
     "WARMPOOL_NODE": "node",
     "WARMPOOL_METRICS_PORT": "metrics_port",
+    "WARMPOOL_CACHE_MAX_MODELS": "cache_max_models",
+    "WARMPOOL_CACHE_MAX_AGE_S": "cache_max_age_s",
 }
 
 

@@ -28,6 +28,7 @@ from warmpool.config import Settings, parse_bytes
 from warmpool.errors import ConfigError
 
 if TYPE_CHECKING:
+    from warmpool.controller.failures import Failing
     from warmpool.model.cache import CachedModel
     from warmpool.pool.registry.base import PoolEntry
 
@@ -179,6 +180,20 @@ def status(*, history: bool = False, settings: Settings | None = None,
     return sorted(entries, key=lambda e: e.updated_at, reverse=True)
 
 
+def failing(*, settings: Settings | None = None,
+            redis_url: str | None = None) -> list[Failing]:
+    """Desired models of this node whose warm-ups keep failing (backing off, or given
+    up until asked again; ``evict`` removes one). Only a controller keeps desired state:
+    without one, none."""
+    settings = _settings(settings, redis_url)
+    controller = _controller(settings)
+    if not controller:
+        return []
+    from warmpool.controller import remote
+
+    return _run(remote.failing(controller, settings))
+
+
 def metadata(uri: str, *, settings: Settings | None = None) -> CachedModel:
     """Fetch ``uri``'s small files (config, tokenizer) and safetensors headers into the
     local cache; ``files_dir`` of the result is the directory an engine reads its config
@@ -272,7 +287,7 @@ def _prefetched(data: dict[str, Any], *, node: str, via: str) -> Prefetched:
 
 
 def _evicted(data: dict[str, Any], *, via: str) -> Evicted:
-    return Evicted(uri=str(data["uri"]), content_hash=str(data["content_hash"]),
+    return Evicted(uri=str(data["uri"]), content_hash=str(data.get("content_hash") or ""),
                    device=str(data["device"]), state=str(data.get("state") or "evicted"),
                    via=via)
 

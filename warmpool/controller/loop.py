@@ -28,8 +28,9 @@ from redis.asyncio import Redis
 
 from warmpool.config import Settings
 from warmpool.controller.deadletter import dead_record, write_dead_letter
-from warmpool.controller.desired import DesiredState
+from warmpool.controller.desired import DesiredState, want_field
 from warmpool.controller.dispatch import Dispatcher
+from warmpool.controller.failures import Backoff, Failures
 from warmpool.errors import ConfigError
 from warmpool.controller.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
 from warmpool.controller.keys import RedisKeys
@@ -59,6 +60,10 @@ class ControllerOptions:
     claim_idle_s: float = 60.0  # a stream entry idle this long belongs to a dead consumer
     max_deliveries: int = 5
     max_inflight: int = 32
+    max_desired: int = 1024  # models one node may be asked to keep warm
+    failure_backoff_s: float = 30.0  # a wanted model that failed waits this, doubling...
+    failure_backoff_cap_s: float = 3600.0  # ... up to this, between attempts
+    give_up_after: int = 5  # failures before a wanted model is given up until asked again
     lock_ttl_s: float = 30.0
     shutdown_grace_s: float = 10.0  # in-flight work may finish; then it is abandoned
     loader: str = "auto"
@@ -143,7 +148,10 @@ class Controller:
         self.watch = Watchlist.parse(settings.watch)
         self.registry = RedisRegistry(redis, keys, self.node)
         self.pool = Pool(settings, self.registry)
-        self.desired = DesiredState(redis, keys, self.node)
+        self.desired = DesiredState(redis, keys, self.node, max_wants=options.max_desired)
+        self.failures = Failures(redis, keys, self.node,
+                                 Backoff(options.failure_backoff_s, options.failure_backoff_cap_s,
+                                         options.give_up_after))
         self.nodes = Nodes(redis, keys, self.node, ttl_s=options.heartbeat_s * 3)
         self.dispatcher = Dispatcher(settings=settings, pool=self.pool, registry=self.registry,
                                      redis=redis, keys=keys, metrics=self.metrics,
@@ -151,7 +159,7 @@ class Controller:
                                      lock_ttl_ms=int(options.lock_ttl_s * 1000))
         self.router = Router(redis=redis, keys=keys, node=self.node, nodes=self.nodes,
                              registry=self.registry, desired=self.desired,
-                             dispatcher=self.dispatcher)
+                             dispatcher=self.dispatcher, failures=self.failures)
         self.uploads = Uploads(redis, keys, cache=self.dispatcher.cache,
                                debounce_s=options.debounce_s, on_ready=self.router.upload_ready)
         self.stopping = asyncio.Event()
@@ -167,6 +175,7 @@ class Controller:
             max_deliveries=options.max_deliveries)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._beaten = False
+        self._run_id: str | None = None  # the Redis server we last talked to
 
     # --- life cycle --------------------------------------------------------------------
     async def run(self) -> None:
@@ -201,9 +210,9 @@ class Controller:
         """Warm again what should be warm; mark what is gone (lost/failed)."""
         await self.pool.reclaim()
         await self._adopt()
-        wants = await self.desired.all()
+        wants = (await self._due())[: self._room()]  # the rest: later convergence passes
         for want in wants:
-            self._spawn(self.dispatcher.warm(want), f"reconcile {want.uri}")
+            self._spawn(self.router.warm_wanted(want), f"reconcile {want.uri}")
         if wants:
             log.info("reconciling %d desired model(s)", len(wants),
                      extra={"event": "reconcile", "count": len(wants)})
@@ -218,20 +227,35 @@ class Controller:
     async def converge(self) -> int:
         """Warm desired models that have no entry here, or lost theirs (a worker or a
         segment vanished, a stream was interrupted); periodic, so a request whose warm-up
-        died with a Redis outage still ends warm. Failures stay failed until asked again,
-        and capacity evictions are not undone (that would thrash)."""
+        died with a Redis outage still ends warm. A model whose warm-ups keep failing is
+        tried with backoff, then given up (:mod:`.failures`); failed entries stay failed
+        until asked again, and capacity evictions are not undone (that would thrash)."""
         await self.pool.reclaim()
         entries = await self.pool.entries()
-        started = 0
-        for want in await self.desired.all():
-            mine = [e for e in entries if e.uri == str(want.uri) and e.device == want.device]
+        started, room = 0, self._room()
+        for want in await self._due():
+            if started >= room:
+                break  # bounded work per pass; the next pass goes on
+            mine = [e for e in entries if str(want.uri) in e.uris and e.device == want.device]
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
                     newest.state == State.FAILED
                     and (newest.error or "").startswith("interrupted")):
-                self._spawn(self.dispatcher.warm(want), f"converge {want.uri}")
+                self._spawn(self.router.warm_wanted(want), f"converge {want.uri}")
                 started += 1
         return started
+
+    def _room(self) -> int:
+        """Warm-ups a pass may start: as many as stream entries may be in flight, less
+        those its earlier passes started and that still run."""
+        return max(0, self.options.max_inflight - len(self._tasks))
+
+    async def _due(self) -> list[Request]:
+        """Desired models to try now: not given up, and past their backoff."""
+        failing = await self.failures.all()
+        now = time.time()
+        return [w for w in await self.desired.all()
+                if (f := failing.get(want_field(str(w.uri), w.device))) is None or f.due(now)]
 
     async def _shutdown(self) -> None:
         """The readers have stopped: give work in flight the grace period, then cancel it
@@ -310,20 +334,28 @@ class Controller:
                 await self.uploads.recheck_all()
                 await self.dispatcher.retry_retiring()
                 await self.converge()
+                await self.dispatcher.cache.bound(await self.pool.in_use(), self.settings)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), tick)
 
     async def _beat(self) -> None:
-        """Heartbeat and gauges. A heartbeat that vanished before its TTL means Redis lost
-        its data (restarted without persistence, failed over, flushed): write back what
-        this node knows."""
-        if self._beaten and not await self.nodes.is_live(self.node):
+        """Heartbeat and gauges. A Redis that is not the one we last saw (its ``run_id``
+        changed: restarted, failed over, replaced), or a heartbeat that vanished before
+        its TTL (flushed), may have lost data: write back what this node knows.
+
+        The run id is the reliable sign: the client's own retries can recreate the
+        heartbeat on a server that restarted within a second, before we look for it."""
+        run_id = await redis_run_id(self.redis)
+        replaced = self._run_id is not None and run_id != self._run_id
+        if replaced or (self._beaten and not await self.nodes.is_live(self.node)):
             restored = await self.registry.resync(), await self.desired.resync()
             await self._adopt()
             await self.streams.ensure_groups()
-            log.warning("our heartbeat was gone from Redis (restarted, failed over or out of "
-                        "reach past its TTL); wrote back %d entries and %d desired models",
-                        *restored, extra={"event": "resynced"})
+            why = ("Redis is a new server (restarted or failed over)" if replaced else
+                   "our heartbeat was gone from Redis (flushed, or out of reach past its TTL)")
+            log.warning("%s; wrote back %d entries and %d desired models", why, *restored,
+                        extra={"event": "resynced"})
+        self._run_id = run_id
         await self.dispatcher.workers.mirror_all(HOST_DEVICE)  # GPU entries, into Redis
         entries = await self.pool.entries()
         capacity = {HOST_DEVICE: self.pool.host_capacity()}
@@ -331,6 +363,13 @@ class Controller:
         devices = {d: DeviceRoom(capacity.get(d, 0), used.get(d, 0)) for d in capacity}
         await self.nodes.beat(NodeInfo(self.node, devices))
         self._beaten = True
+
+
+async def redis_run_id(redis: Redis) -> str:
+    """The server's ``run_id`` (INFO server): new on every start of a redis-server, so a
+    restart or a failover changes it even when nothing else shows."""
+    info = await redis.info("server")
+    return str(info.get("run_id", ""))
 
 
 async def _logged(coro: Any, name: str) -> None:

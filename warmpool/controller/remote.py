@@ -21,6 +21,7 @@ import redis.exceptions as rexc
 
 from warmpool.config import Settings
 from warmpool.controller.embedded_redis import running_url
+from warmpool.controller.failures import Failing, Failures
 from warmpool.errors import ControllerError, NotWarmError
 from warmpool.controller.keys import RedisKeys
 from warmpool.pool.leases import Leases
@@ -130,6 +131,19 @@ async def status(url: str, settings: Settings, keys: RedisKeys = RedisKeys()) ->
     leases = Leases(settings.runtime_dir)
     return [replace(e, leases=leases.count(e.key)) if e.node == settings.node else e
             for e in entries]
+
+
+async def failing(url: str, settings: Settings, keys: RedisKeys | None = None) -> list[Failing]:
+    """Desired models of this node whose warm-ups keep failing (backing off, or given
+    up until asked again): ``warmpool evict <uri>`` removes one."""
+    redis = connect(url, name="warmpool-cli")
+    try:
+        records = await Failures(redis, keys or RedisKeys(), settings.node).all()
+    except CONNECTION_ERRORS as exc:
+        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
+    finally:
+        await redis.aclose()
+    return sorted(records.values(), key=lambda f: (f.uri, f.device))
 
 
 async def _require_controller(redis: Any, keys: RedisKeys, node: str, url: str) -> None:

@@ -148,6 +148,7 @@ class MetadataCache:
                 async with self._build_lock(digest):
                     # Whoever held the lock before us may have built it meanwhile.
                     cached = self.load(digest) or await self._build(uri, s, objects, digest)
+            _mark_used(self.dir_for(digest))
             return replace(cached, uri=uri)
 
     def load(self, content_hash: str) -> CachedModel | None:
@@ -164,18 +165,49 @@ class MetadataCache:
             log.warning("ignoring invalid metadata cache entry %s: %s", directory, exc)
             return None
 
-    def prune(self, keep: Iterable[str]) -> list[str]:
-        """Remove every cached model not in ``keep`` that no one is building; the hashes."""
+    def prune(self, keep: Iterable[str], *, max_models: int | None = None,
+              max_age_s: float | None = None) -> list[str]:
+        """Remove cached models not in ``keep`` and not being built; returns their hashes.
+
+        Without bounds every such model goes. With them, only those unused (neither
+        built nor fetched) for more than ``max_age_s``, and then the least recently used
+        beyond ``max_models``. A hash in ``keep`` is never removed, so the cache can hold
+        more than ``max_models`` when that many are in use."""
         keep = set(keep)
+        now = time.time()
+        unkept = []
+        for path in self.root.glob("*"):
+            if _HASH.fullmatch(path.name) and path.name not in keep:
+                unkept.append((_last_used(path), path))
+        unkept.sort(reverse=True)  # most recently used first
+        room = None if max_models is None else max(0, max_models - len(keep & self._hashes()))
         removed = []
-        for path in sorted(self.root.glob("*")):
-            if not _HASH.fullmatch(path.name) or path.name in keep:
+        for rank, (used, path) in enumerate(unkept):
+            bounded = max_models is not None or max_age_s is not None
+            expired = max_age_s is not None and now - used > max_age_s
+            beyond = room is not None and rank >= room
+            if bounded and not (expired or beyond):
                 continue
             if self._building(path.name):
                 continue
             _remove_dir(path, self.root, path.name)
             removed.append(path.name)
         return removed
+
+    async def bound(self, keep: Iterable[str], settings: Settings) -> list[str]:
+        """:meth:`prune` to the settings' bounds (``cache_max_models``,
+        ``cache_max_age_s``), in a thread: every re-upload adds a directory, and removing
+        them is disk work."""
+        removed = await asyncio.to_thread(self.prune, set(keep),
+                                          max_models=settings.cache_max_models,
+                                          max_age_s=settings.cache_max_age_s)
+        if removed:
+            log.info("metadata cache: removed %d unused model(s)", len(removed),
+                     extra={"event": "cache_pruned", "count": len(removed)})
+        return removed
+
+    def _hashes(self) -> set[str]:
+        return {p.name for p in self.root.glob("*") if _HASH.fullmatch(p.name)}
 
     # --- building ---------------------------------------------------------------------
 
@@ -470,6 +502,22 @@ def _discard(tmp: Path) -> None:
             return
         time.sleep(0.01)
     log.warning("could not remove %s; it will be swept later", tmp)
+
+
+def _mark_used(directory: Path) -> None:
+    """Stamp a cached model as used now (its directory's mtime): pruning keeps the
+    recently used ones."""
+    try:
+        os.utime(directory)
+    except OSError:
+        pass  # pruned meanwhile: the next fetch builds it again
+
+
+def _last_used(directory: Path) -> float:
+    try:
+        return directory.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _remove_dir(path: Path, root: Path, digest: str) -> None:

@@ -113,7 +113,8 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
         except BaseException:
             lease.release()
             raise
-    return AttachedModel(resident.uri, resident.content_hash, HOST_DEVICE, resident.layout,
+    return AttachedModel(_name(resident, ref), resident.content_hash, HOST_DEVICE,
+                         resident.layout,
                          tensors, "shm", _HostCloser(lease, mapping))
 
 
@@ -151,10 +152,20 @@ def _resolve(host: HostTier, ref: str) -> HostResident:
     if wanted.is_hash:
         matches = host.residents(hash_prefix=wanted.text)  # parses only the matching records
     else:
-        matches = [r for r in host.residents() if wanted.matches(r.uri, r.content_hash)]
+        matches = [r for r in host.residents()
+                   if any(wanted.matches(name, r.content_hash) for name in r.names)]
     if not matches:
         raise _not_warm(ref)
     return max(matches, key=lambda r: r.created_at)
+
+
+def _name(resident: HostResident, ref: str) -> str:
+    """The URI the caller attached by (one of the model's names), or its first name."""
+    with contextlib.suppress(NotWarmError):
+        wanted = ModelRef.parse(ref)
+        if not wanted.is_hash and wanted.text in resident.names:
+            return wanted.text
+    return resident.uri
 
 
 def _not_warm(ref: str, device: str = HOST_DEVICE) -> NotWarmError:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from warmpool.config import private_dir
-from warmpool.errors import PoolError
+from warmpool.errors import CapacityError, PoolError
 from warmpool.pool.layout import Layout
 from warmpool.locks import try_lock
 from warmpool.pool.registry.files import atomic_write, read_regular
@@ -52,20 +52,28 @@ class HostResident:
     segment: str
     layout: Layout
     created_at: float
+    aliases: tuple[str, ...] = ()  # other URIs of the same bytes
 
     @property
     def key(self) -> str:
         return f"{self.content_hash}@{DEVICE}"
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every URI of these bytes, ``uri`` first."""
+        return (self.uri, *self.aliases)
+
     def to_json(self) -> dict[str, object]:
         return {"uri": self.uri, "content_hash": self.content_hash, "segment": self.segment,
-                "created_at": self.created_at, "layout": self.layout.to_json()}
+                "created_at": self.created_at, "aliases": list(self.aliases),
+                "layout": self.layout.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> HostResident:
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
                    Layout.from_json(data["layout"]),  # type: ignore[arg-type]
-                   float(data["created_at"]))  # type: ignore[arg-type]
+                   float(data["created_at"]),  # type: ignore[arg-type]
+                   tuple(map(str, data.get("aliases") or ())))  # type: ignore[call-overload]
 
 
 class WritableSegment:
@@ -77,6 +85,7 @@ class WritableSegment:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
+            _allocate(fd, size, path)
             self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -142,6 +151,25 @@ def open_segment(segment: str, size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _allocate(fd: int, size: int, path: Path) -> None:
+    """Take every page of the segment now. A tmpfs file grows sparse: without this a
+    fill into a /dev/shm that runs full half-way dies of SIGBUS (a write through the
+    mapping) or EFAULT (a read into it), killing the filling process. Here the kernel
+    says ENOSPC before any byte is streamed, and the prefetch fails cleanly."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        _, free = HostTier.shm_bytes()
+        raise CapacityError(
+            f"{SHM_DIR} cannot hold {size} bytes for {path.name}: {os.strerror(exc.errno)} "
+            f"({free} bytes free there; other processes, or the tmpfs size limit, took the "
+            "rest)", needed=size, free=free) from None
 
 
 def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
@@ -239,6 +267,15 @@ class HostTier:
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
 
+    def rename(self, content_hash: str, uri: str, aliases: list[str]) -> None:
+        """Record the names of a published model (the caller holds its entry's lock)."""
+        resident = self.resident(content_hash)
+        if resident is None:
+            return
+        renamed = HostResident(uri, content_hash, resident.segment, resident.layout,
+                               resident.created_at, tuple(aliases))
+        atomic_write(self._record_path(content_hash), json.dumps(renamed.to_json()).encode())
+
     def discard(self, segment: WritableSegment) -> None:
         segment.close()
         segment.path.unlink(missing_ok=True)
@@ -310,6 +347,16 @@ class HostTier:
         """(total, free) bytes of the shared-memory filesystem."""
         st = os.statvfs(SHM_DIR)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def allocated(self, content_hash: str) -> int:
+        """Bytes the kernel already gave the partial segments of ``content_hash``."""
+        total = 0
+        for partial in SHM_DIR.glob(f"{self.segment_name(content_hash)}.part-*"):
+            try:
+                total += partial.stat().st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return total
 
     def reclaim(self) -> list[str]:
         """Remove what a crashed process left: partial segments, and records or segments

@@ -108,6 +108,11 @@ class Leases:
     def count(self, key: str) -> int:
         return len(self.holders(key))
 
+    def held_hashes(self) -> set[str]:
+        """Content hashes with at least one live holder, on any device."""
+        return {d.name.split("@", 1)[0] for d in self.root.iterdir()
+                if d.is_dir() and self.count(d.name)}
+
     def last_attached(self, key: str) -> float | None:
         try:
             return (self.root / key / "last").stat().st_mtime

@@ -76,24 +76,38 @@ async def _prefetch_once(model: ModelURI, settings: Settings, pool: Pool, loader
         listing = await cache.inspect(model, store)
         key = entry_key(listing.content_hash, HOST_DEVICE)
         warm = await _warm_entry(pool, key)
-        if warm is not None:
+        if warm is None:
+            # One filler per entry across processes; a second prefetch waits here and
+            # then finds the entry warm.
+            async with async_file_lock(pool.host.lock_path(key)):
+                warm = await _warm_entry(pool, key)
+                if warm is None:
+                    entry = await _fill(pool, cache, model, store, listing.content_hash,
+                                        loader, progress, settings)
+    if warm is not None:
+        if str(model) in warm.uris:
             return PrefetchResult(warm, time.perf_counter() - started, "", True)
-        # One filler per entry across processes; a second prefetch waits here and then
-        # finds the entry warm.
-        async with async_file_lock(pool.host.lock_path(key)):
-            warm = await _warm_entry(pool, key)
-            if warm is not None:
-                return PrefetchResult(warm, time.perf_counter() - started, "", True)
-            entry = await _fill(pool, cache, model, store, listing.content_hash,
-                                loader, progress, settings)
+        # The same bytes under another URI (identical files uploaded twice): resident
+        # once, and this URI names them too.
+        entry = await pool.add_name(warm, str(model))
+        log.info("%s is warm already: same content as %s (%s)", model, warm.uri,
+                 warm.content_hash[:12], extra={"event": "same_content", "uri": str(model),
+                                                "as": warm.uri})
     try:
-        await pool.retire_older(entry)
+        await pool.retire_older(entry, str(model))
     except Exception as exc:  # noqa: BLE001 - the model IS warm; retiring can wait
         # A registry that is out of reach a moment (Redis failing over) must not turn a
         # warm model into a failed prefetch; capacity eviction or the next prefetch of
         # this URI retires the old versions.
         log.warning("%s is warm, but retiring its older versions failed: %s", model, exc,
                     extra={"event": "retire_failed", "uri": str(model)})
+    if warm is not None:
+        return PrefetchResult(entry, time.perf_counter() - started, "", True)
+    try:
+        await cache.bound(await pool.in_use(), settings)
+    except Exception as exc:  # noqa: BLE001 - the model IS warm; the next prefetch prunes
+        log.warning("pruning the metadata cache failed: %s", exc,
+                    extra={"event": "prune_failed"})
     return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False)
 
 

@@ -61,10 +61,18 @@ class PoolEntry:
     last_attached_at: float | None = None
     history: list[tuple[str, float]] = field(default_factory=list)
     leases: int = 0  # filled in when read; not stored
+    #: Other URIs whose files are byte-for-byte these (the same content hash): one copy
+    #: is resident, and each name is attached, listed and released on its own.
+    aliases: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
         return entry_key(self.content_hash, self.device)
+
+    @property
+    def uris(self) -> list[str]:
+        """Every URI that names these bytes, ``uri`` first."""
+        return [self.uri, *self.aliases]
 
     def moved_to(self, state: State, **changes: Any) -> PoolEntry:
         """A copy in ``state``, with the transition stamped into its history."""
