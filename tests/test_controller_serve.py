@@ -118,7 +118,7 @@ def test_serve_killed_and_restarted_reconciles_then_stops_cleanly(
     proc = run_cli("prefetch", uri, "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["state"] == "warm" and report["node"] == NODE and report["request_id"]
+    assert report["state"] == "warm" and report["node"] == NODE and report["via"] == "controller"
     port = first.wait_event("metrics_listening")["port"]
     # The state gauges are refreshed by the controller's periodic pass, not by the warm-up.
     deadline = time.monotonic() + 30
@@ -176,7 +176,7 @@ def test_serve_without_redis_embeds_one_and_the_cli_finds_it(
     try:
         proc = run_cli("prefetch", str(model_dir), "--json")
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["request_id"]  # answered by the controller
+        assert json.loads(proc.stdout)["via"] == "controller"
         status = run_cli("status", "--json")
         assert [(e["state"], e["node"], e["device"]) for e in json.loads(status.stdout)] \
             == [("warm", NODE, "cpu")]
@@ -267,7 +267,8 @@ def test_evict_goes_through_the_controller_leased_or_not(
     monkeypatch.setenv("WARMPOOL_NODE", NODE)
 
     def states() -> list[str]:
-        return [e["state"] for e in json.loads(run_cli("status", "--json").stdout)]
+        listed = run_cli("status", "--history", "--json").stdout
+        return [e["state"] for e in json.loads(listed)]
 
     def warm_and_hold() -> tuple[str, subprocess.Popen[str]]:
         proc = run_cli("prefetch", str(model_dir), "--json")

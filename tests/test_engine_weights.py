@@ -159,8 +159,12 @@ def test_loader_options_refuse_bad_input(extra: Any, match: str) -> None:
         LoaderOptions.parse(extra)
 
 
-def test_sglang_load_format_swap_and_device_names() -> None:
-    """SGLang does not install without CUDA: its hook is checked against a stand-in."""
+def test_sglang_load_format_swap_and_device_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang does not install without CUDA: its hook is checked against a stand-in
+    config and a stand-in loader class."""
+    class Loader:
+        pass
+
     class Config:
         def __init__(self, load_format: Any) -> None:
             self.load_format = load_format
@@ -169,6 +173,12 @@ def test_sglang_load_format_swap_and_device_names() -> None:
     other = Config("safetensors")
     assert sgl_plugin._verify_load_format(lambda c: calls.append(c), other) is None
     assert calls == [other] and other.load_format == "safetensors"
+    monkeypatch.setattr(sgl_plugin, "_LOADER", Loader)
+    ours = Config("WarmPool")
+    assert sgl_plugin._verify_load_format(lambda c: calls.append(c), ours) is None
+    assert ours.load_format is Loader
+    assert sgl_plugin._verify_load_format(lambda c: calls.append(c), ours) is None
+    assert calls == [other], "a resolved warmpool config must not reach SGLang's check"
     assert [sgl_plugin.names_warmpool(v) for v in ("warmpool", "WarmPool", "auto", None)] == [
         True, True, False, False]
     assert sgl_plugin.rank_device("cuda", 3) == "cuda:3"

@@ -432,7 +432,9 @@ def test_status_and_cli_round_trip(model_dir: Path, settings: Settings) -> None:
     assert attached.returncode == 0, attached.stderr
     assert json.loads(attached.stdout)["verified"] is True
     assert run_cli("evict", entry["content_hash"][:12]).returncode == 0
-    assert json.loads(run_cli("status", "--json").stdout)[0]["state"] == "evicted"
+    assert json.loads(run_cli("status", "--json").stdout) == []  # live entries only
+    [gone] = json.loads(run_cli("status", "--history", "--json").stdout)
+    assert gone["state"] == "evicted" and gone["content_hash"] == entry["content_hash"]
 
 
 def test_bad_uri_is_a_clear_error(settings: Settings) -> None:
@@ -527,6 +529,24 @@ def test_pread_jobs_cover_every_byte_once() -> None:
             at += p.nbytes
 
 
+async def test_model_of_more_tensors_than_one_read_takes_is_bit_exact(
+        tmp_path: Path, settings: Settings) -> None:
+    """Thousands of tiny tensors: more buffers than one ``preadv`` accepts (IOV_MAX), and
+    the attach path (index, lazy views) over them."""
+    from warmpool.loading.pread import IOV_MAX
+
+    directory = tmp_path / "many"
+    directory.mkdir()
+    count = 2 * IOV_MAX + 5
+    save_file({f"layers.{i}.w": torch.arange(i, i + 3, dtype=torch.int16) for i in range(count)},
+              str(directory / "model.safetensors"))
+    (directory / "config.json").write_text("{}")
+    await prefetch(str(directory), settings=settings, loader="pread")
+    with attach(str(directory), settings=settings) as weights:
+        assert len(weights) == count and next(iter(weights)) == "layers.0.w"
+        assert_bit_exact(weights, reference(directory))
+
+
 async def test_streamer_memory_limit_reaches_the_streamer(model_dir: Path,
                                                            settings: Settings) -> None:
     """memory_limit (the engines' name) bounds runai's staging buffer: a limit below the
@@ -542,3 +562,30 @@ async def test_streamer_memory_limit_reaches_the_streamer(model_dir: Path,
     await prefetch(str(model_dir), settings=tight, loader="runai")
     with attach(str(model_dir), settings=settings) as weights:
         assert_bit_exact(weights, reference(model_dir))
+
+
+@pytest.mark.parametrize("piece_bytes", [4096, 1 << 20])
+async def test_native_ranged_reads_span_and_split_tensors_bit_exactly(
+        model_dir: Path, piece_bytes: int) -> None:
+    """Native reads are file ranges that cover several small tensors or part of a large
+    one: every byte lands in its slot whatever the piece size."""
+    from warmpool.loading.streaming import stream_native
+    from warmpool.model.safetensors import parse_header
+    from warmpool.model.uri import parse_uri
+    from warmpool.pool.layout import plan_layout
+    from warmpool.pool.views import tensor_views
+    from warmpool.storage import open_store
+
+    headers = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        data = path.read_bytes()
+        headers.append((path.name, parse_header(data, file=path.name, file_size=len(data))))
+    layout = plan_layout("h", headers)
+    target = torch.zeros(layout.total_bytes, dtype=torch.uint8)
+    reads: list[int] = []
+    async with open_store(parse_uri(str(model_dir))) as store:
+        await stream_native(store, layout, target, progress=reads.append,
+                            piece_bytes=piece_bytes, concurrency=3)
+    assert sum(reads) == sum(s.nbytes for s in layout.slots)
+    assert all(n <= piece_bytes for n in reads)
+    assert_bit_exact(tensor_views(target, layout), reference(model_dir))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmpool.pool.layout import Layout, Slot, align_up
+from warmpool.pool.layout_index import LayoutIndex, encode
 from warmpool.pool.views import TORCH_DTYPES, tensor_views
 
 DTYPES = ["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "I64", "F64", "F8_E4M3"]
@@ -56,3 +57,71 @@ def test_a_tensor_misaligned_for_its_dtype_is_refused() -> None:
     layout = layout_of([("BOOL", ()), ("I16", ())], alignment=1)
     with pytest.raises(ValueError, match="not aligned"):
         tensor_views(torch.zeros(layout.total_bytes, dtype=torch.uint8), layout)
+
+
+def test_index_round_trips_the_layout() -> None:
+    specs = [("BF16", (3, 4)), ("F32", ()), ("I64", (0, 2)), ("U8", (5,))]
+    layout = layout_of(specs, 256)
+    index = LayoutIndex.of(layout)
+    assert index.to_layout() == layout
+    assert (len(index), index.total_bytes, index.files) == (4, layout.total_bytes,
+                                                            ["f.safetensors"])
+    assert index.position("t2") == 2 and index.position("nope") is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(DTYPES), shapes), max_size=12),
+       st.sampled_from([8, 256]))
+def test_index_views_equal_layout_views(specs: list[tuple[str, tuple[int, ...]]],
+                                        alignment: int) -> None:
+    layout = layout_of(specs, alignment)
+    buffer = torch.randint(0, 256, (layout.total_bytes,), dtype=torch.uint8)
+    lazy = tensor_views(buffer, LayoutIndex.of(layout))
+    eager = tensor_views(buffer, layout)
+    assert list(lazy) == list(eager) == [s.name for s in layout.slots]
+    for name in eager:
+        a, b = lazy[name], eager[name]
+        assert (a.dtype, a.shape, a.stride(), a.data_ptr()) == (b.dtype, b.shape, b.stride(),
+                                                                b.data_ptr())
+
+
+def test_lazy_mapping_behaves_as_a_mapping_and_builds_views_on_demand() -> None:
+    specs = [("BF16", (2, 3)), ("F32", (4,)), ("I16", ()), ("U8", (7,))]
+    layout = layout_of(specs, 256)
+    buffer = torch.randint(0, 256, (layout.total_bytes,), dtype=torch.uint8)
+    views = tensor_views(buffer, LayoutIndex.of(layout))
+    assert len(views) == 4 and list(views) == list(views.keys()) == ["t0", "t1", "t2", "t3"]
+    assert "t1" in views and "t9" not in views and 3 not in views
+    assert views.get("t9") is None and repr(views).endswith("0 built)")
+    t1 = views["t1"]
+    assert views.get("t1") is t1 and views["t1"] is t1  # built once, then kept
+    with pytest.raises(KeyError):
+        views["t9"]
+    slot = layout.slots[1]
+    assert t1.numpy().tobytes() == buffer[slot.offset:slot.offset + slot.nbytes].numpy().tobytes()
+    buffer[slot.offset:slot.offset + slot.nbytes] = 7  # the view is the buffer's memory
+    assert t1.view(torch.uint8).eq(7).all()
+    assert [n for n, _ in views.items()] == ["t0", "t1", "t2", "t3"]
+
+
+def test_index_that_lies_about_its_slots_is_refused() -> None:
+    layout = layout_of([("F32", (4,)), ("BF16", (2,))], 256)
+    data = bytearray(encode(layout))
+    buffer = torch.zeros(layout.total_bytes, dtype=torch.uint8)
+    nbytes_at = 64 + 8 * 2  # column "nbytes", first tensor
+    bad = bytearray(data)
+    bad[nbytes_at:nbytes_at + 8] = (10**6).to_bytes(8, "little")
+    with pytest.raises(ValueError, match="outside the buffer"):
+        tensor_views(buffer, LayoutIndex(bytes(bad)))
+    bad = bytearray(data)
+    bad[nbytes_at:nbytes_at + 8] = (12).to_bytes(8, "little")  # 4 floats are 16 bytes
+    with pytest.raises(ValueError, match="does not match its bytes"):
+        tensor_views(buffer, LayoutIndex(bytes(bad)))
+    bad = bytearray(data)
+    bad[64:64 + 8] = (2).to_bytes(8, "little")  # the F32 tensor at byte 2
+    with pytest.raises(ValueError, match="misaligned"):
+        tensor_views(buffer, LayoutIndex(bytes(bad)))
+    with pytest.raises(ValueError, match="holds"):
+        LayoutIndex(bytes(data[:-1]))
+    with pytest.raises(ValueError, match="not a layout index"):
+        LayoutIndex(b"X" * len(data))

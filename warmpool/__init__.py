@@ -2,37 +2,108 @@
 
 The public surface is small on purpose::
 
-    from warmpool import attach
-    with attach("s3://bucket/models/llama/", device="cuda:0") as weights:
+    import warmpool
+
+    warmpool.prefetch("s3://bucket/models/llama/")             # warm it (or find it warm)
+    with warmpool.attach("s3://bucket/models/llama/", device="cpu") as weights:
         model.load_state_dict(weights, assign=True)
 
+``prefetch``, ``evict``, ``status`` and ``metadata`` go through this node's controller
+when one runs and work in this process otherwise (:mod:`warmpool.operations`).
 Everything a caller may want to catch derives from :class:`WarmpoolError`.
+
+Names are imported on first use: a serving process that imports warmpool for ``attach``
+loads neither torch (until it attaches), the controller, nor a storage SDK.
 """
 
-from warmpool.pool.attachment import AttachedModel, attach
+from __future__ import annotations
+
+import importlib
+import typing
+
 from warmpool.errors import (
+    AccessDeniedError,
     CapacityError,
+    ConfigError,
+    ControllerError,
     IncompleteModelError,
+    InvalidURIError,
     LeaseHeldError,
     NotWarmError,
+    ObjectNotFoundError,
+    PoolError,
+    ProtocolError,
     SafetensorsError,
     StorageError,
     StreamError,
     WarmpoolError,
+    WorkerError,
 )
+
+if typing.TYPE_CHECKING:
+    from warmpool.model.cache import CachedModel
+    from warmpool.operations import Evicted, Prefetched, evict, metadata, prefetch, status
+    from warmpool.pool.attachment import AttachedModel, attach
+    from warmpool.pool.registry.base import PoolEntry, State
 
 __version__ = "0.1.0"
 
+#: Public name → the module that defines it, imported when the name is first used.
+_LAZY = {
+    "AttachedModel": "warmpool.pool.attachment",
+    "attach": "warmpool.pool.attachment",
+    "CachedModel": "warmpool.model.cache",
+    "Evicted": "warmpool.operations",
+    "Prefetched": "warmpool.operations",
+    "evict": "warmpool.operations",
+    "metadata": "warmpool.operations",
+    "prefetch": "warmpool.operations",
+    "status": "warmpool.operations",
+    "PoolEntry": "warmpool.pool.registry.base",
+    "State": "warmpool.pool.registry.base",
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'warmpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
+    "AccessDeniedError",
     "AttachedModel",
+    "CachedModel",
     "CapacityError",
+    "ConfigError",
+    "ControllerError",
+    "Evicted",
     "IncompleteModelError",
+    "InvalidURIError",
     "LeaseHeldError",
     "NotWarmError",
+    "ObjectNotFoundError",
+    "PoolEntry",
+    "PoolError",
+    "Prefetched",
+    "ProtocolError",
     "SafetensorsError",
+    "State",
     "StorageError",
     "StreamError",
     "WarmpoolError",
-    "attach",
+    "WorkerError",
     "__version__",
+    "attach",
+    "evict",
+    "metadata",
+    "prefetch",
+    "status",
 ]

@@ -20,11 +20,11 @@ from typing import Any, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
-from warmpool.config import Settings, parse_bytes
+from warmpool.config import Settings
 from warmpool.errors import ConfigError, InvalidURIError, WarmpoolError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -119,12 +119,9 @@ def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigO
                  "and tokenizer, no weights): the model path to give vLLM or SGLang with "
                  "load format warmpool.")) -> None:
     """Fetch a model's small files and safetensors headers into the local cache."""
-    from warmpool.model.cache import MetadataCache
-    from warmpool.model.uri import parse_uri
+    from warmpool.operations import metadata as fetch_metadata
 
-    settings = _settings(config)
-    model = _run(MetadataCache(settings.cache_dir).fetch(parse_uri(uri)))
-    data = model.to_json()
+    data = fetch_metadata(uri, settings=_settings(config)).to_json()
     if files_dir:
         sys.stdout.write(f"{data['files_dir']}\n")
         return
@@ -133,7 +130,7 @@ def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigO
         return
     out.print(f"[bold]{escape(data['uri'])}[/]  complete={data['complete']}", markup=True)
     out.print(f"  content hash  {data['content_hash']}")
-    out.print(f"  cache dir     {data['cache_dir']}")
+    out.print(f"  files dir     {data['files_dir']}")
     out.print(f"  files         {', '.join(data['files'])}")
     out.print(f"  shards        {len(data['shards'])} ({data['tensors']} tensors, "
               f"{data['bytes'] / 1e9:.3f} GB)")
@@ -147,83 +144,84 @@ def prefetch(uri: str,
              sharding: str = typer.Option("replicated", "--sharding", "--layout",
                                           help="replicated | sharded (GPU workers; "
                                                "--layout is its old name)."),
-             loader: str = typer.Option("auto", help="auto | runai | native | pread"),
-             concurrency: Optional[int] = typer.Option(None, help="Streamer concurrency."),
-             memory_limit: Optional[str] = typer.Option(None, help="Streamer host buffer, e.g. 2GiB."),
-             distributed: Optional[bool] = typer.Option(None, help="Distributed streaming."),
+             loader: str = typer.Option("auto", help="auto | runai | native | pread "
+                                        "(not with a running controller)."),
+             concurrency: Optional[int] = typer.Option(
+                 None, help="Streamer concurrency (not with a running controller)."),
+             memory_limit: Optional[str] = typer.Option(
+                 None, help="Streamer host buffer, e.g. 2GiB (not with a running controller)."),
+             distributed: Optional[bool] = typer.Option(
+                 None, help="Distributed streaming (not with a running controller)."),
              as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
              redis: Optional[str] = RedisOpt) -> None:
     """Make a model warm (metadata, then weights); exit 0 only when it is."""
-    from warmpool.loading.streaming import LOADERS
+    from warmpool.operations import prefetch as do_prefetch
 
-    if loader not in LOADERS:
-        raise ConfigError(f"unknown loader {loader!r}")
-    settings = _settings(config, concurrency=concurrency,
-                         memory_limit=parse_bytes(memory_limit), distributed=distributed,
-                         redis_url=redis)
-    from warmpool.controller import remote
-
-    controller = remote.controller_url(settings)
-    if controller:  # a running controller owns the pool: ask it
-        result = _run(remote.prefetch(controller, uri, settings=settings, device=device, tp=tp,
-                                      sharding=sharding))
-    elif device != "cpu" or tp > 1:
-        from warmpool.workers.client import prefetch_via_workers
-
-        result = prefetch_via_workers(uri, device=device, tp=tp, sharding=sharding,
-                                      loader=loader, settings=settings)
-    else:
-        result = _prefetch_host(uri, settings, loader, show_progress=not as_json)
-    data = result if isinstance(result, dict) else result.to_json()
+    progress = progress_bar(err, enabled=not as_json and err.is_terminal)
+    with progress:
+        result = do_prefetch(uri, device, tp=tp, sharding=sharding, loader=loader,
+                             concurrency=concurrency, memory_limit=memory_limit,
+                             distributed=distributed, settings=_settings(config),
+                             redis_url=redis, progress=progress_factory(progress))
     if as_json:
-        _emit(data)
-    else:
-        verb = "already warm" if data.get("already_warm") else "warm"
-        out.print(f"{verb}: {data['uri']} on {data['device']}  {data['bytes'] / 1e9:.3f} GB, "
-                  f"{data['tensors']} tensors in {data['seconds']:.2f} s"
-                  + (f" ({data['bytes'] / data['seconds'] / 1e9:.2f} GB/s, {data['loader']})"
-                     if not data.get("already_warm") and data["seconds"] else ""))
-    if data["state"] != "warm":
-        raise typer.Exit(1)
+        _emit(result.to_json())
+        return
+    rate = result.gb_per_s
+    out.print(f"{'already warm' if result.already_warm else 'warm'}: {result.uri} on "
+              f"{','.join(result.devices)}  {result.bytes / 1e9:.3f} GB, {result.tensors} "
+              f"tensors in {result.seconds:.2f} s"
+              + (f" ({rate:.2f} GB/s, {result.loader})" if rate is not None else ""))
 
 
-def _prefetch_host(uri: str, settings: Settings, loader: str, show_progress: bool) -> Any:
-    from warmpool.pool.prefetch import prefetch as do_prefetch
+def progress_bar(console: Console, *, enabled: bool) -> Progress:
+    """The prefetch progress bar. Its columns carry their style themselves: the console
+    has markup off, so markup in a column's text would print as it is."""
+    return Progress(TextColumn("{task.description}", style="progress.description",
+                               markup=False),
+                    BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not enabled)
 
-    progress = Progress("[progress.description]{task.description}", BarColumn(),
-                        DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                        console=err, transient=True,
-                        disable=not (show_progress and err.is_terminal))
 
+def progress_factory(progress: Progress) -> Callable[[int], Callable[[int], None]]:
     def factory(total: int) -> Callable[[int], None]:
         task = progress.add_task("streaming", total=total)
         return lambda n: progress.update(task, advance=n)
 
-    with progress:
-        return _run(do_prefetch(uri, settings=settings, loader=loader,  # type: ignore[arg-type]
-                                progress=factory))
+    return factory
 
 
 @app.command()
 @_guard
-def status(as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
+def status(history: bool = typer.Option(False, "--history", help="Also the evicted, failed "
+                                        "and lost entries of the last days."),
+           as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
            redis: Optional[str] = RedisOpt) -> None:
-    """List the pool's entries."""
-    from warmpool.controller import remote
-    from warmpool.pool.entries import Pool
+    """List the pool's entries that are warm or on their way (--history: all)."""
+    from warmpool.operations import failing as pool_failing
+    from warmpool.operations import status as pool_status
 
-    settings = _settings(config, redis_url=redis)
-    controller = remote.controller_url(settings)
-    entries = _run(remote.status(controller, settings) if controller else Pool(settings).entries())
+    settings = _settings(config)
+    entries = pool_status(history=history, settings=settings, redis_url=redis)
+    failing = pool_failing(settings=settings, redis_url=redis)
     if as_json:
-        _emit([{**e.to_json(), "leases": e.leases} for e in entries])
+        _emit([{**e.to_json(), "leases": e.leases} for e in entries]
+              + [{**f.to_json(), "state": "failed", "desired": True, "node": settings.node}
+                 for f in failing])
         return
+    if failing:
+        rows = Table("desired", "device", "failures", "next try", "uri", "error")
+        for f in failing:
+            rows.add_row("given up" if f.given_up else "backing off", f.device, str(f.failures),
+                         "when asked again" if f.given_up else
+                         time.strftime("%H:%M:%S", time.localtime(f.retry_at)), f.uri, f.error)
+        out.print(rows)
     table = Table("state", "device", "GB", "tensors", "leases", "hash", "uri", "updated")
-    for e in sorted(entries, key=lambda e: e.updated_at, reverse=True):
+    for e in entries:
         table.add_row(e.state.value, e.device, f"{e.bytes / 1e9:.3f}", str(e.tensors),
-                      str(e.leases), e.content_hash[:12], e.uri,
+                      str(e.leases), e.content_hash[:12], "\n".join(e.uris),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
-    out.print(table if entries else "the pool is empty")
+    empty = "nothing is warm" + ("" if history else " (--history shows what was)")
+    out.print(table if entries else empty)
 
 
 @app.command()
@@ -237,26 +235,18 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
 
     With a controller running, it asks the controller, which also stops wanting the model
     warm; a leased model is then evicted when its last lease ends."""
-    from warmpool.controller import remote
-    from warmpool.pool.entries import Pool
+    from warmpool.operations import evict as do_evict
 
-    settings = _settings(config, redis_url=redis)
-    controller = remote.controller_url(settings)
-    if controller:  # the controller owns the pool (and would re-warm what it still wants)
-        data = _run(remote.evict(controller, ref, settings=settings, device=device,
-                                 force=force))
-    elif device != "cpu":
-        from warmpool.workers.client import evict_via_workers
-
-        data = evict_via_workers(ref, device=device, settings=settings, force=force)
-    else:
-        data = _run(Pool(settings).evict(ref, device, force=force)).to_json()
+    result = do_evict(ref, device, force=force, settings=_settings(config), redis_url=redis)
     if as_json:
-        _emit(data)
+        _emit(result.to_json())
     else:
-        verb = ("leased, evicted when its leases end:" if data.get("state") == "retiring"
-                else "evicted")
-        out.print(f"{verb} {data['uri']} ({data['content_hash'][:12]}) from {data['device']}")
+        verb = ("leased, evicted when its leases end:" if result.state == "retiring"
+                else "released (its bytes stay for the URIs that still name them)"
+                if result.state == "warm" else "evicted")
+        version = f" ({result.content_hash[:12]})" if result.content_hash else ""
+        name = ref if result.state == "warm" else result.uri
+        out.print(f"{verb} {name}{version} from {result.device}")
 
 
 @app.command("attach")
@@ -340,6 +330,7 @@ def _mount_optional(name: str, module: str) -> None:
 
 
 _mount_optional("workers", "warmpool.workers.cli")
+_mount_optional("relay", "warmpool.relay.cli")
 
 
 def main() -> None:

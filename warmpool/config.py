@@ -10,9 +10,11 @@ variables already set in the environment are honoured and win over our defaults.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,10 @@ def parse_bytes(value: str | int | None) -> int | None:
     else:
         number, mult = text, 1
     try:
-        result = int(float(number) * mult)
+        scaled = float(number) * mult
+        if not math.isfinite(scaled):
+            raise ValueError(number)
+        result = int(scaled)
     except ValueError:
         raise ConfigError(f"not a byte size: {value!r} (try 16GiB or 500MB)") from None
     if result < -1:
@@ -108,6 +113,10 @@ class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     runtime_dir: Path = field(default_factory=_default_runtime_dir)
     host_capacity: int | None = None  # bytes the host tier may hold; None = 80% of /dev/shm
+    # The metadata cache keeps at most this many models, none unused for longer than
+    # this; what a pool entry or a lease uses is always kept.
+    cache_max_models: int = 256
+    cache_max_age_s: float = 7 * 86400.0
     redis_url: str | None = None
     watch: tuple[str, ...] = ()
     streamer: StreamerOptions = StreamerOptions()
@@ -116,6 +125,9 @@ class Settings:
     # The config file's ``controller:`` section, raw; checked and typed by
     # ControllerOptions.load, where WARMPOOL_<NAME> variables override it.
     controller: dict[str, Any] = field(default_factory=dict)
+    # The config file's ``relays:`` list, raw; checked by warmpool.relay.spec, and run
+    # by ``warmpool serve`` next to the controller.
+    relays: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -123,57 +135,153 @@ class Settings:
         settings = cls()
         path = config_file or os.environ.get("WARMPOOL_CONFIG")
         if path:
-            settings = settings._merge(_read_config_file(Path(path)))
-        settings = settings._merge(_from_environment())
-        return settings._merge({k: v for k, v in overrides.items() if v is not None})
+            settings = settings._merge(_read_config_file(Path(path)),
+                                       lambda key: f"{key} in {path}")
+        env_var = {key: var for var, key in ENV_NAMES.items()}
+        settings = settings._merge(_from_environment(), lambda key: env_var[key])
+        return settings._merge({k: v for k, v in overrides.items() if v is not None},
+                               _flag_name)
 
-    def _merge(self, values: dict[str, Any]) -> Settings:
+    def _merge(self, values: dict[str, Any], where: Callable[[str], str] = repr) -> Settings:
+        """Overlay ``values``; every value is checked here, and a bad one is a one-line
+        ConfigError naming it by ``where(key)`` (the variable, flag or file entry)."""
         streamer_keys = {"concurrency", "memory_limit", "distributed"}
         top: dict[str, Any] = {}
         streamer: dict[str, Any] = {}
         for key, value in values.items():
-            if key in streamer_keys:
-                streamer[key] = parse_bytes(value) if key == "memory_limit" else value
-            elif key in ("cache_dir", "runtime_dir"):
-                top[key] = Path(value).expanduser()
-            elif key == "host_capacity":
-                top[key] = parse_bytes(value)
-            elif key == "watch":
-                top[key] = tuple(value.split(",") if isinstance(value, str) else value)
-            elif key in ("redis_url", "metrics_port", "node"):
-                top[key] = value
-            elif key == "controller":
+            if key == "controller":
                 if not isinstance(value, dict):
                     raise ConfigError("'controller' must be a mapping of controller settings")
                 top[key] = {**self.controller, **value}
-            else:
+                continue
+            if key == "relays":  # each checked by relay.spec.parse_specs when serve starts
+                if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                    raise ConfigError("'relays' must be a list of relay settings (mappings)")
+                top[key] = tuple(value)
+                continue
+            check = _CHECKS.get(key)
+            if check is None:
                 raise ConfigError(f"unknown setting {key!r}")
+            try:
+                checked = check(value)
+            except (ConfigError, TypeError, ValueError, OverflowError) as exc:
+                raise ConfigError(f"{where(key)}: {value!r} is not usable: {exc}") from None
+            (streamer if key in streamer_keys else top)[key] = checked
         if streamer:
             top["streamer"] = replace(self.streamer, **streamer)
         return replace(self, **top)
 
 
+def _flag_name(key: str) -> str:
+    return "--redis" if key == "redis_url" else f"--{key.replace('_', '-')}"
+
+
+def _int(value: Any, low: int, high: int | None = None) -> int:
+    """An integer in [low, high]: from an int, or a string of digits (not a bool, not 1.5)."""
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError("not an integer")
+    number = int(value.strip()) if isinstance(value, str) else int(value)
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"must be between {low} and {high}" if high is not None
+                         else f"must be at least {low}")
+    return number
+
+
+def _size(value: Any, low: int) -> int | None:
+    size = parse_bytes(value)
+    if size is not None and size < low:
+        raise ValueError(f"must be at least {low} byte(s)" if low > 0 else "must be >= -1")
+    return size
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value) or "\x00" in str(value):
+        raise ValueError("not a path")
+    return Path(value).expanduser()
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a number of seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return seconds
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a boolean (true or false)")
+
+
+def _name(value: Any) -> str:
+    """A node name: it becomes part of Redis keys and log lines."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 253 or any(
+            c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must be a non-empty name without spaces or control characters")
+    return value
+
+
+def _redis_url(value: Any) -> str:
+    schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+    if not isinstance(value, str) or not value.startswith(schemes):
+        raise ValueError(f"a Redis URL starts with one of {', '.join(schemes)}")
+    return value
+
+
+def _watch(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ValueError("must be a list of model prefixes")
+    return tuple(i.strip() for i in items if i.strip())
+
+
+#: Every setting's check and conversion: a value that passes is one the code can use.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "cache_dir": _path,
+    "runtime_dir": _path,
+    "host_capacity": lambda v: _size(v, 1),
+    "redis_url": _redis_url,
+    "watch": _watch,
+    "metrics_port": lambda v: _int(v, -1, 65535),  # 0: any free port, -1: off
+    "node": _name,
+    "concurrency": lambda v: _int(v, 1, 1024),
+    "memory_limit": lambda v: _size(v, -1),
+    "distributed": _bool,
+    "cache_max_models": lambda v: _int(v, 1),
+    "cache_max_age_s": lambda v: _seconds(v),
+}
+
+
 def _from_environment() -> dict[str, Any]:
-    names = {
-        "WARMPOOL_CACHE_DIR": "cache_dir",
-        "WARMPOOL_RUNTIME_DIR": "runtime_dir",
-        "WARMPOOL_HOST_CAPACITY": "host_capacity",
-        "WARMPOOL_REDIS_URL": "redis_url",
-        "WARMPOOL_WATCH": "watch",
-        "WARMPOOL_NODE": "node",
-    }
-    found: dict[str, Any] = {}
-    for var, key in names.items():
-        if os.environ.get(var):
-            found[key] = os.environ[var]
-    if os.environ.get("WARMPOOL_METRICS_PORT"):
-        found["metrics_port"] = int(os.environ["WARMPOOL_METRICS_PORT"])
-    return found
+    return {key: os.environ[var] for var, key in ENV_NAMES.items() if os.environ.get(var)}
+
+
+#: The environment variable of each setting that has one.
+ENV_NAMES = {
+    "WARMPOOL_CACHE_DIR": "cache_dir",
+    "WARMPOOL_RUNTIME_DIR": "runtime_dir",
+    "WARMPOOL_HOST_CAPACITY": "host_capacity",
+    "WARMPOOL_REDIS_URL": "redis_url",
+    "WARMPOOL_WATCH": "watch",
+    "WARMPOOL_NODE": "node",
+    "WARMPOOL_METRICS_PORT": "metrics_port",
+    "WARMPOOL_CACHE_MAX_MODELS": "cache_max_models",
+    "WARMPOOL_CACHE_MAX_AGE_S": "cache_max_age_s",
+}
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     """TOML, JSON or YAML, by extension; the keys are Settings' field names."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read for ever
+            raise ConfigError(f"config file {path} is not a regular file")
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc

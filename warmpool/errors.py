@@ -44,6 +44,11 @@ class TransientStorageError(StorageError):
     """A failure that a retry may cure (timeouts, 5xx, throttling, resets)."""
 
 
+class ObjectChangedError(StorageError):
+    """An object changed after the listing that named the model's version: its bytes are
+    not that version's. Not retried as is; a new listing (a new version) starts over."""
+
+
 class UnsafeKeyError(StorageError, ValueError):
     """An object key that would escape its model directory (``..``, absolute paths)."""
 
@@ -67,6 +72,10 @@ class IncompleteModelError(WarmpoolError):
     def __init__(self, message: str, *, missing: list[str] | None = None) -> None:
         super().__init__(message)
         self.missing = missing or []
+
+
+class MetadataLimitError(WarmpoolError, ValueError):
+    """A model's non-weight files exceed what the metadata cache will hold."""
 
 
 # --- the pool ------------------------------------------------------------------------
@@ -99,6 +108,10 @@ class StreamError(WarmpoolError):
 
 class WorkerError(WarmpoolError):
     """A worker process failed, died or answered with an error."""
+
+
+class ControllerError(WarmpoolError):
+    """No controller answered, or it answered with a failure."""
 
 
 class ProtocolError(WarmpoolError):

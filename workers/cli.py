@@ -49,12 +49,16 @@ def start(devices: Optional[str] = typer.Option(
     import logging
 
     from warmpool.workers.process import fast_exit
-    from warmpool.workers.supervisor import parse_devices, supervise
+    from warmpool.workers.supervisor import (check_devices, describe_choice, parse_devices,
+                                             supervise)
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(supervise(parse_devices(devices), _settings(runtime_dir),
+        chosen = parse_devices(devices)
+        check_devices(chosen)
+        typer.echo(f"starting workers for {describe_choice(chosen, devices)}", err=True)
+        asyncio.run(supervise(chosen, _settings(runtime_dir),
                               capacity=parse_bytes(capacity), transport=transport,
                               log_level=log_level.upper()))
     except WarmpoolError as exc:

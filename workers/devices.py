@@ -66,11 +66,25 @@ def device_uuid(spec: DeviceSpec) -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise WorkerError(f"{spec} requested but CUDA is not available in this process")
+        raise WorkerError(f"{spec} requested but CUDA is not available: {cuda_missing_why()}")
     if spec.index >= torch.cuda.device_count():
         raise WorkerError(f"{spec} does not exist: this process sees "
                           f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES?)")
     return normalise_uuid(torch.cuda.get_device_properties(spec.index).uuid)
+
+
+def cuda_missing_why() -> str:
+    """Why torch sees no GPU, and what to do about it."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build. On a GPU node install "
+                "a CUDA build (pip install --force-reinstall torch --index-url "
+                "https://download.pytorch.org/whl/cu128, or `make TORCH_INDEX= install`, which "
+                "takes pip's default CUDA build); on a machine without a GPU use device cpu")
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but finds no "
+            "usable GPU: check `nvidia-smi` (driver loaded?) and CUDA_VISIBLE_DEVICES; on a "
+            "machine without a GPU use device cpu")
 
 
 def local_index(uuid: str) -> int:

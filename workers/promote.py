@@ -23,6 +23,7 @@ import torch
 
 from warmpool.errors import StreamError
 from warmpool.pool.layout import Layout
+from warmpool.pool.layout_index import LayoutIndex
 from warmpool.pool.host import SHM_DIR, HostResident, map_readonly
 from warmpool.workers.devices import pin_host_memory, unpin_host_memory
 
@@ -106,11 +107,11 @@ def promote(host: HostResident, layout: Layout, target: torch.Tensor,
         torch.cuda.synchronize(target.device)
 
 
-def _signature(layout: Layout) -> list[tuple[object, ...]]:
+def _signature(layout: Layout | LayoutIndex) -> list[tuple[object, ...]]:
     return [(s.name, s.dtype, s.shape, s.offset, s.nbytes) for s in layout.slots]
 
 
-def copy_by_layout(source: torch.Tensor, src_layout: Layout, target: torch.Tensor,
+def copy_by_layout(source: torch.Tensor, src_layout: Layout | LayoutIndex, target: torch.Tensor,
                    dst_layout: Layout, *, non_blocking: bool = False) -> None:
     if _signature(src_layout) == _signature(dst_layout):
         n = dst_layout.total_bytes

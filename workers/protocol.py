@@ -361,12 +361,22 @@ def ok(**fields: Any) -> Message:
     return {"ok": True, **fields}
 
 
+#: The fields of warmpool's errors that travel with them (the caller acts on them:
+#: ``missing`` lists what to upload, ``key``/``file`` name the culprit, ``needed``/``free``
+#: say how much to evict), and the plain types each may take.
+ERROR_FIELDS: dict[str, tuple[type, ...]] = {
+    "key": (str, type(None)), "file": (str,), "tensor": (str, type(None)),
+    "missing": (list,), "needed": (int,), "free": (int,),
+}
+
+
 def error_reply(exc: BaseException) -> Message:
     """An error as plain fields; the client rebuilds the same class by name."""
     err: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    for attr in ("needed", "free"):
-        if hasattr(exc, attr):
-            err[attr] = getattr(exc, attr)
+    for attr, types in ERROR_FIELDS.items():
+        value = getattr(exc, attr, None)
+        if hasattr(exc, attr) and isinstance(value, types):
+            err[attr] = list(map(str, value)) if isinstance(value, list) else value
     return {"ok": False, "error": err}
 
 
@@ -375,18 +385,42 @@ def raise_for_error(reply: Message, fds: Sequence[int] = ()) -> None:
         return
     for fd in fds:
         os.close(fd)
+    raise rebuild_error(reply.get("error") or {})
+
+
+def rebuild_error(err: Any) -> Exception:
+    """The error a reply describes: the same warmpool class, message and fields.
+
+    The instance is built without its constructor (several format their message from
+    their fields, which would say it twice); a type that is not a warmpool error, or a
+    field of the wrong type, becomes a :class:`WorkerError` that names it.
+    """
     from warmpool import errors
 
-    err = reply.get("error") or {}
+    if not isinstance(err, dict):
+        return errors.WorkerError(f"worker failed: malformed error {err!r:.200}")
     name, text = str(err.get("type", "WorkerError")), str(err.get("message", "unknown error"))
     cls = getattr(errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, errors.WarmpoolError)):
-        raise errors.WorkerError(f"worker failed: {name}: {text}")
-    if cls is errors.CapacityError:
-        raise errors.CapacityError(text, needed=int(err.get("needed", 0)),
-                                   free=int(err.get("free", 0)))
-    try:
-        exc = cls(text)
-    except TypeError:  # a class whose constructor wants more fields (SafetensorsError)
-        exc = errors.WorkerError(f"{name}: {text}")
-    raise exc
+        return errors.WorkerError(f"worker failed: {name}: {text}")
+    fields = {attr: err[attr] for attr in ERROR_FIELDS if attr in err}
+    for attr, value in fields.items():
+        if not isinstance(value, ERROR_FIELDS[attr]) or isinstance(value, bool):
+            return errors.WorkerError(f"worker failed: {name}: {text} (bad {attr!r} field)")
+    if "missing" in fields:
+        fields["missing"] = [str(m) for m in fields["missing"]]
+    exc: Exception = cls.__new__(cls)
+    Exception.__init__(exc, text)
+    defaults: dict[str, Any] = {"key": None, "tensor": None, "missing": [], "needed": 0,
+                                "free": 0, "file": ""}
+    for attr in _constructor_fields(cls):
+        setattr(exc, attr, fields.get(attr, defaults[attr]))
+    return exc
+
+
+def _constructor_fields(cls: type) -> list[str]:
+    """The :data:`ERROR_FIELDS` that ``cls``'s constructor sets (its keyword arguments)."""
+    init = next((vars(c)["__init__"] for c in cls.__mro__ if "__init__" in vars(c)), None)
+    code = getattr(init, "__code__", None)  # None: Exception's own constructor
+    params = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount] if code else ()
+    return [attr for attr in ERROR_FIELDS if attr in params]

@@ -1,9 +1,9 @@
 """What a worker holds: one resident per model, its leases, and the eviction policy.
 
-The policy is the host tier's (:mod:`warmpool.pool.entries`): room for a new model is made before any byte is
-streamed, by evicting warm models with no live lease and no pin, least recently attached
-first; if that cannot free enough, the load is refused at once with the free and needed
-bytes — a worker never runs out of device memory half-way through a stream.
+The policy is the pool's (:mod:`warmpool.pool.eviction`): room for a new model is made
+before any byte is streamed, by evicting warm models with no live lease and no pin, least
+recently attached first; if that cannot free enough, the load is refused at once with the
+free and needed bytes — a worker never runs out of device memory half-way through a stream.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from warmpool.errors import CapacityError
+from warmpool.pool import eviction
+from warmpool.pool.eviction import Candidate
 from warmpool.pool.layout import Layout
 from warmpool.pool.registry.base import PoolEntry
 from warmpool.workers.buffers import ResidentBuffer
@@ -68,20 +69,7 @@ class DeviceResident:
 def choose_victims(residents: Iterable[DeviceResident], needed: int, room: int, *,
                    who: str, device: str) -> list[DeviceResident]:
     """Which residents to evict so that ``needed`` bytes fit in ``room`` (plus what they
-    free); raises :class:`CapacityError` when even all candidates are not enough."""
-    if needed <= room:
-        return []
-    candidates = sorted((r for r in residents if r.evictable),
-                        key=lambda r: r.last_attached or r.created_at)
-    victims, freed = [], 0
-    for victim in candidates:
-        if needed <= room + freed:
-            break
-        victims.append(victim)
-        freed += victim.nbytes
-    if needed > room + freed:
-        raise CapacityError(
-            f"{who} needs {needed} bytes on {device}; {room} are free and only {freed} more "
-            "could be evicted (the rest is leased, pinned or still streaming)",
-            needed=needed, free=room + freed)
-    return victims
+    free): the pool's policy (:func:`warmpool.pool.eviction.choose_victims`)."""
+    return eviction.choose_victims(
+        (Candidate(r, r.nbytes, r.evictable, r.last_attached or r.created_at)
+         for r in residents), needed, room, who=who, device=device)

@@ -29,7 +29,8 @@ from warmpool.errors import WorkerError
 from warmpool.locks import try_lock
 from warmpool.pool.registry.base import Registry, State
 from warmpool.pool.registry.files import FileRegistry
-from warmpool.workers.devices import DeviceSpec, parse_device, visible_cuda_devices
+from warmpool.workers.devices import (DeviceSpec, device_uuid, parse_device,
+                                      visible_cuda_devices)
 from warmpool.workers.discovery import read_records
 from warmpool.workers.protocol import socket_dir
 from warmpool.workers.process import fast_exit
@@ -76,6 +77,12 @@ def default_devices() -> list[DeviceSpec]:
     return visible_cuda_devices() or [DeviceSpec("cpu", 0)]
 
 
+def check_devices(devices: list[DeviceSpec]) -> None:
+    """Raise :class:`WorkerError` for a CUDA device this machine cannot serve."""
+    for device in devices:
+        device_uuid(device)
+
+
 class Supervisor:
     def __init__(self, specs: list[WorkerSpec], runtime_dir: Path, *,
                  registry: Registry | None = None) -> None:
@@ -91,6 +98,9 @@ class Supervisor:
         self._stop.set()
 
     async def run(self) -> None:
+        # A device that cannot work fails here, once, rather than as a worker that dies
+        # at start-up and is restarted forever.
+        check_devices([w.spec.device for w in self.workers])
         lock_fd = try_lock(self.dir / "supervisor.lock")
         if lock_fd is None:
             raise WorkerError(f"a supervisor is already running for {self.runtime_dir}")
@@ -174,6 +184,16 @@ def parse_devices(text: str | None) -> list[DeviceSpec]:
     return [parse_device(part) for part in text.split(",") if part.strip()]
 
 
+def describe_choice(devices: list[DeviceSpec], asked: str | None) -> str:
+    """The devices a start serves and, when none were named, why those."""
+    names = ", ".join(map(str, devices))
+    if asked:
+        return names
+    if any(d.is_cuda for d in devices):
+        return f"{names} (every visible GPU; --devices to choose)"
+    return f"{names} (no CUDA GPU visible, so a CPU worker; --devices to choose)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m warmpool.workers.supervisor")
     parser.add_argument("--devices", default=None, help="e.g. cuda:0,cuda:1 or cpu:0")
@@ -201,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.load(runtime_dir=args.runtime_dir)
-    asyncio.run(supervise(parse_devices(args.devices), settings,
+    devices = parse_devices(args.devices)
+    log.info("workers for %s", describe_choice(devices, args.devices))
+    asyncio.run(supervise(devices, settings,
                           capacity=parse_bytes(args.capacity), transport=args.transport,
                           log_level=args.log_level.upper()))
     fast_exit(0)

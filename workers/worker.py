@@ -40,6 +40,7 @@ from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.loading.streaming import fill_buffer
+from warmpool.model.cache import MetadataCache
 from warmpool.pool.host import HostTier
 from warmpool.model.uri import parse_uri
 from warmpool.workers import discovery
@@ -338,8 +339,12 @@ class Worker:
                 return "host"
             except FileNotFoundError:
                 log.info("host copy of %s vanished; streaming instead", req.content_hash[:12])
+        # The listing the client planned from (its cache entry, named by the hash) pins
+        # the version: a source replaced mid-stream fails instead of mixing versions.
+        cached = MetadataCache(self.settings.cache_dir).load(req.content_hash)
         return await fill_buffer(parse_uri(req.uri), req.layout, target, options=req.options,
-                                 loader=req.loader)  # type: ignore[arg-type]
+                                 loader=req.loader,  # type: ignore[arg-type]
+                                 pins=cached.objects if cached is not None else None)
 
     async def finish(self, resident: DeviceResident, loader: str) -> None:
         resident.buffer.seal()

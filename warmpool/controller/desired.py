@@ -23,8 +23,13 @@ from redis.asyncio import Redis
 
 from warmpool.controller.events import Request, parse_request
 from warmpool.controller.keys import RedisKeys
+from warmpool.errors import WarmpoolError
 
 log = logging.getLogger(__name__)
+
+class DesiredStateFull(WarmpoolError):
+    """The node already wants as many models as it may; evict some first."""
+
 
 def want_field(uri: str, device: str) -> str:
     # Devices never hold '|' (events.py checks them); URIs may, so the device goes first.
@@ -59,9 +64,11 @@ def _from_json(raw: bytes | str) -> tuple[Request, str, float]:
 
 
 class DesiredState:
-    def __init__(self, redis: Redis, keys: RedisKeys, node: str) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, node: str, *,
+                 max_wants: int = 1024) -> None:
         self.redis = redis
         self.key = keys.desired(node)
+        self.max_wants = max_wants  # every desired model costs a look on each pass
         self._mirror: dict[str, str] = {}  # field -> the JSON written there
 
     async def get(self, uri: str, device: str) -> Request | None:
@@ -83,7 +90,20 @@ class DesiredState:
                 req = replace(req, action="pin")
             if source == "watch":
                 source = current_source
+        elif await self.redis.hlen(self.key) >= self.max_wants:
+            raise self._full(req)
+        else:
+            written = await self._write(req, source, since)
+            # Concurrent deploys may all have seen room: check again, after writing.
+            if await self.redis.hlen(self.key) > self.max_wants:
+                await self.remove(str(req.uri), req.device)
+                raise self._full(req)
+            return written
         return await self._write(req, source, since)
+
+    def _full(self, req: Request) -> DesiredStateFull:
+        return DesiredStateFull(f"node already wants {self.max_wants} models (max_desired); "
+                                f"evict some before deploying {req.uri}")
 
     async def set_pinned(self, uri: str, device: str, pinned: bool) -> Request | None:
         raw = await self.redis.hget(self.key, want_field(uri, device))

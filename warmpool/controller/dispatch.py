@@ -29,6 +29,7 @@ from warmpool.controller.events import Request
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.metrics import Metrics
 from warmpool.pool.entries import HOST_DEVICE, Pool
+from warmpool.pool.eviction import inherits_pin, superseded
 from warmpool.controller.redis_client import CONNECTION_ERRORS
 from warmpool.controller.redis_lock import RedisLock
 from warmpool.pool.registry.base import PoolEntry, State
@@ -101,7 +102,7 @@ class Dispatcher:
         joining a warm-up of the same model already in flight."""
         slot = (str(target.uri), target.device)
         task = self._inflight.get(slot)
-        if task is None:
+        if task is None or task.cancelling():  # an evict is ending that one: start anew
             task = asyncio.create_task(self._warm(target), name=f"warm {slot[0]} {slot[1]}")
             self._inflight[slot] = task
             task.add_done_callback(lambda t: self._forget(slot, t))
@@ -128,8 +129,8 @@ class Dispatcher:
             listing = await list_model(self.cache, target.uri)
             lock = RedisLock(self.redis, self.keys.lock(listing.content_hash, target.device,
                                                         self.node), self.lock_ttl_ms)
-            while not await lock.acquire():  # another controller streams it: wait, then
-                await asyncio.sleep(self.lock_poll_s)  # find it warm
+            while not await lock.acquire():  # noqa: ASYNC110 - the holder is another node
+                await asyncio.sleep(self.lock_poll_s)  # streaming it: wait, then find it warm
             async with lock.renewed():
                 outcome = await self._fill(target, listing.content_hash)
         except CONNECTION_ERRORS:
@@ -144,7 +145,7 @@ class Dispatcher:
                               seconds=time.perf_counter() - started)
         self._count(outcome)
         if outcome.state == State.WARM.value and outcome.entry is not None:
-            await self._retire_old_versions(outcome.entry)
+            await self._retire_old_versions(outcome.entry, str(target.uri))
         return outcome
 
     async def _fill(self, target: Request, content_hash: str) -> Outcome:
@@ -229,7 +230,8 @@ class Dispatcher:
         retiring: list[PoolEntry] = []
         for entry in await self._entries(uri, device):
             if entry.state in (State.WARM, State.FAILED, State.LOST):
-                done = await self.retire(entry, force=force)
+                renamed = await self.pool.drop_name(entry, uri)  # another URI keeps it
+                done = renamed is not None or await self.retire(entry, force=force)
                 (evicted if done else retiring).append(entry)
         state = "retiring" if retiring else State.EVICTED.value
         error = (f"{len(retiring)} version(s) still leased; evicted when the leases end"
@@ -270,13 +272,20 @@ class Dispatcher:
             else:
                 await self.retire(entry)
 
-    async def _retire_old_versions(self, current: PoolEntry) -> None:
-        for entry in await self._entries(current.uri, current.device):
-            if entry.content_hash != current.content_hash and entry.state == State.WARM:
-                log.info("%s changed: retiring version %s", entry.uri, entry.content_hash[:12],
-                         extra={"event": "new_version", "uri": entry.uri,
-                                "old": entry.content_hash, "new": current.content_hash})
-                await self.retire(entry)
+    async def _retire_old_versions(self, current: PoolEntry, uri: str) -> None:
+        """The pool's rule (:func:`superseded`): pinned old versions go too, the pin
+        moves to ``current``; leased ones wait on the retiring set; a version another
+        URI still names only loses the name ``uri``."""
+        old = superseded(await self.pool.entries(), current, uri)
+        if inherits_pin(old) and not current.pinned:
+            await self.registry.put(replace(current, pinned=True))
+        for entry in old:
+            if await self.pool.drop_name(entry, uri) is not None:
+                continue
+            log.info("%s changed: retiring version %s", entry.uri, entry.content_hash[:12],
+                     extra={"event": "new_version", "uri": entry.uri,
+                            "old": entry.content_hash, "new": current.content_hash})
+            await self.retire(entry)
 
     async def _evict_entry(self, entry: PoolEntry, *, force: bool = False) -> None:
         if entry.device == HOST_DEVICE:
@@ -285,4 +294,4 @@ class Dispatcher:
             await self.workers.evict(entry, force=force)
 
     async def _entries(self, uri: str, device: str) -> list[PoolEntry]:
-        return [e for e in await self.pool.entries() if e.uri == uri and e.device == device]
+        return [e for e in await self.pool.entries() if uri in e.uris and e.device == device]

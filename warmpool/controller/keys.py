@@ -4,10 +4,13 @@
     p:requests                        stream    requests for any node; group p-controllers
     p:requests:<node>                 stream    requests placed on one node; same group
     p:dead                            stream    refused payloads: payload, reason, detail,
-                                                source (channel or stream), ts
+                                                source (channel, stream, or a relay's
+                                                sqs:<queue> / http:<address>), ts
     p:desired:<node>                  hash      what should be warm on <node>: one field per
                                                 (model, device), value = the request JSON;
                                                 a restarted controller reconciles from it
+    p:desired-failures:<node>         hash      desired models whose warm-ups keep failing:
+                                                failures, error, retry_at, given_up
     p:entry:<hash>:<node>:<device>    hash      one pool entry: state, layout, size, error,
                                                 updated_at (states: pending ... warm)
     p:entries                         set       every entry key, so status needs no SCAN
@@ -59,6 +62,9 @@ class RedisKeys:
 
     def desired(self, node: str) -> str:
         return f"{self.prefix}:desired:{node}"
+
+    def desired_failures(self, node: str) -> str:
+        return f"{self.prefix}:desired-failures:{node}"
 
     def entry(self, content_hash: str, device: str, node: str) -> str:
         return f"{self.prefix}:entry:{content_hash}:{node}:{device}"

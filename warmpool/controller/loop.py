@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -26,8 +27,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.config import Settings
-from warmpool.controller.desired import DesiredState
+from warmpool.controller.deadletter import dead_record, write_dead_letter
+from warmpool.controller.desired import DesiredState, want_field
 from warmpool.controller.dispatch import Dispatcher
+from warmpool.controller.failures import Backoff, Failures
 from warmpool.errors import ConfigError
 from warmpool.controller.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
 from warmpool.controller.keys import RedisKeys
@@ -40,11 +43,10 @@ from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.controller.routing import Router
 from warmpool.controller.sources import PubSubSource, StreamSource
 from warmpool.controller.uploads import Uploads
-from warmpool.model.uri import ModelURI, parse_uri
+from warmpool.loading.streaming import LOADERS
+from warmpool.model.uri import ModelURI
 
 log = logging.getLogger(__name__)
-DEAD_PAYLOAD_BYTES = 4096  # what the dead-letter stream keeps of a refused payload
-DEAD_MAXLEN = 10_000
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class ControllerOptions:
     claim_idle_s: float = 60.0  # a stream entry idle this long belongs to a dead consumer
     max_deliveries: int = 5
     max_inflight: int = 32
+    max_desired: int = 1024  # models one node may be asked to keep warm
+    failure_backoff_s: float = 30.0  # a wanted model that failed waits this, doubling...
+    failure_backoff_cap_s: float = 3600.0  # ... up to this, between attempts
+    give_up_after: int = 5  # failures before a wanted model is given up until asked again
     lock_ttl_s: float = 30.0
     shutdown_grace_s: float = 10.0  # in-flight work may finish; then it is abandoned
     loader: str = "auto"
@@ -86,14 +92,47 @@ class ControllerOptions:
             for where, raw in sources:
                 if raw is None:
                     continue
-                try:
-                    if kind is not str and isinstance(raw, bool):
-                        raise ValueError("a boolean")
-                    values[name] = kind(raw)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{where}: {raw!r} is not a valid {kind.__name__}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                values[name] = _option(name, kind, raw, where)
+        for name, raw in overrides.items():
+            if raw is not None:
+                if name not in known:
+                    raise ConfigError(f"unknown controller option {name!r}")
+                kind = type(getattr(defaults, name))
+                values[name] = _option(name, kind, raw, f"controller option {name}")
         return cls(**values)
+
+
+#: The smallest usable value of each numeric option: a heartbeat of 0 s floods the log,
+#: a max_inflight of 0 never takes a message, a TTL of 0 is a lock that never holds.
+_MINIMUM: dict[str, float] = {
+    "debounce_s": 0.0, "recheck_s": 0.1, "heartbeat_s": 0.1, "claim_idle_s": 0.1,
+    "max_deliveries": 1, "max_inflight": 1, "lock_ttl_s": 0.3, "shutdown_grace_s": 0.0,
+}
+
+
+def _option(name: str, kind: type, raw: Any, where: str) -> Any:
+    """``raw`` converted to ``kind`` and checked, or a one-line ConfigError naming ``where``."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{where}: {raw!r} is not usable: {why}")
+
+    try:
+        if kind is not str and isinstance(raw, bool):
+            raise ValueError
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        value = kind(raw.strip() if isinstance(raw, str) and kind is not str else raw)
+    except (TypeError, ValueError, OverflowError):
+        raise bad(f"not a valid {kind.__name__}") from None
+    if kind in (int, float):
+        if not math.isfinite(value):
+            raise bad("not a finite number")
+        if value < _MINIMUM.get(name, 0):
+            raise bad(f"must be at least {_MINIMUM.get(name, 0):g}")
+    if name == "loader" and value not in LOADERS:
+        raise bad(f"choose one of {', '.join(LOADERS)}")
+    if name == "key_prefix" and (not value or any(c.isspace() for c in value)):
+        raise bad("must be a non-empty prefix without spaces")
+    return value
 
 
 class Controller:
@@ -109,7 +148,10 @@ class Controller:
         self.watch = Watchlist.parse(settings.watch)
         self.registry = RedisRegistry(redis, keys, self.node)
         self.pool = Pool(settings, self.registry)
-        self.desired = DesiredState(redis, keys, self.node)
+        self.desired = DesiredState(redis, keys, self.node, max_wants=options.max_desired)
+        self.failures = Failures(redis, keys, self.node,
+                                 Backoff(options.failure_backoff_s, options.failure_backoff_cap_s,
+                                         options.give_up_after))
         self.nodes = Nodes(redis, keys, self.node, ttl_s=options.heartbeat_s * 3)
         self.dispatcher = Dispatcher(settings=settings, pool=self.pool, registry=self.registry,
                                      redis=redis, keys=keys, metrics=self.metrics,
@@ -117,10 +159,11 @@ class Controller:
                                      lock_ttl_ms=int(options.lock_ttl_s * 1000))
         self.router = Router(redis=redis, keys=keys, node=self.node, nodes=self.nodes,
                              registry=self.registry, desired=self.desired,
-                             dispatcher=self.dispatcher)
+                             dispatcher=self.dispatcher, failures=self.failures)
         self.uploads = Uploads(redis, keys, cache=self.dispatcher.cache,
                                debounce_s=options.debounce_s, on_ready=self.router.upload_ready)
         self.stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second signal: abandon in-flight work now
         self.ready = asyncio.Event()
         self.consumer = f"{self.node}-{os.getpid()}-{secrets.token_hex(3)}"
         self.pubsub = PubSubSource(redis, options.events_channel or keys.events_channel,
@@ -132,6 +175,7 @@ class Controller:
             max_deliveries=options.max_deliveries)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._beaten = False
+        self._run_id: str | None = None  # the Redis server we last talked to
 
     # --- life cycle --------------------------------------------------------------------
     async def run(self) -> None:
@@ -153,6 +197,8 @@ class Controller:
         """Stop taking work; in-flight work gets ``grace_s`` (default: the option) to end."""
         if grace_s is not None:
             self.options = replace(self.options, shutdown_grace_s=grace_s)
+            if grace_s <= 0:
+                self._hurry.set()  # a drain already under way reads no option again
         self.stopping.set()
 
     async def _start(self) -> None:
@@ -164,9 +210,9 @@ class Controller:
         """Warm again what should be warm; mark what is gone (lost/failed)."""
         await self.pool.reclaim()
         await self._adopt()
-        wants = await self.desired.all()
+        wants = (await self._due())[: self._room()]  # the rest: later convergence passes
         for want in wants:
-            self._spawn(self.dispatcher.warm(want), f"reconcile {want.uri}")
+            self._spawn(self.router.warm_wanted(want), f"reconcile {want.uri}")
         if wants:
             log.info("reconciling %d desired model(s)", len(wants),
                      extra={"event": "reconcile", "count": len(wants)})
@@ -181,20 +227,35 @@ class Controller:
     async def converge(self) -> int:
         """Warm desired models that have no entry here, or lost theirs (a worker or a
         segment vanished, a stream was interrupted); periodic, so a request whose warm-up
-        died with a Redis outage still ends warm. Failures stay failed until asked again,
-        and capacity evictions are not undone (that would thrash)."""
+        died with a Redis outage still ends warm. A model whose warm-ups keep failing is
+        tried with backoff, then given up (:mod:`.failures`); failed entries stay failed
+        until asked again, and capacity evictions are not undone (that would thrash)."""
         await self.pool.reclaim()
         entries = await self.pool.entries()
-        started = 0
-        for want in await self.desired.all():
-            mine = [e for e in entries if e.uri == str(want.uri) and e.device == want.device]
+        started, room = 0, self._room()
+        for want in await self._due():
+            if started >= room:
+                break  # bounded work per pass; the next pass goes on
+            mine = [e for e in entries if str(want.uri) in e.uris and e.device == want.device]
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
                     newest.state == State.FAILED
                     and (newest.error or "").startswith("interrupted")):
-                self._spawn(self.dispatcher.warm(want), f"converge {want.uri}")
+                self._spawn(self.router.warm_wanted(want), f"converge {want.uri}")
                 started += 1
         return started
+
+    def _room(self) -> int:
+        """Warm-ups a pass may start: as many as stream entries may be in flight, less
+        those its earlier passes started and that still run."""
+        return max(0, self.options.max_inflight - len(self._tasks))
+
+    async def _due(self) -> list[Request]:
+        """Desired models to try now: not given up, and past their backoff."""
+        failing = await self.failures.all()
+        now = time.time()
+        return [w for w in await self.desired.all()
+                if (f := failing.get(want_field(str(w.uri), w.device))) is None or f.due(now)]
 
     async def _shutdown(self) -> None:
         """The readers have stopped: give work in flight the grace period, then cancel it
@@ -206,7 +267,7 @@ class Controller:
         if work:
             log.info("stopping: waiting up to %.0fs for %d task(s) in flight",
                      self.options.shutdown_grace_s, len(work), extra={"event": "draining"})
-            _, left = await asyncio.wait(work, timeout=self.options.shutdown_grace_s)
+            left = await _drain(work, self.options.shutdown_grace_s, self._hurry)
         if left:
             log.warning("abandoning %d task(s); their stream entries stay pending for the "
                         "next controller", len(left), extra={"event": "abandoned"})
@@ -257,12 +318,8 @@ class Controller:
         # the channel or stream it came from, so an operator can replay it there
         where = {"pubsub": self.pubsub.channel, "shared": self.keys.requests_stream,
                  "node": self.keys.node_stream(self.node)}.get(source, source)
-        record: dict[Any, Any] = {
-            "payload": bytes(payload[:DEAD_PAYLOAD_BYTES]), "reason": reason,
-            "detail": detail[:1024], "source": where, "node": self.node, "size": len(payload),
-            "truncated": int(len(payload) > DEAD_PAYLOAD_BYTES), "ts": repr(time.time())}
-        await self.redis.xadd(self.keys.dead_stream, record, maxlen=DEAD_MAXLEN,
-                              approximate=True)
+        await write_dead_letter(self.redis, self.keys.dead_stream,
+                                dead_record(payload, reason, detail, where, self.node))
 
     # --- housekeeping --------------------------------------------------------------------
     async def _maintain(self) -> None:
@@ -277,20 +334,28 @@ class Controller:
                 await self.uploads.recheck_all()
                 await self.dispatcher.retry_retiring()
                 await self.converge()
+                await self.dispatcher.cache.bound(await self.pool.in_use(), self.settings)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), tick)
 
     async def _beat(self) -> None:
-        """Heartbeat and gauges. A heartbeat that vanished before its TTL means Redis lost
-        its data (restarted without persistence, failed over, flushed): write back what
-        this node knows."""
-        if self._beaten and not await self.nodes.is_live(self.node):
+        """Heartbeat and gauges. A Redis that is not the one we last saw (its ``run_id``
+        changed: restarted, failed over, replaced), or a heartbeat that vanished before
+        its TTL (flushed), may have lost data: write back what this node knows.
+
+        The run id is the reliable sign: the client's own retries can recreate the
+        heartbeat on a server that restarted within a second, before we look for it."""
+        run_id = await redis_run_id(self.redis)
+        replaced = self._run_id is not None and run_id != self._run_id
+        if replaced or (self._beaten and not await self.nodes.is_live(self.node)):
             restored = await self.registry.resync(), await self.desired.resync()
             await self._adopt()
             await self.streams.ensure_groups()
-            log.warning("our heartbeat was gone from Redis (restarted, failed over or out of "
-                        "reach past its TTL); wrote back %d entries and %d desired models",
-                        *restored, extra={"event": "resynced"})
+            why = ("Redis is a new server (restarted or failed over)" if replaced else
+                   "our heartbeat was gone from Redis (flushed, or out of reach past its TTL)")
+            log.warning("%s; wrote back %d entries and %d desired models", why, *restored,
+                        extra={"event": "resynced"})
+        self._run_id = run_id
         await self.dispatcher.workers.mirror_all(HOST_DEVICE)  # GPU entries, into Redis
         entries = await self.pool.entries()
         capacity = {HOST_DEVICE: self.pool.host_capacity()}
@@ -298,6 +363,13 @@ class Controller:
         devices = {d: DeviceRoom(capacity.get(d, 0), used.get(d, 0)) for d in capacity}
         await self.nodes.beat(NodeInfo(self.node, devices))
         self._beaten = True
+
+
+async def redis_run_id(redis: Redis) -> str:
+    """The server's ``run_id`` (INFO server): new on every start of a redis-server, so a
+    restart or a failover changes it even when nothing else shows."""
+    info = await redis.info("server")
+    return str(info.get("run_id", ""))
 
 
 async def _logged(coro: Any, name: str) -> None:
@@ -310,3 +382,21 @@ async def _logged(coro: Any, name: str) -> None:
                     extra={"event": "redis_unreachable", "task": name})
     except Exception:  # noqa: BLE001
         log.exception("%s failed", name)
+
+
+async def _drain(work: list[asyncio.Task[Any]], grace_s: float,
+                 hurry: asyncio.Event) -> set[asyncio.Task[Any]]:
+    """The tasks of ``work`` still running after ``grace_s``, or as soon as ``hurry`` is
+    set (a second signal must not wait out the grace period the first one started)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    hurried = asyncio.ensure_future(hurry.wait())
+    try:
+        pending = {t for t in work if not t.done()}
+        while pending and not hurry.is_set() and (left_s := deadline - loop.time()) > 0:
+            await asyncio.wait([*pending, hurried], timeout=left_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            pending = {t for t in pending if not t.done()}
+        return pending
+    finally:
+        hurried.cancel()

@@ -89,7 +89,7 @@ def place(uri: str, device: str, live: list[NodeInfo], entries: list[PoolEntry],
     if not names:
         return me
     holding = {e.node for e in entries
-               if e.uri == uri and e.device == device and e.node in names
+               if uri in e.uris and e.device == device and e.node in names
                and (e.state == State.WARM or e.state.active)}
     if holding:
         return me if me in holding else min(holding)

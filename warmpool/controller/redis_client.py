@@ -30,9 +30,10 @@ from warmpool.retry import Backoff
 log = logging.getLogger(__name__)
 
 #: Errors that mean "Redis is not reachable right now", as opposed to a bad command.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    rexc.ConnectionError, rexc.TimeoutError, ConnectionError, OSError,
-)
+#: Only Redis's own: the client wraps its socket errors in them, and a bare ``OSError``
+#: from a storage backend or the local disk (a dangling link in a model) is the model's
+#: failure, to record and answer, not an outage to wait out.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (rexc.ConnectionError, rexc.TimeoutError)
 RECONNECT = Backoff(attempts=1_000_000, base=0.1, cap=5.0)
 
 

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -56,23 +57,72 @@ class RedisLock:
 
     @contextlib.asynccontextmanager
     async def renewed(self) -> AsyncIterator[None]:
-        """Keep renewing while the block runs (the lock must be held on entry)."""
-        task = asyncio.create_task(self._keep(), name=f"renew {self.key}")
+        """Keep renewing while the block runs (the lock must be held on entry).
+
+        Leaving the block never waits on Redis for long: renewal stops at once, and the
+        release is given one renewal interval (a lock not released expires by itself).
+        """
+        stop = asyncio.Event()
+        task = asyncio.create_task(self._keep(stop), name=f"renew {self.key}")
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            with contextlib.suppress(*CONNECTION_ERRORS):
-                await self.release()
+            stop.set()
+            await asyncio.wait({task}, timeout=self.ttl_ms / 3000)
+            if not task.done():  # cannot happen: _keep returns when it sees stop
+                task.cancel()
+            await _bounded(self.release(), self.ttl_ms / 3000)
 
-    async def _keep(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl_ms / 3000)
-            try:
-                if not await self.renew():
-                    log.warning("lock %s was taken by another holder while we held it",
-                                self.key, extra={"event": "lock_lost", "lock": self.key})
-            except CONNECTION_ERRORS as exc:
-                log.debug("cannot renew %s (%s); will retry", self.key, exc)
+    async def _keep(self, stop: asyncio.Event) -> None:
+        """Renew every third of the TTL until ``stop`` is set.
+
+        A renewal is never awaited directly: redis-py swallows a cancel that arrives while
+        a command waits for its reply, so with Redis paused (a long fsync, SIGSTOP, a
+        network partition) a plain ``await`` would keep this task — and whoever waits
+        for it — for ever. We wait for the renewal *or* the stop signal, and leave an
+        unanswered renewal behind (one at a time) when told to stop.
+        """
+        interval = self.ttl_ms / 3000
+        stopped = asyncio.ensure_future(stop.wait())
+        renewal: asyncio.Future[bool] | None = None
+        try:
+            while not stop.is_set():
+                await asyncio.wait({stopped}, timeout=interval)
+                if stop.is_set():
+                    return
+                if renewal is None or renewal.done():
+                    renewal = asyncio.ensure_future(self.renew())
+                    renewal.add_done_callback(_consume)
+                either: set[asyncio.Future[Any]] = {renewal, stopped}
+                await asyncio.wait(either, timeout=interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if renewal.done() and not renewal.cancelled():
+                    self._report(renewal)
+        finally:
+            stopped.cancel()
+
+    def _report(self, renewal: asyncio.Future[bool]) -> None:
+        exc = renewal.exception()
+        if exc is None and not renewal.result():
+            log.warning("lock %s was taken by another holder while we held it",
+                        self.key, extra={"event": "lock_lost", "lock": self.key})
+        elif isinstance(exc, CONNECTION_ERRORS):
+            log.debug("cannot renew %s (%s); will retry", self.key, exc)
+        elif exc is not None:
+            log.warning("renewing lock %s failed: %s", self.key, exc,
+                        extra={"event": "lock_renew_failed", "lock": self.key})
+
+
+def _consume(future: asyncio.Future[bool]) -> None:
+    """Retrieve the outcome of a renewal nobody waits for any more (no "exception was
+    never retrieved" noise)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _bounded(call: Awaitable[object], timeout: float) -> None:
+    """Run ``call`` for at most ``timeout`` seconds without awaiting it past that (see
+    :meth:`RedisLock._keep`); its errors are dropped: the lock expires on its own."""
+    future = asyncio.ensure_future(call)
+    future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+    await asyncio.wait({future}, timeout=timeout)

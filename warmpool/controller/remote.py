@@ -17,9 +17,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+import redis.exceptions as rexc
+
 from warmpool.config import Settings
 from warmpool.controller.embedded_redis import running_url
-from warmpool.errors import NotWarmError, WarmpoolError
+from warmpool.controller.failures import Failing, Failures
+from warmpool.errors import ControllerError, NotWarmError
 from warmpool.controller.keys import RedisKeys
 from warmpool.pool.leases import Leases
 from warmpool.pool.refs import ModelRef
@@ -35,10 +38,6 @@ OUTAGE_S = 60.0
 #: A controller whose heartbeat is missing this long has stopped (its heartbeat expires
 #: after three beats; a Redis that restarted empty gets it back within one).
 STOPPED_AFTER_S = 20.0
-
-
-class ControllerError(WarmpoolError):
-    """No controller answered, or it answered with a failure."""
 
 
 def controller_url(settings: Settings) -> str | None:
@@ -134,12 +133,52 @@ async def status(url: str, settings: Settings, keys: RedisKeys = RedisKeys()) ->
             for e in entries]
 
 
+async def failing(url: str, settings: Settings, keys: RedisKeys | None = None) -> list[Failing]:
+    """Desired models of this node whose warm-ups keep failing (backing off, or given
+    up until asked again): ``warmpool evict <uri>`` removes one."""
+    redis = connect(url, name="warmpool-cli")
+    try:
+        records = await Failures(redis, keys or RedisKeys(), settings.node).all()
+    except CONNECTION_ERRORS as exc:
+        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
+    finally:
+        await redis.aclose()
+    return sorted(records.values(), key=lambda f: (f.uri, f.device))
+
+
 async def _require_controller(redis: Any, keys: RedisKeys, node: str, url: str) -> None:
-    if not await redis.exists(keys.node(node)):
-        raise ControllerError(
-            f"no warmpool controller is running for node {node!r} (no heartbeat in the Redis "
-            f"at {redact(url)}); start `warmpool serve` there, or unset WARMPOOL_REDIS_URL to "
-            "prefetch in this process")
+    """Fail at once when no controller serves ``node``. A heartbeat that is missing while
+    the node's stream consumer was active lately is a Redis that paused or restarted
+    (the heartbeat expired meanwhile): the controller beats again within seconds, so
+    we wait for it rather than tell the user no controller runs."""
+    if await redis.exists(keys.node(node)):
+        return
+    if await _consumer_active(redis, keys, node):
+        deadline = time.monotonic() + STOPPED_AFTER_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            if await redis.exists(keys.node(node)):
+                return
+    raise ControllerError(
+        f"no warmpool controller is running for node {node!r} (no heartbeat in the Redis "
+        f"at {redact(url)}); start `warmpool serve` there, or unset WARMPOOL_REDIS_URL to "
+        "prefetch in this process")
+
+
+async def _consumer_active(redis: Any, keys: RedisKeys, node: str) -> bool:
+    """Is the node's controller connected (its client is named ``warmpool-<node>``), or
+    did it read the node's stream within :data:`STOPPED_AFTER_S`? Either is a live
+    controller; a Redis that refuses CLIENT LIST (ACLs) leaves the stream to tell."""
+    try:
+        if any(c.get("name") == f"warmpool-{node}" for c in await redis.client_list()):
+            return True
+    except rexc.ResponseError:
+        pass
+    try:
+        consumers = await redis.xinfo_consumers(keys.node_stream(node), keys.consumer_group)
+    except rexc.ResponseError:  # no stream or no group: no controller ever served it
+        return False
+    return any(int(c.get("idle", 1 << 62)) < STOPPED_AFTER_S * 1000 for c in consumers)
 
 
 async def _wait_reply(redis: Any, keys: RedisKeys, request_id: str, node: str,

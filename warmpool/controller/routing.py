@@ -5,7 +5,8 @@
 - A deploy or pin that names no node is *placed* (:func:`warmpool.controller.nodes.place`) and goes
   to that node's stream, or is done here.
 - Every controller hears a pub/sub broadcast: the first to claim it (a short ``SET NX``
-  on its digest) acts, so it is placed once and answered once.
+  on its identity: body digest and occurrence) acts, so it is placed once and answered
+  once. Requests for one model are taken in arrival order.
 - An evict or unpin that names no node concerns every node that may hold the model: it is
   done here and copied onto every other live node's stream.
 
@@ -15,30 +16,37 @@ then the pool, then answers on ``p:reply:<request_id>`` when the sender asked fo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from redis.asyncio import Redis
 
-from warmpool.controller.desired import DesiredState
+from warmpool.controller.desired import DesiredState, DesiredStateFull
 from warmpool.controller.dispatch import Dispatcher, Outcome
+from warmpool.controller.failures import Failures
 from warmpool.controller.events import Request
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.nodes import Nodes, place
+from warmpool.pool.registry.base import State
 from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.model.uri import ModelURI
 
 log = logging.getLogger(__name__)
 REPLY_TTL_S = 600
 STREAM_MAXLEN = 100_000
+HEARD_BOUND = 10_000  # broadcast digests remembered before expired ones are dropped
 
 
 class Router:
     def __init__(self, *, redis: Redis, keys: RedisKeys, node: str, nodes: Nodes,
                  registry: RedisRegistry, desired: DesiredState, dispatcher: Dispatcher,
-                 claim_ttl_ms: int = 30_000) -> None:
+                 failures: Failures, claim_ttl_ms: int = 30_000) -> None:
         self.redis = redis
         self.keys = keys
         self.node = node
@@ -46,39 +54,129 @@ class Router:
         self.registry = registry
         self.desired = desired
         self.dispatcher = dispatcher
+        self.failures = failures
         self.claim_ttl_ms = claim_ttl_ms
+        self._heard: dict[str, tuple[int, float]] = {}  # body digest -> (times, last heard)
+        self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def request(self, req: Request, source: str) -> None:
-        """Route one request heard on ``source`` (``pubsub``, ``shared`` or ``node``)."""
+        """Route one request heard on ``source`` (``pubsub``, ``shared`` or ``node``).
+
+        Requests for one model are taken in the order they arrived: each holds the
+        model's turn through its claim, its routing and its desired-state update, and
+        until its dispatch has taken its first step (joined, started or cancelled the
+        warm-up in flight); only the long wait for the outcome runs outside it."""
         if req.node is not None and req.node != self.node:
             if source != "pubsub":
                 await self.forward(req, req.node)
             return
-        if source == "pubsub" and not await self._claim(req):
-            return  # every controller hears a broadcast: another one took this
-        if req.node is None:
-            if req.action in ("deploy", "pin"):
-                target = await self.placement(str(req.uri), req.device)
-                if target != self.node:
-                    await self.forward(req, target)
-                    return
+        identity = self._identity(req) if source == "pubsub" else ""  # in arrival order
+        async with self._turn(req):
+            if identity and not await self._claim(identity):
+                return  # every controller hears a broadcast: another one took this
+            if req.node is None:
+                if req.action in ("deploy", "pin"):
+                    target = await self.placement(str(req.uri), req.device)
+                    if target != self.node:
+                        await self.forward(req, target)
+                        return
+                else:
+                    for other in await self._other_live_nodes():
+                        await self.forward(replace(req, request_id=None), other)
+            try:
+                wanted = await self.record(req)
+            except DesiredStateFull as exc:
+                await self.reply(req, Outcome(str(req.uri), req.device, "failed",
+                                              error=str(exc)))
+                return
+            acting = asyncio.ensure_future(self.act(req, wanted))
+            # One turn of the loop: the task takes its first step (the dispatcher joins,
+            # starts or cancels the warm-up in flight before it first waits) while the
+            # next request for this model still waits for its turn.
+            await asyncio.sleep(0)
+        await self.reply(req, await acting)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, req: Request) -> AsyncIterator[None]:
+        """One request at a time per (model, device); asyncio's lock is first come,
+        first served, and it is taken before the first await of :meth:`request`."""
+        slot = (str(req.uri), req.device)
+        lock, users = self._turns.get(slot, (asyncio.Lock(), 0))
+        self._turns[slot] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._turns[slot]
+            if users == 1:
+                del self._turns[slot]
             else:
-                for other in await self._other_live_nodes():
-                    await self.forward(replace(req, request_id=None), other)
-        await self.reply(req, await self.apply(req))
+                self._turns[slot] = (lock, users - 1)
 
     async def apply(self, req: Request, source: str = "request") -> Outcome:
         """Do ``req`` on this node."""
+        return await self.act(req, await self.record(req, source))
+
+    async def record(self, req: Request, source: str = "request") -> Request | None:
+        """Desired state first, so a crash half-way still converges; returns what is now
+        desired for a deploy or pin."""
         uri, device = str(req.uri), req.device
         if req.action in ("deploy", "pin"):
-            return await self.dispatcher.warm(await self.desired.add(req, source))
+            try:
+                wanted = await self.desired.add(req, source)
+            except DesiredStateFull:
+                if not await self._drop_given_up():
+                    raise
+                wanted = await self.desired.add(req, source)
+            await self.failures.clear(uri, device)  # asked (again): tried at once
+            return wanted
         if req.action == "unpin":
             await self.desired.set_pinned(uri, device, False)
+        else:
+            await self.desired.remove(uri, device)
+            await self.failures.clear(uri, device)
+        return None
+
+    async def act(self, req: Request, wanted: Request | None) -> Outcome:
+        """The pool's part of ``req``, after :meth:`record`."""
+        uri, device = str(req.uri), req.device
+        if wanted is not None:
+            return await self.warm_wanted(wanted)
+        if req.action == "unpin":
             changed = await self.dispatcher.set_pin(uri, device, False)
             entry = changed[-1] if changed else None
             return Outcome(uri, device, entry.state.value if entry else "absent", entry)
-        await self.desired.remove(uri, device)
         return await self.dispatcher.evict(uri, device, force=req.force)
+
+    async def warm_wanted(self, wanted: Request) -> Outcome:
+        """Warm a desired model and keep its failure count: a model that keeps failing
+        backs off and is finally given up (:mod:`.failures`)."""
+        uri, device = str(wanted.uri), wanted.device
+        outcome = await self.dispatcher.warm(wanted)
+        if outcome.state == State.WARM.value:
+            await self.failures.clear(uri, device)
+        elif (outcome.state == State.FAILED.value
+              and await self.desired.get(uri, device) is not None):
+            failing = await self.failures.failed(uri, device, outcome.error or "")
+            if failing.given_up:
+                log.warning("giving up on %s on %s after %d failures: %s", uri, device,
+                            failing.failures, failing.error,
+                            extra={"event": "given_up", "uri": uri, "device": device})
+        return outcome
+
+    async def _drop_given_up(self) -> bool:
+        """Make room in a full desired state: the model given up longest ago goes (its
+        failure was reported, and nothing tries it any more). False when none is."""
+        given_up = [f for f in (await self.failures.all()).values() if f.given_up]
+        if not given_up:
+            return False
+        oldest = min(given_up, key=lambda f: f.retry_at)
+        await self.desired.remove(oldest.uri, oldest.device)
+        await self.failures.clear(oldest.uri, oldest.device)
+        log.warning("desired state full: dropped %s on %s, given up after %d failures (%s)",
+                    oldest.uri, oldest.device, oldest.failures, oldest.error,
+                    extra={"event": "desired_dropped", "uri": oldest.uri})
+        return True
 
     async def upload_ready(self, model: ModelURI) -> None:
         """A watched upload completed: warm it on the host tier of the placed node."""
@@ -113,9 +211,30 @@ class Router:
         pipe.expire(key, REPLY_TTL_S)
         await pipe.execute()
 
-    async def _claim(self, req: Request) -> bool:
-        digest = hashlib.sha256(json.dumps(req.to_doc(), sort_keys=True).encode()).hexdigest()
-        return bool(await self.redis.set(self.keys.claim(digest[:32]), self.node, nx=True,
+    def _identity(self, req: Request) -> str:
+        """This broadcast's identity, the same on every controller that heard it: the
+        digest of its body and how many times in a row this controller heard that body
+        (Redis hands every subscriber the messages in one order). Deploy X, evict X,
+        deploy X are three messages, not two. A count restarts once its claims expired."""
+        digest = hashlib.sha256(json.dumps(req.to_doc(), sort_keys=True).encode()
+                                ).hexdigest()[:32]
+        now = time.monotonic()
+        count, last = self._heard.get(digest, (0, now))
+        if now - last > self.claim_ttl_ms / 1000:
+            count = 0
+        self._heard[digest] = (count + 1, now)
+        if len(self._heard) > HEARD_BOUND:
+            self._forget_heard(now)
+        return f"{digest}:{count + 1}"
+
+    def _forget_heard(self, now: float) -> None:
+        ttl = self.claim_ttl_ms / 1000
+        for digest, (_, last) in list(self._heard.items()):
+            if now - last > ttl:
+                del self._heard[digest]
+
+    async def _claim(self, identity: str) -> bool:
+        return bool(await self.redis.set(self.keys.claim(identity), self.node, nx=True,
                                          px=self.claim_ttl_ms))
 
     async def _other_live_nodes(self) -> list[str]:

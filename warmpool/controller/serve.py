@@ -1,10 +1,11 @@
 """``warmpool serve``: one controller per node, wired and supervised.
 
 Order of things: settings → Redis (configured, or embedded and announced as such) →
-metrics endpoint → GPU workers (where there are GPUs) → controller. SIGTERM or SIGINT
-stops taking work, lets in-flight work finish for a grace period and abandons the rest
-(streams are cancelled, partial segments discarded, unacknowledged stream entries left
-for the next controller), then exits 0. A second signal skips the grace period.
+metrics endpoint → relays (the config's ``relays:``) → GPU workers (where there are
+GPUs) → controller. SIGTERM or SIGINT stops taking work, lets in-flight work finish for
+a grace period and abandons the rest (streams are cancelled, partial segments
+discarded, unacknowledged stream entries left for the next controller), then exits 0.
+A second signal skips the grace period.
 
 Logs are JSON lines on stderr: ``ts``, ``level``, ``logger``, ``msg`` and the structured
 fields each call passes in ``extra`` (``event``, ``uri``, ``device``, ...).
@@ -28,6 +29,8 @@ from warmpool.controller.embedded_redis import EmbeddedRedis
 from warmpool.errors import ConfigError
 from warmpool.controller.metrics import Metrics
 from warmpool.controller.redis_client import connect
+from warmpool.relay.metrics import RelayMetrics
+from warmpool.relay.spec import RelaySpec, parse_specs, start_relays
 
 log = logging.getLogger("warmpool.controller.serve")
 _RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -60,29 +63,34 @@ def configure_logging(level: str = "INFO") -> None:
 async def serve(settings: Settings, *, options: ControllerOptions | None = None) -> int:
     """Run the node's controller until SIGTERM/SIGINT; the exit code."""
     options = options or ControllerOptions.load(settings.controller)
+    relay_specs = parse_specs(settings.relays)  # a bad relay setting stops us before anything runs
     embedded = None
     url = settings.redis_url
     if not url:
         embedded = EmbeddedRedis(settings.runtime_dir)
-        url = embedded.start()
+        url = await asyncio.to_thread(embedded.start)  # waits up to seconds for the server
     redis = connect(url, name=f"warmpool-{settings.node}")
     metrics = Metrics()
     controller = Controller(settings, redis, options=options, metrics=metrics)
     workers = _start_workers(settings, controller)
     _on_signals(controller)
+    relays: list[asyncio.Task[None]] = []
     try:
         _serve_metrics(metrics, settings.metrics_port)
+        relays = _start_relays(relay_specs, redis, controller, metrics)
         if workers is not None:
             await _workers_ready(workers[0])
         await controller.run()
     finally:
+        controller.stopping.set()
+        await asyncio.gather(*relays, return_exceptions=True)
         if workers is not None:
             workers[0].stop()
             await asyncio.gather(workers[1], return_exceptions=True)
         metrics.close()
         await redis.aclose()
         if embedded is not None:
-            embedded.stop()
+            await asyncio.to_thread(embedded.stop)
     return 0
 
 
@@ -92,6 +100,16 @@ def _serve_metrics(metrics: Metrics, port: int) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror}; choose "
                           "another with --metrics-port (0: any free port, -1: off)") from None
+
+
+def _start_relays(specs: list[RelaySpec], redis: Any, controller: Controller,
+                  metrics: Metrics) -> list[asyncio.Task[None]]:
+    """The config file's relays, writing into this controller's Redis and reporting on its
+    metrics endpoint; they stop when the controller does."""
+    if not specs:
+        return []
+    return start_relays(specs, redis, controller.keys, RelayMetrics(metrics.registry),
+                        controller.node, controller.stopping)
 
 
 def _on_signals(controller: Controller) -> None:

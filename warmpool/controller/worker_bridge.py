@@ -11,8 +11,11 @@ once with :data:`NO_WORKERS` in its error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from warmpool.config import Settings
 from warmpool.errors import WarmpoolError, WorkerError
@@ -21,6 +24,7 @@ from warmpool.pool.registry.files import FileRegistry
 from warmpool.pool.registry.redis import RedisRegistry
 
 NO_WORKERS = "no GPU workers on this node"
+T = TypeVar("T")
 
 
 class WorkerBridge:
@@ -33,27 +37,13 @@ class WorkerBridge:
                    loader: str) -> tuple[dict[str, Any], PoolEntry | None]:
         """Have the workers of ``device`` (and the next ``tp - 1``) load ``uri``; their
         summary and the mirrored entry. Raises :class:`WarmpoolError` on failure."""
-        try:
-            from warmpool.workers.client import group_devices, prefetch_via_workers, worker_for
-        except ImportError:
-            raise WorkerError(NO_WORKERS) from None
-        try:
-            for each in group_devices(device, tp):
-                worker_for(self.settings, each)
-        except WarmpoolError as exc:
-            raise WorkerError(f"{NO_WORKERS} for {device}: {exc}") from None
-        summary = await asyncio.to_thread(prefetch_via_workers, uri, device=device, tp=tp,
-                                          sharding=sharding, loader=loader, settings=self.settings)
+        summary = await in_daemon_thread(_load, uri, device, tp, sharding, loader,
+                                         self.settings)
         return summary, await self.mirror(entry_key(content_hash, device))
 
     async def evict(self, entry: PoolEntry, *, force: bool = False) -> None:
         """Free ``entry``'s buffer (``LeaseHeldError`` while a serving process holds it)."""
-        try:
-            from warmpool.workers.client import evict_via_workers
-        except ImportError:
-            raise WorkerError(NO_WORKERS) from None
-        await asyncio.to_thread(evict_via_workers, entry.content_hash, device=entry.device,
-                                settings=self.settings, force=force)
+        await in_daemon_thread(_evict, entry.content_hash, entry.device, self.settings, force)
         await self.mirror(entry.key)
 
     async def mirror(self, key: str) -> PoolEntry | None:
@@ -70,3 +60,62 @@ class WorkerBridge:
         for entry in self.local.list_sync():
             if entry.device != host_device:
                 await self.mirror(entry.key)
+
+
+def _load(uri: str, device: str, tp: int, sharding: str, loader: str,
+          settings: Settings) -> dict[str, Any]:
+    # The import (torch, CUDA bindings) takes seconds: it happens here, in the thread.
+    try:
+        from warmpool.workers.client import group_devices, prefetch_via_workers, worker_for
+    except ImportError:
+        raise WorkerError(NO_WORKERS) from None
+    try:
+        for each in group_devices(device, tp):
+            worker_for(settings, each)
+    except WarmpoolError as exc:
+        raise WorkerError(f"{NO_WORKERS} for {device}: {exc}") from None
+    summary: dict[str, Any] = prefetch_via_workers(uri, device=device, tp=tp,
+                                                   sharding=sharding, loader=loader,
+                                                   settings=settings)
+    return summary
+
+
+def _evict(content_hash: str, device: str, settings: Settings, force: bool) -> None:
+    try:
+        from warmpool.workers.client import evict_via_workers
+    except ImportError:
+        raise WorkerError(NO_WORKERS) from None
+    evict_via_workers(content_hash, device=device, settings=settings, force=force)
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a daemon thread of its own, awaited.
+
+    A worker call blocks on a socket for as long as a load takes; in the default
+    executor it would keep the process from exiting (the executor joins its threads at
+    shutdown). Cancelling abandons the thread, which the worker's answer (or the
+    process's exit) ends.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if future.done():
+            return  # the caller was cancelled meanwhile
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name=f"warmpool {fn.__name__}", daemon=True).start()
+    return await future

@@ -53,9 +53,13 @@ def register() -> None:
 
 
 def _verify_load_format(original: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-    """Around ``LoadConfig._verify_load_format``: our name becomes our loader class."""
+    """Around ``LoadConfig._verify_load_format``: our name becomes our loader class, and
+    the class passes when the config is checked again (copies of a LoadConfig are; some
+    SGLang versions raise for any non-string, non-enum format)."""
     if names_warmpool(config.load_format):
         config.load_format = loader_class()
+        return None
+    if _LOADER is not None and config.load_format is _LOADER:
         return None
     return original(config, *args, **kwargs)
 

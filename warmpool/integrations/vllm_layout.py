@@ -29,6 +29,7 @@ from torch import nn
 
 from warmpool.pool.engine_layout import EngineKey
 from warmpool.pool.layout import Layout
+from warmpool.pool.layout_index import LayoutIndex
 
 ENGINE = "vllm"
 
@@ -175,7 +176,8 @@ def _materialize_meta(model: nn.Module, device: torch.device) -> None:
                 module._buffers[leaf] = torch.empty_like(buffer, device=device)
 
 
-def pool_views(model: nn.Module, layout: Layout, buffer_start: int) -> ViewCount:
+def pool_views(model: nn.Module, layout: Layout | LayoutIndex,
+               buffer_start: int) -> ViewCount:
     """Count the parameters whose memory lies inside the pool's buffer; the rest were
     replaced by post-processing (on CPU: packed linear weights)."""
     params = views = views_bytes = 0

@@ -3,8 +3,9 @@
 An engine asks for a model on its device and gets read-only views plus where they came
 from. The order is the fastest first: a GPU-tier entry on that very device (device to
 device copy), else the host tier (one shared segment; the engine copies to its device),
-else the model is warmed now — through this node's controller when one runs, so one
-process owns the pool, else in this process — and then attached from the host tier.
+else the model is warmed now — by ``warmpool prefetch`` in a child process, which asks
+this node's controller when one runs, so one process owns the pool — and then attached
+from the host tier.
 ``on_cold="fail"`` turns the last case into an error, for deployments where a cold start
 must not hide behind a slow load. Every call logs one line saying which path it took,
 how many bytes and how long, so a slower path is never taken silently.
@@ -12,30 +13,29 @@ how many bytes and how long, so a slower path is never taken silently.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from warmpool.config import Settings
 from warmpool.errors import ConfigError, NotWarmError, WarmpoolError, WorkerError
 from warmpool.model.cache import FILES_DIR, MANIFEST
 from warmpool.pool.attachment import AttachedModel, attach
 from warmpool.pool.entries import HOST_DEVICE
-from warmpool.pool.refs import ModelRef as PoolRef
+from warmpool.pool.refs import ModelRef
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 Path_ = Literal["gpu", "host", "warmed"]
@@ -115,39 +115,32 @@ def attach_gpu_tier(uri: str, device: str, settings: Settings, holder: str,
 
 
 def warm(uri: str, settings: Settings) -> None:
-    """Make ``uri`` warm on this node's host tier: through the controller when one runs
-    (it owns the pool), else in this process. Any failure names the URI."""
-    if PoolRef.canonical(uri).is_hash:
+    """Make ``uri`` warm on this node's host tier, by running ``warmpool prefetch`` in a
+    child process: it asks the controller when one runs (the controller owns the pool),
+    else warms in that process. Not in this one: an engine's rank has torch.distributed
+    set up, threads pinned to its cores and its own event loop, and the streamer has been
+    seen to hang in there, while a separate process starts clean. Ranks that warm the
+    same model at once are serialised by the pool's lock; the last ones find it warm."""
+    if ModelRef.parse(uri).is_hash:
         raise NotWarmError(f"{uri} is a content hash that is not warm; a hash cannot be "
                            "warmed, name the model by its URI")
-    from warmpool.controller import remote
-
-    controller = remote.controller_url(settings)
-    try:
-        if controller:
-            run_sync(lambda: remote.prefetch(controller, uri, settings=settings,
-                                             device=HOST_DEVICE))
-        else:
-            from warmpool.pool.prefetch import prefetch
-
-            run_sync(lambda: prefetch(uri, settings=settings))
-    except WarmpoolError as exc:
-        raise NotWarmError(f"{uri} is not warm and warming it failed: {exc}") from exc
+    argv = [sys.executable, "-m", "warmpool.cli", "prefetch", uri, "--json"]
+    env = {**os.environ, **settings_environment(settings)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise NotWarmError(f"{uri} is not warm and warming it failed: "
+                           f"{reason.removeprefix('error: ')}")
 
 
-def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run the coroutine ``factory()`` to the end from synchronous code, also when this
-    thread already runs an event loop (engines call loaders from inside theirs)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _run(factory())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(lambda: _run(factory())).result()
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The variables that make a child process use the same pool as ``settings``."""
+    env = {"WARMPOOL_RUNTIME_DIR": str(settings.runtime_dir),
+           "WARMPOOL_CACHE_DIR": str(settings.cache_dir)}
+    if settings.redis_url:
+        env["WARMPOOL_REDIS_URL"] = settings.redis_url
+    return env
 
 
 # --- which model an engine was pointed at ----------------------------------------------
@@ -193,7 +186,7 @@ class LoaderOptions:
 
 
 @dataclass(frozen=True)
-class ModelRef:
+class RequestedModel:
     """The model an engine asked for: ``uri`` to attach, and ``content_hash`` when the
     engine was given a metadata-cache files directory (its config and tokenizer are of
     that exact content, so the weights must be too)."""
@@ -203,7 +196,7 @@ class ModelRef:
     files_dir: Path
 
 
-def resolve_model(model_dir: str | os.PathLike[str], uri: str | None = None) -> ModelRef:
+def resolve_model(model_dir: str | os.PathLike[str], uri: str | None = None) -> RequestedModel:
     """The model behind the directory an engine was given (``<cache>/<hash>/files``),
     optionally with ``uri`` named explicitly; the URI is read from the cache's manifest
     when not. Engines refuse object-store paths with their own formats, so this
@@ -211,13 +204,13 @@ def resolve_model(model_dir: str | os.PathLike[str], uri: str | None = None) -> 
     files_dir = Path(model_dir).expanduser()
     content_hash, recorded = _cache_identity(files_dir)
     if uri:
-        return ModelRef(uri, content_hash, files_dir)
+        return RequestedModel(uri, content_hash, files_dir)
     if recorded is None:
         raise ConfigError(
             f"cannot tell which model to load: {files_dir} is not a warmpool metadata cache "
             f"directory (`warmpool metadata URI --files-dir` prints one); name the model "
             f"with the loader's extra config {{\"uri\": \"s3://bucket/prefix/\"}}")
-    return ModelRef(recorded, content_hash, files_dir)
+    return RequestedModel(recorded, content_hash, files_dir)
 
 
 def _cache_identity(files_dir: Path) -> tuple[str | None, str | None]:
@@ -234,7 +227,7 @@ def _cache_identity(files_dir: Path) -> tuple[str | None, str | None]:
     return entry.name, str(manifest.get("uri") or "") or None
 
 
-def check_same_model(ref: ModelRef, model: AttachedModel) -> None:
+def check_same_model(ref: RequestedModel, model: AttachedModel) -> None:
     """Refuse weights of another content than the config the engine read: a pool entry
     of another version would load without a shape error and serve garbage."""
     if ref.content_hash is not None and model.content_hash != ref.content_hash:

@@ -27,9 +27,13 @@ import torch
 from warmpool.errors import StreamError
 from warmpool.pool.layout import Layout
 from warmpool.pool.views import byte_view
+from warmpool.storage.local import open_regular
 
 Progress = Callable[[int], None]
 CHUNK = 32 << 20
+#: The most buffers one ``preadv`` takes; more is EINVAL (Linux: 1,024). Checkpoints of
+#: many small tensors (MoE: ~90,000) put one buffer per tensor into a read.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 THREADS = min(16, max(4, (os.cpu_count() or 4)))
 
 
@@ -51,8 +55,10 @@ class Job:
         return sum(p.nbytes for p in self.pieces)
 
 
-def plan_jobs(layout: Layout, files: list[str] | None = None, chunk: int = CHUNK) -> list[Job]:
-    """Cut every file's tensors into reads of at most ``chunk`` contiguous file bytes."""
+def plan_jobs(layout: Layout, files: list[str] | None = None, chunk: int = CHUNK,
+              max_pieces: int = IOV_MAX) -> list[Job]:
+    """Cut every file's tensors into reads of at most ``chunk`` contiguous file bytes
+    and at most ``max_pieces`` buffers (what one ``preadv`` accepts)."""
     jobs: list[Job] = []
     for file in layout.files:
         if files is not None and file not in files:
@@ -64,7 +70,7 @@ def plan_jobs(layout: Layout, files: list[str] | None = None, chunk: int = CHUNK
             while done < slot.nbytes:
                 src = slot.file_offset + done
                 contiguous = pieces and pieces[-1].src + pieces[-1].nbytes == src
-                if pieces and (size >= chunk or not contiguous):
+                if pieces and (size >= chunk or not contiguous or len(pieces) >= max_pieces):
                     jobs.append(Job(file, pieces[0].src, tuple(pieces)))
                     pieces, size = [], 0
                 n = min(slot.nbytes - done, chunk - size)
@@ -130,7 +136,7 @@ def stream_pread(root: Path, layout: Layout, target: torch.Tensor, *,
     fds: dict[str, int] = {}
     try:
         for file in {j.file for j in jobs}:
-            fds[file] = os.open(root / file, os.O_RDONLY | os.O_CLOEXEC)
+            fds[file] = open_regular(root / file, file)  # a FIFO would block for ever
         if target.is_cuda:
             staging = _Staging.get(target.device, threads, CHUNK)
             run = lambda job: _to_device(job, fds, root, target, staging)  # noqa: E731

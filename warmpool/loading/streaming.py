@@ -17,20 +17,22 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 
 from warmpool.config import StreamerOptions
-from warmpool.errors import StreamError, WarmpoolError
+from warmpool.errors import ObjectChangedError, StorageError, StreamError, WarmpoolError
+from warmpool.loading.environ import STREAMER_ENVIRONMENT
 from warmpool.pool.layout import Layout, Slot
-from warmpool.loading.pread import stream_pread
+from warmpool.loading.pread import Job, plan_jobs, stream_pread
 from warmpool.storage import open_store
-from warmpool.storage.base import Store
+from warmpool.storage.base import ObjectInfo, Store
+from warmpool.storage.local import open_regular
 from warmpool.model.uri import ModelURI
-from warmpool.pool.views import TORCH_DTYPES, byte_view
+from warmpool.pool.views import TORCH_DTYPES
 
 Progress = Callable[[int], None]
 Loader = Literal["auto", "runai", "native", "pread"]
@@ -38,12 +40,13 @@ LOADERS: tuple[str, ...] = get_args(Loader)
 
 #: Schemes runai-model-streamer 0.17 streams for us.
 RUNAI_SCHEMES = ("file", "s3", "gs")
-#: Native ranged reads: pieces of at most this many bytes, this many in flight.
+#: Native ranged reads: file ranges of at most this many bytes, this many in flight. From
+#: a sweep of ranged GETs (bench/s3_rate.py, docs/performance.md): parts of 16 MiB beat 4
+#: and 64 MiB at every concurrency, and 8 in flight was best, with 4-32 close behind.
 NATIVE_PIECE = 16 << 20
-NATIVE_CONCURRENCY = 16
+NATIVE_CONCURRENCY = 8
 
 log = logging.getLogger(__name__)
-_environ_lock = threading.Lock()
 
 #: runai-model-streamer 0.17 opens ONE object-storage backend per process and keeps it
 #: until exit ("Object storage backend will be closed on process exit"): after an
@@ -83,8 +86,56 @@ def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
 async def fill_buffer(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
                       options: StreamerOptions = StreamerOptions(), loader: Loader = "auto",
                       files: list[str] | None = None, progress: Progress | None = None,
-                      store: Store | None = None) -> str:
-    """Stream every slot of ``layout`` (or of ``files``) into ``target``; return the loader used."""
+                      store: Store | None = None,
+                      pins: Sequence[ObjectInfo] | None = None) -> str:
+    """Stream every slot of ``layout`` (or of ``files``) into ``target``; return the loader used.
+
+    ``pins`` is the listing the layout was planned from. With it, the bytes are those of
+    that version or the fill fails with :class:`ObjectChangedError`: our own S3 reads
+    carry ``If-Match``, and after any loader the files are listed again and compared
+    (size, etag or generation, and for local files inode and mtime), so a file replaced
+    or rewritten mid-stream is never published under the old content hash.
+    """
+    if pins is None:
+        return await _stream(uri, layout, target, options=options, loader=loader,
+                             files=files, progress=progress, store=store)
+    if store is None:
+        async with open_store(uri) as opened:
+            return await fill_buffer(uri, layout, target, options=options, loader=loader,
+                                     files=files, progress=progress, store=opened, pins=pins)
+    store.pin(pins)
+    try:
+        used = await _stream(uri, layout, target, options=options, loader=loader,
+                             files=files, progress=progress, store=store)
+    except StreamError:
+        # A loader's error may not say which file (runai's C++ errors name none): a file
+        # that vanished or changed is the better answer.
+        await _check_unchanged(uri, layout, pins, files, store)
+        raise
+    await _check_unchanged(uri, layout, pins, files, store)
+    return used
+
+
+async def _check_unchanged(uri: ModelURI, layout: Layout, pins: Sequence[ObjectInfo],
+                           files: list[str] | None, store: Store) -> None:
+    """Fail if a file the layout reads differs now from its pinned listing."""
+    now = {o.key: o for o in await store.list()}
+    listed = {o.key: o for o in pins}
+    for key in layout.files:
+        if files is not None and key not in files:
+            continue
+        before, after = listed.get(key), now.get(key)
+        if before is None or after is None or (before.size, before.etag) != (after.size,
+                                                                             after.etag):
+            raise ObjectChangedError(
+                f"{uri.child(key)} changed while it was being streamed (listed "
+                f"{before.etag if before else 'absent'!r}, now "
+                f"{after.etag if after else 'absent'!r}); nothing was published", key=key)
+
+
+async def _stream(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
+                  options: StreamerOptions, loader: Loader, files: list[str] | None,
+                  progress: Progress | None, store: Store | None) -> str:
     chosen = choose_loader(uri, loader)
     report = progress or (lambda n: None)
     if chosen in ("runai", "pread"):
@@ -114,9 +165,10 @@ def _runai_path(uri: ModelURI, key: str) -> str:
     return str(uri.path / key) if uri.is_local else uri.child(key)
 
 
-def streamer_environment(options: StreamerOptions, largest_tensor: int = 0) -> dict[str, str]:
+def streamer_environment(options: StreamerOptions, largest_tensor: int = 0,
+                         base: dict[str, str] | None = None) -> dict[str, str]:
     """The variables a streamer run needs, including what test servers need."""
-    env = options.environment(largest_tensor=largest_tensor)
+    env = options.environment(base, largest_tensor=largest_tensor)
     if env.get("AWS_ENDPOINT_URL"):
         # S3-compatible servers answer path-style only.
         env.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
@@ -126,20 +178,6 @@ def streamer_environment(options: StreamerOptions, largest_tensor: int = 0) -> d
         env["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = (
             emulator if emulator.startswith("http") else f"http://{emulator}")
     return env
-
-
-@contextmanager
-def patched_environ(env: dict[str, str]) -> Iterator[None]:
-    """The streamer reads its settings from the process environment when it opens."""
-    with _environ_lock:
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
 
 
 def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
@@ -162,12 +200,16 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     slots = {s.name: s for s in layout.slots if files is None or s.file in files}
     paths = [_runai_path(uri, f) for f in sorted({s.file for s in slots.values()})]
     largest = max((s.nbytes for s in slots.values()), default=0)
-    env = {**streamer_environment(options, largest), **(extra_env or {})}
+    env = {**streamer_environment(options, largest, STREAMER_ENVIRONMENT.base()),
+           **(extra_env or {})}
+    if uri.is_local:  # the streamer's own open of a FIFO would block for ever
+        for f in sorted({s.file for s in slots.values()}):
+            os.close(open_regular(uri.path / f, f))
     filled = 0
     try:
         # Held for the whole run: the native library reads some variables (endpoints,
         # timeouts) when a request starts, not only when the streamer opens.
-        with patched_environ(env), SafetensorsStreamer() as streamer:
+        with STREAMER_ENVIRONMENT.holding(env), SafetensorsStreamer() as streamer:
             if on_open is not None:
                 on_open(streamer)
             streamer.stream_files(paths, device=stream_device, is_distributed=distributed,
@@ -184,10 +226,22 @@ def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     except WarmpoolError:
         raise
     except Exception as exc:  # the streamer raises plain exceptions from C++
-        raise StreamError(f"{uri}: runai-model-streamer failed: {exc}") from exc
+        raise StreamError(f"{uri}: runai-model-streamer failed reading "
+                          f"{_suspects(uri, paths)}: {exc}") from exc
     if filled != len(slots):
         raise StreamError(f"{uri}: streamed {filled} of {len(slots)} tensors")
     return filled
+
+
+def _suspects(uri: ModelURI, paths: list[str]) -> str:
+    """The files a failed streamer run may have failed on: its C++ errors name none. A
+    local file that is gone now is the culprit; otherwise every file of the run."""
+    if uri.is_local:
+        gone = [p for p in paths if not os.path.exists(p)]
+        if gone:
+            return ", ".join(gone) + " (no longer there)"
+    shown = ", ".join(paths[:5])
+    return shown + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
 def copy_slot(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: ModelURI) -> None:
@@ -204,33 +258,34 @@ def copy_slot(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: Model
 
 async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
                         files: list[str] | None = None, progress: Progress,
-                        concurrency: int = NATIVE_CONCURRENCY) -> None:
+                        concurrency: int | None = None, piece_bytes: int | None = None) -> None:
     """Fill ``target`` with concurrent ranged reads through our own async client.
 
-    A host target is written in place (no intermediate copy); a device target goes
-    through one host bytes object per piece.
+    Reads are contiguous file ranges of up to ``piece_bytes`` that may span several
+    tensors (a model's many small tensors — norms, biases — would otherwise cost one
+    request each); each range is scattered into its slots with one copy.
     """
-    gate = asyncio.Semaphore(concurrency)
-    on_host = target.device.type == "cpu"
-    view = byte_view(target) if on_host else None
+    gate = asyncio.Semaphore(concurrency or NATIVE_CONCURRENCY)
 
-    async def piece(slot: Slot, start: int, length: int) -> None:
+    async def read(job: Job) -> None:
         async with gate:
-            dst = slot.offset + start
-            if view is not None:
-                await store.read_into(slot.file, slot.file_offset + start, view[dst : dst + length])
-            else:
-                data = await store.read_range(slot.file, slot.file_offset + start, length)
-                if len(data) != length:
-                    raise StreamError(f"{store.uri.child(slot.file)}: short read of "
-                                      f"{slot.name!r}")
-                target[dst : dst + length].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            progress(length)
+            data = await store.read_range(job.file, job.start, job.nbytes)
+        if len(data) != job.nbytes:  # the object is shorter than its header said
+            raise StorageError(f"{store.uri.child(job.file)}: object ended at "
+                               f"{job.start + len(data)}, {job.nbytes - len(data)} bytes short",
+                               key=job.file)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only bytes: only read
+            source = torch.frombuffer(data, dtype=torch.uint8) if data else None
+        if source is not None:
+            # In a thread: the first write to a fresh segment page-faults every page, and
+            # torch's copy releases the GIL, so the faults overlap the event loop's reads
+            # instead of stalling them.
+            await asyncio.to_thread(_scatter, target, job, source)
+        progress(job.nbytes)
 
-    jobs = [piece(s, start, min(NATIVE_PIECE, s.nbytes - start))
-            for s in layout.slots if (files is None or s.file in files)
-            for start in range(0, s.nbytes, NATIVE_PIECE)]
-    tasks = [asyncio.ensure_future(j) for j in jobs]
+    jobs = plan_jobs(layout, files, chunk=piece_bytes or NATIVE_PIECE)
+    tasks = [asyncio.ensure_future(read(j)) for j in jobs]
     try:
         await asyncio.gather(*tasks)
     except BaseException:
@@ -238,3 +293,11 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _scatter(target: torch.Tensor, job: Job, source: torch.Tensor) -> None:
+    """Copy one downloaded file range into the slots it covers."""
+    at = 0
+    for p in job.pieces:
+        target[p.dst:p.dst + p.nbytes].copy_(source[at:at + p.nbytes])
+        at += p.nbytes

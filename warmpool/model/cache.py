@@ -18,7 +18,6 @@ Hugging Face model directory without its weights, which serving engines can read
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import re
 import shutil
 import tempfile
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -35,10 +33,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from warmpool.config import Settings
-from warmpool.errors import (IncompleteModelError, StorageError, TransientStorageError,
-                             UnsafeKeyError)
+from warmpool.errors import (IncompleteModelError, MetadataLimitError, StorageError,
+                             TransientStorageError, UnsafeKeyError)
 from warmpool.model.identity import INDEX_FILE, Completeness, check_complete, content_hash, is_weight_file
-from warmpool.locks import is_locked
+from warmpool.locks import async_file_lock, is_locked
 from warmpool.model.safetensors import SafetensorsHeader, read_header
 from warmpool.storage import Store, open_store
 from warmpool.storage.base import ObjectInfo, validate_relative_key
@@ -53,6 +51,10 @@ LOCKS_DIR = ".locks"
 MANIFEST_VERSION = 1
 #: Non-weight files above this size are not metadata (legacy weights, datasets): skipped.
 MAX_FILE_BYTES = 512 << 20
+#: All non-weight files of one model together: configs and tokenizers are tens of MB.
+MAX_FILES_TOTAL_BYTES = 2 << 30
+#: Non-weight files of one model: a real one has a few dozen.
+MAX_FILES = 10_000
 #: An index lists tensor names; tens of MB would already be absurd.
 MAX_INDEX_BYTES = 64 << 20
 #: Weights in formats we never stream; skipped whatever their size.
@@ -146,6 +148,7 @@ class MetadataCache:
                 async with self._build_lock(digest):
                     # Whoever held the lock before us may have built it meanwhile.
                     cached = self.load(digest) or await self._build(uri, s, objects, digest)
+            _mark_used(self.dir_for(digest))
             return replace(cached, uri=uri)
 
     def load(self, content_hash: str) -> CachedModel | None:
@@ -162,18 +165,49 @@ class MetadataCache:
             log.warning("ignoring invalid metadata cache entry %s: %s", directory, exc)
             return None
 
-    def prune(self, keep: Iterable[str]) -> list[str]:
-        """Remove every cached model not in ``keep`` that no one is building; the hashes."""
+    def prune(self, keep: Iterable[str], *, max_models: int | None = None,
+              max_age_s: float | None = None) -> list[str]:
+        """Remove cached models not in ``keep`` and not being built; returns their hashes.
+
+        Without bounds every such model goes. With them, only those unused (neither
+        built nor fetched) for more than ``max_age_s``, and then the least recently used
+        beyond ``max_models``. A hash in ``keep`` is never removed, so the cache can hold
+        more than ``max_models`` when that many are in use."""
         keep = set(keep)
+        now = time.time()
+        unkept = []
+        for path in self.root.glob("*"):
+            if _HASH.fullmatch(path.name) and path.name not in keep:
+                unkept.append((_last_used(path), path))
+        unkept.sort(reverse=True)  # most recently used first
+        room = None if max_models is None else max(0, max_models - len(keep & self._hashes()))
         removed = []
-        for path in sorted(self.root.glob("*")):
-            if not _HASH.fullmatch(path.name) or path.name in keep:
+        for rank, (used, path) in enumerate(unkept):
+            bounded = max_models is not None or max_age_s is not None
+            expired = max_age_s is not None and now - used > max_age_s
+            beyond = room is not None and rank >= room
+            if bounded and not (expired or beyond):
                 continue
             if self._building(path.name):
                 continue
             _remove_dir(path, self.root, path.name)
             removed.append(path.name)
         return removed
+
+    async def bound(self, keep: Iterable[str], settings: Settings) -> list[str]:
+        """:meth:`prune` to the settings' bounds (``cache_max_models``,
+        ``cache_max_age_s``), in a thread: every re-upload adds a directory, and removing
+        them is disk work."""
+        removed = await asyncio.to_thread(self.prune, set(keep),
+                                          max_models=settings.cache_max_models,
+                                          max_age_s=settings.cache_max_age_s)
+        if removed:
+            log.info("metadata cache: removed %d unused model(s)", len(removed),
+                     extra={"event": "cache_pruned", "count": len(removed)})
+        return removed
+
+    def _hashes(self) -> set[str]:
+        return {p.name for p in self.root.glob("*") if _HASH.fullmatch(p.name)}
 
     # --- building ---------------------------------------------------------------------
 
@@ -198,9 +232,10 @@ class MetadataCache:
         completeness, index_json = await self._completeness(store, objects, digest)
         if not completeness.complete:
             missing = ", ".join(completeness.missing)
+            named = not missing or missing in completeness.reason  # said once is enough
             raise IncompleteModelError(
                 f"{uri} is not a complete model yet: {completeness.reason}"
-                + (f" (missing: {missing})" if missing else ""),
+                + ("" if named else f" (missing: {missing})"),
                 missing=list(completeness.missing))
         files, skipped = _plan_files(objects)
         shards = [o for o in objects if o.key in set(completeness.shards)]
@@ -210,6 +245,7 @@ class MetadataCache:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest}-", dir=self.root))
         try:
+            store.pin(objects)  # headers and files of this listing's version, or a failure
             headers = await _download_all(store, tmp / FILES_DIR, files, shards, index_json)
             if content_hash(await _list(store)) != digest:
                 raise TransientStorageError(f"{uri} changed while its metadata was being "
@@ -224,7 +260,7 @@ class MetadataCache:
             }
             await _to_thread_to_the_end(_commit, tmp, manifest, final)
         except BaseException:
-            _discard(tmp)
+            await _to_thread_to_the_end(_discard, tmp)  # rmtree and retries: off the loop
             raise
         return _from_manifest(manifest, final)
 
@@ -235,20 +271,11 @@ class MetadataCache:
 
     @asynccontextmanager
     async def _build_lock(self, digest: str) -> AsyncIterator[None]:
-        """Exclusive right to build ``digest``, across coroutines and processes.
-
-        Coroutines of one process queue on an asyncio lock first, so at most one thread
-        per hash blocks in ``flock``: a crowd of waiters in the default executor would
-        otherwise starve the holder's own ``to_thread`` downloads and deadlock.
-        """
+        """Exclusive right to build ``digest``, across coroutines and processes."""
         path = self._lock_path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        async with _loop_lock(str(path)):
-            fd = await _flock(path)
-            try:
-                yield
-            finally:
-                os.close(fd)  # closing our only descriptor releases the flock
+        async with async_file_lock(path):
+            yield
 
     def _building(self, digest: str) -> bool:
         """True while some coroutine or process holds ``digest``'s build lock."""
@@ -310,6 +337,12 @@ def _plan_files(objects: Iterable[ObjectInfo]) -> tuple[list[ObjectInfo], list[O
             continue
         legacy = o.key.lower().endswith(LEGACY_WEIGHT_SUFFIXES)
         (skipped if legacy or o.size > MAX_FILE_BYTES else files).append(o)
+    total = sum(o.size for o in files)
+    if total > MAX_FILES_TOTAL_BYTES or len(files) > MAX_FILES:
+        raise MetadataLimitError(
+            f"the model's {len(files)} non-weight files hold {total} bytes; the metadata "
+            f"cache takes at most {MAX_FILES} files and {MAX_FILES_TOTAL_BYTES} bytes per "
+            "model (move datasets and extra files out of the model prefix)")
     keys = {o.key for o in files}
     for o in files:
         parts = o.key.split("/")
@@ -350,7 +383,7 @@ async def _download(store: Store, obj: ObjectInfo, dest: Path) -> None:
     got = -1
     for attempt in (1, 2):
         await store.download(obj.key, dest)
-        got = dest.stat().st_size if dest.exists() else -1
+        got = await asyncio.to_thread(_size_or_missing, dest)
         if got == obj.size:
             return
         log.warning("%s: downloaded %d bytes, listing says %d (attempt %d)",
@@ -435,39 +468,6 @@ def _from_manifest(data: dict[str, Any], directory: Path) -> CachedModel:
 
 # --- helpers ----------------------------------------------------------------------------
 
-#: Per event loop, per lock file: asyncio locks bind to the loop that first uses them.
-_LOOP_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
-    weakref.WeakKeyDictionary())
-
-
-def _loop_lock(name: str) -> asyncio.Lock:
-    locks = _LOOP_LOCKS.setdefault(asyncio.get_running_loop(), {})
-    return locks.setdefault(name, asyncio.Lock())
-
-
-def _open_locked(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-async def _flock(path: Path) -> int:
-    """An fd holding ``path``'s exclusive flock, waited for in a thread."""
-    task = asyncio.ensure_future(asyncio.to_thread(_open_locked, path))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        # The thread cannot be interrupted; when it gets the lock, drop it at once, or
-        # the fd would hold the lock until this process exits.
-        task.add_done_callback(
-            lambda t: os.close(t.result()) if not t.cancelled() and not t.exception() else None)
-        raise
-
-
 async def _to_thread_to_the_end(fn: Callable[..., T], *args: Any) -> T:
     """``to_thread`` that, when cancelled, still waits for ``fn`` before re-raising.
 
@@ -480,6 +480,13 @@ async def _to_thread_to_the_end(fn: Callable[..., T], *args: Any) -> T:
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
+
+
+def _size_or_missing(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def _discard(tmp: Path) -> None:
@@ -495,6 +502,22 @@ def _discard(tmp: Path) -> None:
             return
         time.sleep(0.01)
     log.warning("could not remove %s; it will be swept later", tmp)
+
+
+def _mark_used(directory: Path) -> None:
+    """Stamp a cached model as used now (its directory's mtime): pruning keeps the
+    recently used ones."""
+    try:
+        os.utime(directory)
+    except OSError:
+        pass  # pruned meanwhile: the next fetch builds it again
+
+
+def _last_used(directory: Path) -> float:
+    try:
+        return directory.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _remove_dir(path: Path, root: Path, digest: str) -> None:

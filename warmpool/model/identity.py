@@ -62,7 +62,7 @@ def check_complete(objects: list[ObjectInfo], index_json: bytes | None) -> Compl
         try:
             weight_map = json.loads(index_json)["weight_map"]
             names = sorted({posixpath.normpath(v) for v in weight_map.values()})
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             return Completeness(False, (), (), f"{INDEX_FILE} is malformed: {exc}")
         missing = tuple(n for n in names if n not in keys)
         if missing:

@@ -109,17 +109,46 @@ def parse_header_json(raw: bytes, *, file: str, file_size: int,
     """Validate the JSON header ``raw`` of a file of ``file_size`` bytes."""
     header_size = len(raw) if header_size is None else header_size
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = json.loads(raw, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
+    except _HostileJSON as exc:
+        # Readers disagree on which of two entries wins (ours kept the last): a tensor
+        # named twice could stream one byte range and be described by the other.
+        raise SafetensorsError(f"header {exc}", file=file) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, Python's digit limit
         raise SafetensorsError(f"header is not valid JSON ({exc})", file=file) from None
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise SafetensorsError("header JSON is nested too deeply", file=file) from None
     if not isinstance(obj, dict):
         raise SafetensorsError("header is not a JSON object", file=file)
     metadata = _metadata(obj.pop("__metadata__", None), file)
     data_size = file_size - 8 - header_size
     tensors = [_tensor(name, spec, file, data_size) for name, spec in obj.items()]
     tensors.sort(key=lambda t: (t.begin, t.end))
-    _check_no_overlap(tensors, file)
+    _check_no_overlap(tensors, file, data_size)
     return SafetensorsHeader(file, file_size, header_size, tuple(tensors), metadata)
+
+
+class _HostileJSON(ValueError):
+    """A header that parses as JSON but that safetensors' own reader refuses."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all distinct: json.loads would keep the last of two
+    tensors of the same name, and which bytes that is differs between readers."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _HostileJSON(f"names {duplicate!r} twice")
+    return obj
+
+
+def _bounded_int(text: str) -> int:
+    """Integers of the header are u64 in safetensors; anything longer is refused before
+    Python converts thousands of digits."""
+    if len(text.lstrip("-")) > 20 or not -(1 << 64) < (value := int(text)) < 1 << 64:
+        raise _HostileJSON(f"holds an integer out of range ({text[:24]}...)")
+    return value
 
 
 def parse_header(data: bytes, *, file: str, file_size: int) -> SafetensorsHeader:
@@ -170,16 +199,23 @@ def _tensor(name: str, spec: Any, file: str, data_size: int) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
 
-def _check_no_overlap(tensors: list[TensorInfo], file: str) -> None:
-    """Ranges sorted by start may not overlap (empty tensors occupy no bytes)."""
+def _check_no_overlap(tensors: list[TensorInfo], file: str, data_size: int) -> None:
+    """Ranges sorted by start must tile the data area exactly, as safetensors requires:
+    no overlap, no gap, nothing after the last tensor (an empty tensor sits where the
+    previous one ends).
+    Bytes that no tensor owns would be streamed and counted for nothing, or hide data."""
     reach, owner = 0, None
     for t in tensors:
-        if t.nbytes == 0:
-            continue
         if t.begin < reach:
             raise SafetensorsError(f"byte range [{t.begin}, {t.end}] overlaps tensor {owner!r}",
                                    file=file, tensor=t.name)
+        if t.begin > reach:
+            raise SafetensorsError(f"byte range [{t.begin}, {t.end}] leaves a gap after "
+                                   f"offset {reach}", file=file, tensor=t.name)
         reach, owner = t.end, t.name
+    if reach != data_size:
+        raise SafetensorsError(f"the tensors end at {reach} but the data area holds "
+                               f"{data_size} bytes", file=file)
 
 
 async def read_header(store: Any, key: str, size: int) -> SafetensorsHeader:

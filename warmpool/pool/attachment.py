@@ -1,9 +1,10 @@
 """What serving processes call: ``attach(uri_or_hash, device)`` → zero-copy tensors.
 
 On the host tier attach reads one small JSON record from the private runtime directory,
-maps the model's shared-memory segment read-only (one ``mmap``, no page touched) and
-builds one view per tensor: its cost grows with the number of tensors, not with bytes,
-and it never reads the source files (they may be gone). A lease is held from the call
+maps the layout index and the model's shared-memory segment read-only (two ``mmap``s, no
+page of the segment touched), checks every slot in a few vectorised operations, and
+builds each view when it is first asked for: what remains per tensor is decoding its
+name. It never reads the source files (they may be gone). A lease is held from the call
 until ``close()`` or the process's death, and keeps the entry from being evicted.
 """
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from warmpool.config import Settings
 from warmpool.errors import NotWarmError
 from warmpool.pool.layout import Layout
+from warmpool.pool.layout_index import LayoutIndex
 from warmpool.pool.leases import Lease, Leases
 from warmpool.locks import file_lock
 from warmpool.pool.entries import HOST_DEVICE
@@ -36,7 +38,7 @@ class AttachedModel(Mapping[str, "torch.Tensor"]):
     the views (after copying into its own layout, say) so the pool may free the memory.
     """
 
-    def __init__(self, uri: str, content_hash: str, device: str, layout: Layout,
+    def __init__(self, uri: str, content_hash: str, device: str, layout: Layout | LayoutIndex,
                  tensors: Mapping[str, torch.Tensor], transport: str,
                  closer: Any) -> None:
         self.uri = uri
@@ -49,6 +51,9 @@ class AttachedModel(Mapping[str, "torch.Tensor"]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -96,6 +101,7 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
     from warmpool.pool.views import tensor_views
 
     host = HostTier(settings.runtime_dir)
+    host.reclaim_partials()  # what a killed prefetch left must not hold memory for ever
     with _gc_paused():
         resident = _resolve(host, ref)
         with file_lock(host.lock_path(resident.key), exclusive=False):
@@ -106,10 +112,14 @@ def attach(ref: str, device: str = HOST_DEVICE, *, settings: Settings | None = N
         try:
             mapping, buffer = map_readonly(resident.segment, resident.layout.total_bytes)
             tensors = tensor_views(buffer, resident.layout)
+        except FileNotFoundError:  # a forced evict between the lease and the open
+            lease.release()
+            raise _not_warm(ref) from None
         except BaseException:
             lease.release()
             raise
-    return AttachedModel(resident.uri, resident.content_hash, HOST_DEVICE, resident.layout,
+    return AttachedModel(_name(resident, ref), resident.content_hash, HOST_DEVICE,
+                         resident.layout,
                          tensors, "shm", _HostCloser(lease, mapping))
 
 
@@ -141,17 +151,26 @@ class _HostCloser:
 
 
 def _resolve(host: HostTier, ref: str) -> HostResident:
-    try:
-        wanted = ModelRef.parse(ref)
-    except NotWarmError:  # an unparsable ref is simply not warm
-        raise _not_warm(ref) from None
+    # NotWarmError for text that names nothing; a bug (a ref that is no string) is not
+    # caught here, so it surfaces as the TypeError it is rather than as "not warm".
+    wanted = ModelRef.parse(ref)
     if wanted.is_hash:
         matches = host.residents(hash_prefix=wanted.text)  # parses only the matching records
     else:
-        matches = [r for r in host.residents() if wanted.matches(r.uri, r.content_hash)]
+        matches = [r for r in host.residents()
+                   if any(wanted.matches(name, r.content_hash) for name in r.names)]
     if not matches:
         raise _not_warm(ref)
     return max(matches, key=lambda r: r.created_at)
+
+
+def _name(resident: HostResident, ref: str) -> str:
+    """The URI the caller attached by (one of the model's names), or its first name."""
+    with contextlib.suppress(NotWarmError):
+        wanted = ModelRef.parse(ref)
+        if not wanted.is_hash and wanted.text in resident.names:
+            return wanted.text
+    return resident.uri
 
 
 def _not_warm(ref: str, device: str = HOST_DEVICE) -> NotWarmError:

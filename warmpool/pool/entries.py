@@ -2,17 +2,20 @@
 
 It joins three pieces that each do one job: the registry (states, the source of truth
 for ``status``), the host tier (segments and the records attach reads) and the leases.
-Capacity is enforced when a prefetch *reserves* its bytes, before any byte is streamed:
-least-recently-attached entries without leases or pins are evicted to make room, or the
-prefetch fails at once with the free and needed bytes — never half-way through.
+Capacity is enforced when a prefetch *reserves* its bytes, before any byte is streamed,
+by the policy of :mod:`warmpool.pool.eviction`: least-recently-attached entries without
+leases or pins are evicted to make room, or the prefetch fails at once with the free and
+needed bytes — never half-way through.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
-from warmpool.errors import CapacityError, LeaseHeldError, NotWarmError
+from warmpool.errors import LeaseHeldError, NotWarmError
+from warmpool.pool.eviction import choose_victims, entry_candidate, inherits_pin, superseded
 from warmpool.pool.leases import Leases
 from warmpool.locks import async_file_lock, is_locked
 from warmpool.pool.registry.base import PoolEntry, Registry, State
@@ -53,8 +56,15 @@ class Pool:
         wanted = ModelRef.parse(ref)
         matches = [e for e in await self.entries()
                    if e.device == device and e.state in states
-                   and wanted.matches(e.uri, e.content_hash)]
+                   and any(wanted.matches(uri, e.content_hash) for uri in e.uris)]
         return max(matches, key=lambda e: e.updated_at, default=None)
+
+    async def in_use(self) -> set[str]:
+        """Content hashes the pool uses — warm or being filled, or leased on any device —
+        whose metadata the cache must keep."""
+        used = {e.content_hash for e in await self.entries()
+                if e.state == State.WARM or e.state.active or e.leases}
+        return used | self.leases.held_hashes()
 
     # --- capacity ------------------------------------------------------------------
     def host_capacity(self) -> int:
@@ -64,43 +74,69 @@ class Pool:
         return int(total * 0.8)
 
     async def reserve(self, entry: PoolEntry, nbytes: int) -> PoolEntry:
-        """Record ``entry`` as streaming ``nbytes``, evicting what must go to make room."""
+        """Record ``entry`` as streaming ``nbytes``, evicting what must go to make room.
+
+        Room is the smaller of what the capacity leaves and what the shared-memory
+        filesystem will really give (other users of /dev/shm, and fills that reserved
+        bytes they have not allocated yet, take from it too)."""
         async with async_file_lock(self._pool_lock):
-            capacity = self.host_capacity()
             entries = [e for e in await self.entries()
                        if e.device == entry.device and e.key != entry.key]
             used = sum(e.bytes for e in entries if e.state.holds_memory)
             _, shm_free = self.host.shm_bytes()
-            if used + nbytes > capacity or nbytes > shm_free:
-                await self._make_room(entries, nbytes, used, capacity, entry)
+            unallocated = sum(max(0, e.bytes - self.host.allocated(e.content_hash))
+                              for e in entries if e.state == State.STREAMING)
+            room = min(self.host_capacity() - used, shm_free - unallocated)
+            victims = choose_victims(map(entry_candidate, entries), nbytes, room,
+                                     who=entry.uri, device=entry.device)
+            for victim in victims:
+                await self._evict_one(victim, force=False, reason="capacity")
             return await self.registry.transition(entry, State.STREAMING, bytes=nbytes)
-
-    async def _make_room(self, entries: list[PoolEntry], nbytes: int, used: int,
-                         capacity: int, entry: PoolEntry) -> None:
-        candidates = sorted(
-            (e for e in entries if e.state == State.WARM and not e.pinned and e.leases == 0),
-            key=lambda e: e.last_attached_at or e.created_at)
-        victims, freed = [], 0
-        for victim in candidates:
-            if used - freed + nbytes <= capacity:
-                break
-            victims.append(victim)
-            freed += victim.bytes
-        if used - freed + nbytes > capacity:
-            raise CapacityError(
-                f"{entry.uri} needs {nbytes} bytes on {entry.device}; the tier holds "
-                f"{capacity}, {used} in use, and only {freed} could be evicted (the rest is "
-                "leased, pinned or still streaming)",
-                needed=nbytes, free=capacity - used + freed)
-        for victim in victims:
-            await self._evict_one(victim, force=False, reason="capacity")
 
     # --- eviction ------------------------------------------------------------------
     async def evict(self, ref: str, device: str = HOST_DEVICE, force: bool = False) -> PoolEntry:
+        """Evict ``ref``: by hash, the bytes; by URI, that name — the bytes go with the
+        last name, and stay resident while another URI still names them."""
         entry = await self.find(ref, device, states=(State.WARM, State.FAILED, State.LOST))
         if entry is None:
             raise NotWarmError(f"nothing to evict: {ref} is not in the pool on {device}")
+        wanted = ModelRef.parse(ref)
+        if not wanted.is_hash:
+            renamed = await self.drop_name(entry, wanted.text)
+            if renamed is not None:
+                return renamed
         return await self._evict_one(entry, force=force, reason="requested")
+
+    # --- names ---------------------------------------------------------------------
+    async def add_name(self, entry: PoolEntry, uri: str) -> PoolEntry:
+        """Let ``uri`` name ``entry``'s bytes too: identical files under two URIs are one
+        content hash, resident once, and attachable (and listed) under either."""
+        if uri in entry.uris:
+            return entry
+        async with async_file_lock(self.host.lock_path(entry.key)):
+            fresh = await self.registry.get(entry.key) or entry
+            if uri in fresh.uris or fresh.state != State.WARM:
+                return fresh
+            return await self._rename(fresh, [*fresh.uris, uri])
+
+    async def drop_name(self, entry: PoolEntry, uri: str) -> PoolEntry | None:
+        """Stop naming ``entry``'s bytes ``uri`` while another URI still names them;
+        None when ``uri`` is its only name (then evicting it frees the bytes)."""
+        if uri not in entry.uris or len(entry.uris) == 1:
+            return None
+        async with async_file_lock(self.host.lock_path(entry.key)):
+            fresh = await self.registry.get(entry.key) or entry
+            names = [n for n in fresh.uris if n != uri]
+            if not names or uri not in fresh.uris:
+                return None
+            return await self._rename(fresh, names)
+
+    async def _rename(self, entry: PoolEntry, names: list[str]) -> PoolEntry:
+        if entry.device == HOST_DEVICE:
+            self.host.rename(entry.content_hash, names[0], names[1:])
+        renamed = replace(entry, uri=names[0], aliases=names[1:])
+        await self.registry.put(renamed)
+        return renamed
 
     async def _evict_one(self, entry: PoolEntry, *, force: bool, reason: str) -> PoolEntry:
         # The entry lock keeps a new attach from taking a lease between our check and
@@ -115,21 +151,42 @@ class Pool:
             self.leases.forget(entry.key)
             return await self.registry.transition(entry, State.EVICTED, error=None, leases=0)
 
-    async def retire_older(self, current: PoolEntry) -> list[PoolEntry]:
-        """Evict the other warm versions of ``current``'s URI on its device: a re-upload
-        (or a regenerated directory) must not keep the old bytes resident. Leased or
-        pinned versions stay until they are free (then capacity eviction takes them)."""
+    async def retire_older(self, current: PoolEntry, uri: str | None = None) -> list[PoolEntry]:
+        """Evict the versions ``current`` supersedes as ``uri`` (default: its URI) —
+        :func:`superseded`: a re-upload, or a regenerated directory, must not keep the
+        old bytes resident. A pin moves to
+        ``current``; a leased old version loses its pin and stays until it is free (then
+        capacity eviction takes it)."""
+        uri = uri or current.uri
+        old = superseded(await self.entries(), current, uri)
+        if inherits_pin(old) and not current.pinned:
+            await self.registry.put(replace(current, pinned=True))
         retired = []
-        for entry in await self.entries():
-            if (entry.uri == current.uri and entry.device == current.device
-                    and entry.content_hash != current.content_hash
-                    and entry.state == State.WARM and not entry.pinned and not entry.leases):
-                try:
-                    retired.append(await self._evict_one(entry, force=False,
-                                                         reason="superseded"))
-                except LeaseHeldError:
-                    continue  # attached between the listing and the lock: keep it
+        for entry in old:
+            if await self.drop_name(entry, uri) is not None:
+                continue  # another URI still names those bytes: they stay, for it
+            if entry.pinned:
+                entry = replace(entry, pinned=False)
+                await self.registry.put(entry)
+            if entry.leases:
+                continue
+            try:
+                retired.append(await self._evict_one(entry, force=False, reason="superseded"))
+            except LeaseHeldError:
+                continue  # attached between the listing and the lock: keep it
         return retired
+
+    async def forget_history(self, older_than_s: float) -> list[PoolEntry]:
+        """Drop evicted, failed and lost entries not updated for ``older_than_s``: they
+        are history for ``status --history``, and kept forever they would make every
+        listing (and the registry) grow with every model this node ever warmed."""
+        cutoff = time.time() - older_than_s
+        gone = [e for e in await self.registry.list()
+                if e.state in (State.EVICTED, State.FAILED, State.LOST)
+                and e.updated_at < cutoff]
+        for entry in gone:
+            await self.registry.delete(entry.key)
+        return gone
 
     # --- recovery ------------------------------------------------------------------
     async def adopt_residents(self) -> list[PoolEntry]:
@@ -140,18 +197,19 @@ class Pool:
         for resident in self.host.residents():
             if await self.registry.get(resident.key) is not None:
                 continue
-            entry = PoolEntry(uri=resident.uri, content_hash=resident.content_hash,
+            entry = PoolEntry(uri=resident.uri, aliases=list(resident.aliases),
+                              content_hash=resident.content_hash,
                               device=HOST_DEVICE, node=self.settings.node,
                               bytes=resident.layout.total_bytes,
-                              tensors=len(resident.layout.slots), transport="shm",
+                              tensors=len(resident.layout), transport="shm",
                               created_at=resident.created_at, history=[],
                               engine=resident.engine)
             adopted.append(await self.registry.transition(entry, State.WARM))
         return adopted
 
-    async def reclaim(self) -> list[str]:
+    async def reclaim(self, *, vanished: bool = True) -> list[str]:
         """Clean up after crashed processes: orphaned segments, and entries that claim to
-        be streaming or warm while their segment is gone."""
+        be streaming (or, with ``vanished``, warm) while their segment is gone."""
         removed = self.host.reclaim()
         for entry in await self.registry.list():
             if entry.device != HOST_DEVICE:
@@ -160,7 +218,8 @@ class Pool:
             if entry.state.active and not is_locked(lock):
                 await self.registry.transition(
                     entry, State.FAILED, error="interrupted: the prefetching process died")
-            elif entry.state == State.WARM and self.host.resident(entry.content_hash) is None:
+            elif (vanished and entry.state == State.WARM
+                  and self.host.resident(entry.content_hash) is None):
                 await self.registry.transition(entry, State.LOST,
                                                error="segment vanished (host rebooted?)")
         return removed

@@ -3,32 +3,44 @@
 A segment is filled under a *partial* name (``…<hash>.part-<pid>``) and renamed to its
 final name only when every byte is in place, so a reader can never map half a model and
 a crashed filler leaves a name that :meth:`HostTier.reclaim` recognises. Beside it, in the
-private runtime directory, ``resident/<hash>@cpu.json`` records the URI and the layout:
-the one thing ``attach`` reads — never the source files.
+private runtime directory, ``resident/<hash>@cpu.json`` records the URI and
+``resident/<hash>@cpu.layout`` the layout as a binary index (constant cost to open, see
+:mod:`warmpool.pool.layout_index`): the one thing ``attach`` reads — never the source
+files. The index is written before the record, so a record always has its index.
 
-Segments are created mode 0600: only processes of the same user may map them.
+Segments are created mode 0600: only processes of the same user may map them. Names in
+``/dev/shm`` are predictable and anyone may create one, so a segment is used only when it
+is a regular file of ours, mode 0600, checked on the open descriptor (:func:`open_segment`);
+a record names its segment, and that name must be the one this tier would give it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from warmpool.config import private_dir
+from warmpool.errors import CapacityError, PoolError
 from warmpool.pool.layout import Layout
+from warmpool.pool.layout_index import LayoutIndex, encode
 from warmpool.locks import try_lock
-from warmpool.pool.registry.files import atomic_write
+from warmpool.pool.registry.files import atomic_write, read_regular
 
 if TYPE_CHECKING:  # imported where a segment is mapped: listing and evicting need no torch
     import torch
 
 SHM_DIR = Path("/dev/shm")
+log = logging.getLogger(__name__)
 DEVICE = "cpu"
 
 
@@ -41,8 +53,9 @@ class HostResident:
     uri: str
     content_hash: str
     segment: str
-    layout: Layout
+    layout: LayoutIndex
     created_at: float
+    aliases: tuple[str, ...] = ()  # other URIs of the same bytes
     #: The engine-layout key (JSON) when the segment holds an engine's processed
     #: parameters; None for a checkpoint. Kept here so an adopting registry recovers it.
     engine: dict[str, Any] | None = None
@@ -51,19 +64,29 @@ class HostResident:
     def key(self) -> str:
         return f"{self.content_hash}@{DEVICE}"
 
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"uri": self.uri, "content_hash": self.content_hash,
-                                "segment": self.segment, "created_at": self.created_at,
-                                "layout": self.layout.to_json()}
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every URI of these bytes, ``uri`` first."""
+        return (self.uri, *self.aliases)
+
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = {
+            "uri": self.uri, "content_hash": self.content_hash, "segment": self.segment,
+            "created_at": self.created_at, "aliases": list(self.aliases),
+            "total_bytes": self.layout.total_bytes, "tensors": len(self.layout)}
         if self.engine is not None:
             data["engine"] = self.engine
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> HostResident:
+    def from_json(cls, data: dict[str, object], layout: LayoutIndex) -> HostResident:
+        if layout.content_hash != data["content_hash"]:
+            raise ValueError(f"layout index of {layout.content_hash} beside the record of "
+                             f"{data['content_hash']}")
         engine = data.get("engine")
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
-                   Layout.from_json(data["layout"]), float(data["created_at"]),
+                   layout, float(data["created_at"]),  # type: ignore[arg-type]
+                   tuple(map(str, data.get("aliases") or ())),  # type: ignore[call-overload]
                    dict(engine) if isinstance(engine, dict) else None)
 
 
@@ -76,6 +99,7 @@ class WritableSegment:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
+            _allocate(fd, size, path)
             self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -96,11 +120,77 @@ class WritableSegment:
         self._mmap = None  # type: ignore[assignment]
 
 
+class ForeignSegmentError(PoolError):
+    """A shared-memory name of ours holds something we did not create: refused."""
+
+
+def check_segment_name(segment: str) -> str:
+    """A record's ``segment`` field as a plain name in /dev/shm, never a path."""
+    if not segment or "/" in segment or "\x00" in segment or segment in (".", ".."):
+        raise ForeignSegmentError(f"segment name {segment!r} is not a plain name")
+    return segment
+
+
+def segment_ok(st: os.stat_result) -> bool:
+    """Ours to trust: a regular file owned by this user, mode 0600 (no one else can
+    have written it). A planted file, a link or a FIFO fails this."""
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+            and stat.S_IMODE(st.st_mode) == 0o600)
+
+
+def open_segment(segment: str, size: int) -> int:
+    """An fd on ``segment`` once the open file itself proved ours and ``size`` bytes long.
+
+    Checked after the open (``fstat``), so nothing can be swapped in between the check and
+    the use; no symlink is followed and a FIFO cannot block the open.
+    """
+    path = SHM_DIR / check_segment_name(segment)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EACCES, errno.EPERM):
+            raise ForeignSegmentError(f"{path} is not a segment of ours "
+                                      f"({exc.strerror}); refusing to map it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not segment_ok(st):
+            kind = "a file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+            raise ForeignSegmentError(
+                f"{path} is not a segment of ours ({kind}, owner uid {st.st_uid}, mode "
+                f"{stat.S_IMODE(st.st_mode):o}); refusing to map it")
+        if st.st_size < size:
+            raise ForeignSegmentError(f"{path} holds {st.st_size} bytes, its layout {size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _allocate(fd: int, size: int, path: Path) -> None:
+    """Take every page of the segment now. A tmpfs file grows sparse: without this a
+    fill into a /dev/shm that runs full half-way dies of SIGBUS (a write through the
+    mapping) or EFAULT (a read into it), killing the filling process. Here the kernel
+    says ENOSPC before any byte is streamed, and the prefetch fails cleanly."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        _, free = HostTier.shm_bytes()
+        raise CapacityError(
+            f"{SHM_DIR} cannot hold {size} bytes for {path.name}: {os.strerror(exc.errno)} "
+            f"({free} bytes free there; other processes, or the tmpfs size limit, took the "
+            "rest)", needed=size, free=free) from None
+
+
 def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
     """Map a published segment read-only: a stray write faults instead of corrupting
     weights that other processes share. Costs one mmap, whatever the model's size."""
     import torch
-    fd = os.open(SHM_DIR / segment, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_segment(segment, size)
     try:
         mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
     finally:
@@ -109,6 +199,24 @@ def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
         warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": intended
         buffer = torch.frombuffer(mapping, dtype=torch.uint8)
     return mapping, buffer
+
+
+_HEX = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _remove_ours(path: Path) -> bool:
+    """Unlink ``path`` if it is ours; a file another user planted cannot be removed from
+    sticky /dev/shm and is left (and logged), never taken for ours."""
+    try:
+        st = path.lstat()
+        if st.st_uid != os.getuid():
+            log.warning("%s belongs to uid %d, not to us: ignoring it", path, st.st_uid,
+                        extra={"event": "foreign_segment", "path": str(path)})
+            return False
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
 
 
 class HostTier:
@@ -131,21 +239,62 @@ class HostTier:
     def _record_path(self, content_hash: str) -> Path:
         return self.records / f"{content_hash}@{DEVICE}.json"
 
+    def _index_path(self, content_hash: str) -> Path:
+        return self.records / f"{content_hash}@{DEVICE}.layout"
+
     # --- filling -------------------------------------------------------------------
     def create(self, content_hash: str, size: int) -> WritableSegment:
         """A new partial segment; the caller must hold the entry's lock while filling."""
         path = SHM_DIR / f"{self.segment_name(content_hash)}.part-{os.getpid()}"
-        path.unlink(missing_ok=True)  # our own leftover from an earlier failed attempt
+        try:
+            path.unlink(missing_ok=True)  # our own leftover from an earlier failed attempt
+        except PermissionError:
+            raise self._in_the_way(path) from None
         return WritableSegment(path, size)
+
+    @staticmethod
+    def _in_the_way(path: Path) -> ForeignSegmentError:
+        try:
+            owner = f"owned by uid {path.lstat().st_uid}"
+        except OSError:
+            owner = "not ours"
+        return ForeignSegmentError(
+            f"{path} is {owner}: another user created a name of this pool; remove it "
+            "(as root) or use another runtime directory")
 
     def publish(self, segment: WritableSegment, uri: str, layout: Layout,
                 created_at: float, engine: dict[str, Any] | None = None) -> HostResident:
         """Give a filled segment its final name and write the record attach reads."""
         name = self.segment_name(layout.content_hash)
-        os.rename(segment.path, SHM_DIR / name)
-        resident = HostResident(uri, layout.content_hash, name, layout, created_at, engine)
+        final = SHM_DIR / name
+        try:
+            st = final.lstat()
+        except FileNotFoundError:
+            pass
+        else:
+            # A planted file under our final name: in sticky /dev/shm we cannot replace
+            # another user's file, and we must not leave it looking like ours.
+            if not segment_ok(st):
+                raise self._in_the_way(final)
+        try:
+            os.rename(segment.path, final)
+        except PermissionError:
+            raise self._in_the_way(final) from None
+        index = encode(layout)
+        atomic_write(self._index_path(layout.content_hash), index)
+        resident = HostResident(uri, layout.content_hash, name, LayoutIndex(index), created_at,
+                                engine=engine)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
         return resident
+
+    def rename(self, content_hash: str, uri: str, aliases: list[str]) -> None:
+        """Record the names of a published model (the caller holds its entry's lock)."""
+        resident = self.resident(content_hash)
+        if resident is None:
+            return
+        renamed = HostResident(uri, content_hash, resident.segment, resident.layout,
+                               resident.created_at, tuple(aliases), resident.engine)
+        atomic_write(self._record_path(content_hash), json.dumps(renamed.to_json()).encode())
 
     def discard(self, segment: WritableSegment) -> None:
         segment.close()
@@ -153,16 +302,40 @@ class HostTier:
 
     # --- reading -------------------------------------------------------------------
     def resident(self, content_hash: str) -> HostResident | None:
+        """The published model ``content_hash``, or None: no record, a record that does
+        not parse or names another segment than ours, or a segment that is not ours (a
+        planted file under our name is never taken for warm weights)."""
+        resident = self.read_record(content_hash)
+        if resident is None:
+            return None
         try:
-            record = json.loads(self._record_path(content_hash).read_text())
-            resident = HostResident.from_json(record)
+            return resident if segment_ok((SHM_DIR / resident.segment).lstat()) else None
         except FileNotFoundError:
             return None
-        return resident if (SHM_DIR / resident.segment).exists() else None
+
+    def read_record(self, content_hash: str) -> HostResident | None:
+        """The record of ``content_hash`` if it is whole and consistent; a bad one is
+        logged and skipped, so one corrupt file never breaks attach for every model."""
+        path = self._record_path(content_hash)
+        try:
+            resident = HostResident.from_json(json.loads(read_regular(path)),
+                                              LayoutIndex.open(self._index_path(content_hash)))
+            if (resident.content_hash != content_hash
+                    or resident.layout.content_hash != content_hash
+                    or resident.segment != self.segment_name(content_hash)):
+                raise ValueError("its hash or segment name is not this record's")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError,
+                RecursionError) as exc:
+            log.warning("skipping bad resident record %s: %s", path, exc,
+                        extra={"event": "bad_record", "path": str(path)})
+            return None
+        return resident
 
     def residents(self, hash_prefix: str = "") -> list[HostResident]:
         """Every published model (whose content hash starts with ``hash_prefix``): only
-        the matching records are parsed, and a record lists every tensor."""
+        the matching records are read, each small whatever the tensor count."""
         found = []
         for path in sorted(self.records.glob(f"{hash_prefix}*@{DEVICE}.json")):
             resident = self.resident(path.name.split("@", 1)[0])
@@ -179,15 +352,16 @@ class HostTier:
     def remove_all(self) -> None:
         """Drop every segment and record of this pool (tests and benchmarks)."""
         for path in SHM_DIR.glob(f"{self.prefix}*"):
-            path.unlink(missing_ok=True)
-        for record in self.records.glob("*.json"):
+            _remove_ours(path)
+        for record in [*self.records.glob("*.json"), *self.records.glob("*.layout")]:
             record.unlink(missing_ok=True)
 
     def remove(self, content_hash: str) -> None:
         """Unlink the segment and its record. Processes that mapped it keep their mapping
         until they unmap it; the memory returns to the system after the last one does."""
-        (SHM_DIR / self.segment_name(content_hash)).unlink(missing_ok=True)
+        _remove_ours(SHM_DIR / self.segment_name(content_hash))
         self._record_path(content_hash).unlink(missing_ok=True)
+        self._index_path(content_hash).unlink(missing_ok=True)
 
     # --- capacity and recovery -----------------------------------------------------
     @staticmethod
@@ -196,6 +370,16 @@ class HostTier:
         st = os.statvfs(SHM_DIR)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
+    def allocated(self, content_hash: str) -> int:
+        """Bytes the kernel already gave the partial segments of ``content_hash``."""
+        total = 0
+        for partial in SHM_DIR.glob(f"{self.segment_name(content_hash)}.part-*"):
+            try:
+                total += partial.stat().st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return total
+
     def reclaim(self) -> list[str]:
         """Remove what a crashed process left: partial segments, and records or segments
         that lack their other half. An entry whose lock is held is someone's work in
@@ -203,6 +387,8 @@ class HostTier:
         hashes = {p.name[len(self.prefix):].split(".", 1)[0]
                   for p in SHM_DIR.glob(f"{self.prefix}*")}
         hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.json")}
+        hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.layout")}
+        hashes = {h for h in hashes if _HEX.fullmatch(h)}  # names anyone may have made
         removed: list[str] = []
         for content_hash in sorted(hashes):
             fd = try_lock(self.lock_path(f"{content_hash}@{DEVICE}"))
@@ -214,15 +400,39 @@ class HostTier:
                 os.close(fd)
         return removed
 
+    def reclaim_partials(self) -> list[str]:
+        """Remove partial segments whose writer is gone (its entry lock is free): the
+        cheap part of :meth:`reclaim`, one listing of /dev/shm, for attach to run. A
+        filler killed with SIGKILL leaves a segment as large as its model."""
+        removed = []
+        for partial in SHM_DIR.glob(f"{self.prefix}*.part-*"):
+            content_hash = partial.name[len(self.prefix):].split(".", 1)[0]
+            if not _HEX.fullmatch(content_hash):
+                continue
+            fd = try_lock(self.lock_path(f"{content_hash}@{DEVICE}"))
+            if fd is None:
+                continue  # a fill in progress
+            try:
+                if _remove_ours(partial):
+                    removed.append(partial.name)
+            finally:
+                os.close(fd)
+        return removed
+
     def _reclaim_one(self, content_hash: str) -> list[str]:
         removed = []
         final = SHM_DIR / self.segment_name(content_hash)
         for partial in SHM_DIR.glob(f"{final.name}.part-*"):
-            partial.unlink(missing_ok=True)
-            removed.append(partial.name)
-        record = self._record_path(content_hash)
-        if final.exists() != record.exists():
-            final.unlink(missing_ok=True)
+            if _remove_ours(partial):
+                removed.append(partial.name)
+        record, index = self._record_path(content_hash), self._index_path(content_hash)
+        if self.resident(content_hash) is None and (final.exists() or record.exists()
+                                                    or index.exists()):
+            # Part of a model (a record, its layout index or its segment without the
+            # others), a record that does not parse, or a segment that is not ours:
+            # nothing attach may use.
+            _remove_ours(final)
             record.unlink(missing_ok=True)
+            index.unlink(missing_ok=True)
             removed.append(final.name)
         return removed

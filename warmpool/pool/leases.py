@@ -10,13 +10,25 @@ holder; a file whose lock can be taken is a dead holder's and is swept. The dire
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 
 from warmpool.config import private_dir
 from warmpool.locks import try_lock
+from warmpool.pool.registry.files import read_regular
+
+log = logging.getLogger(__name__)
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return True  # gone since the glob: try_lock's own open tells
 
 
 class Lease:
@@ -75,19 +87,31 @@ class Leases:
             return []
         live = []
         for path in directory.glob("*.lease"):
+            if not _regular(path):
+                # Not a file acquire() made: it proves no holder (a FIFO would also
+                # block a reader), so it is neither counted nor opened.
+                log.warning("removing %s: a lease is a regular file", path,
+                            extra={"event": "bad_record", "record": str(path)})
+                path.unlink(missing_ok=True)
+                continue
             fd = try_lock(path)
             if fd is not None:  # nobody holds it: its holder is gone
                 path.unlink(missing_ok=True)
                 os.close(fd)
                 continue
             try:
-                live.append(json.loads(path.read_text() or "{}"))
-            except (OSError, ValueError):
+                live.append(json.loads(read_regular(path, 1 << 16) or b"{}"))
+            except (OSError, ValueError, RecursionError):
                 live.append({})
         return live
 
     def count(self, key: str) -> int:
         return len(self.holders(key))
+
+    def held_hashes(self) -> set[str]:
+        """Content hashes with at least one live holder, on any device."""
+        return {d.name.split("@", 1)[0] for d in self.root.iterdir()
+                if d.is_dir() and self.count(d.name)}
 
     def last_attached(self, key: str) -> float | None:
         try:

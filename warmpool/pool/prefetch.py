@@ -17,7 +17,7 @@ from typing import Any
 
 from warmpool.model.cache import MetadataCache
 from warmpool.config import Settings
-from warmpool.errors import WarmpoolError
+from warmpool.errors import ObjectChangedError, WarmpoolError
 from warmpool.pool.layout import plan_layout
 from warmpool.locks import async_file_lock
 from warmpool.pool.entries import HOST_DEVICE, Pool
@@ -51,34 +51,63 @@ class PrefetchResult:
 async def prefetch(uri: str | ModelURI, *, settings: Settings, pool: Pool | None = None,
                    loader: Loader = "auto", progress: ProgressFactory | None = None,
                    cache: MetadataCache | None = None) -> PrefetchResult:
-    """Make ``uri`` warm on the host tier; return at once if it already is."""
+    """Make ``uri`` warm on the host tier; return at once if it already is.
+
+    A model re-uploaded while it streams fails that fill (nothing of it is published) and
+    is started over once, from a new listing: the bytes of the new version.
+    """
     started = time.perf_counter()
     model = uri if isinstance(uri, ModelURI) else parse_uri(uri)
     pool = pool or Pool(settings)
     cache = cache or MetadataCache(settings.cache_dir)
+    try:
+        return await _prefetch_once(model, settings, pool, loader, progress, cache, started)
+    except ObjectChangedError as exc:
+        log.info("%s changed while it was streaming (%s); starting over", model, exc,
+                 extra={"event": "source_changed", "uri": str(model)})
+        return await _prefetch_once(model, settings, pool, loader, progress, cache, started)
+
+
+async def _prefetch_once(model: ModelURI, settings: Settings, pool: Pool, loader: Loader,
+                         progress: ProgressFactory | None, cache: MetadataCache,
+                         started: float) -> PrefetchResult:
     await pool.reclaim()
     async with open_store(model) as store:
         listing = await cache.inspect(model, store)
         key = entry_key(listing.content_hash, HOST_DEVICE)
         warm = await _warm_entry(pool, key)
-        if warm is not None:
+        if warm is None:
+            # One filler per entry across processes; a second prefetch waits here and
+            # then finds the entry warm.
+            async with async_file_lock(pool.host.lock_path(key)):
+                warm = await _warm_entry(pool, key)
+                if warm is None:
+                    entry = await _fill(pool, cache, model, store, listing.content_hash,
+                                        loader, progress, settings)
+    if warm is not None:
+        if str(model) in warm.uris:
             return PrefetchResult(warm, time.perf_counter() - started, "", True)
-        # One filler per entry across processes; a second prefetch waits here and then
-        # finds the entry warm.
-        async with async_file_lock(pool.host.lock_path(key)):
-            warm = await _warm_entry(pool, key)
-            if warm is not None:
-                return PrefetchResult(warm, time.perf_counter() - started, "", True)
-            entry = await _fill(pool, cache, model, store, listing.content_hash,
-                                loader, progress, settings)
+        # The same bytes under another URI (identical files uploaded twice): resident
+        # once, and this URI names them too.
+        entry = await pool.add_name(warm, str(model))
+        log.info("%s is warm already: same content as %s (%s)", model, warm.uri,
+                 warm.content_hash[:12], extra={"event": "same_content", "uri": str(model),
+                                                "as": warm.uri})
     try:
-        await pool.retire_older(entry)
+        await pool.retire_older(entry, str(model))
     except Exception as exc:  # noqa: BLE001 - the model IS warm; retiring can wait
         # A registry that is out of reach a moment (Redis failing over) must not turn a
         # warm model into a failed prefetch; capacity eviction or the next prefetch of
         # this URI retires the old versions.
         log.warning("%s is warm, but retiring its older versions failed: %s", model, exc,
                     extra={"event": "retire_failed", "uri": str(model)})
+    if warm is not None:
+        return PrefetchResult(entry, time.perf_counter() - started, "", True)
+    try:
+        await cache.bound(await pool.in_use(), settings)
+    except Exception as exc:  # noqa: BLE001 - the model IS warm; the next prefetch prunes
+        log.warning("pruning the metadata cache failed: %s", exc,
+                    extra={"event": "prune_failed"})
     return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False)
 
 
@@ -103,12 +132,15 @@ async def _fill(pool: Pool, cache: MetadataCache, model: ModelURI, store: Any,
     try:
         entry = await pool.registry.transition(entry, State.FETCHING_METADATA)
         cached = await cache.fetch(model, store)
+        if cached.content_hash != content_hash:  # its headers are another version's
+            raise ObjectChangedError(f"{model} changed since it was listed", key="")
         layout = plan_layout(content_hash, cached.headers.items())
         entry = await pool.reserve(entry, layout.total_bytes)
         segment = pool.host.create(content_hash, layout.total_bytes)
         on_chunk = progress(layout.total_bytes) if progress else None
         used = await fill_buffer(model, layout, segment.buffer, options=settings.streamer,
-                                 loader=loader, progress=on_chunk, store=store)
+                                 loader=loader, progress=on_chunk, store=store,
+                                 pins=cached.objects)
         segment.close()
         pool.host.publish(segment, str(model), layout, entry.created_at)
         return await pool.registry.transition(entry, State.WARM, error=None, loader=used,

@@ -157,8 +157,11 @@ class AzureStore(ObjectStore):
 
     async def _download_to(self, name: str, dest: Path) -> int:
         done = 0
-        with open(dest, "wb") as f:
+        f = await asyncio.to_thread(dest.open, "wb")
+        try:
             async for chunk in self._chunks(name, None, None):
                 await asyncio.to_thread(f.write, chunk)
                 done += len(chunk)
+        finally:
+            await asyncio.to_thread(f.close)
         return done

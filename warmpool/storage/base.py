@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import posixpath
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import ClassVar, NoReturn, TypeVar
 
 from warmpool.errors import (
     AccessDeniedError,
+    ObjectChangedError,
     ObjectNotFoundError,
     StorageError,
     TransientStorageError,
@@ -81,6 +82,9 @@ class Store(abc.ABC):
     def __init__(self, uri: ModelURI, *, page_size: int | None = None,
                  backoff: Backoff | None = None) -> None:
         self.uri = uri
+        #: key -> etag of the listed version: reads of a pinned key must return that
+        #: version's bytes (backends that can make the server check it do; see pin()).
+        self.pins: dict[str, str] = {}
         if page_size is not None:
             self.page_size = page_size
         if backoff is not None:
@@ -114,6 +118,12 @@ class Store(abc.ABC):
 
         return await retry_async(attempt, what=f"{what} {self.uri.child(key)}",
                                  backoff=self.backoff)
+
+    def pin(self, objects: Iterable[ObjectInfo]) -> None:
+        """Read these objects at the listed version from now on: a backend whose server
+        can compare the version on every read (S3's ``If-Match``) fails a read of a
+        replaced object with :class:`ObjectChangedError` instead of returning new bytes."""
+        self.pins = {o.key: o.etag for o in objects}
 
     async def read_into(self, key: str, start: int, out: memoryview) -> None:
         """Fill ``out`` from ``key`` at ``start``; backends may override to avoid a copy."""
@@ -236,6 +246,9 @@ class ObjectStore(Store):
         f = self._failure(exc)
         label = f.code or (f"HTTP {f.status}" if f.status else type(exc).__name__)
         reason = f"{label}: {f.message[:300] or 'no message'}"
+        if f.status == 412 or f.code in ("PreconditionFailed", "ConditionNotMet"):
+            raise ObjectChangedError(f"{where} changed since it was listed (it is no longer "
+                                     f"version {self.pins.get(key)!r})", key=key) from exc
         if f.code in self.missing_container_codes or (f.status == 404 and not key):
             # a listing (no key) that is not found lacks its bucket, never an object
             raise ObjectNotFoundError(f"{where}: no such {self.container_word} "
@@ -268,8 +281,11 @@ async def read_full(read: Callable[[int], Awaitable[bytes]], size: int) -> bytes
 async def stream_to_file(read: Callable[[int], Awaitable[bytes]], dest: Path) -> int:
     """Copy a response body into ``dest`` a chunk at a time; never whole into memory."""
     done = 0
-    with open(dest, "wb") as f:
+    f = await asyncio.to_thread(dest.open, "wb")  # a slow cache disk must not stall the loop
+    try:
         while chunk := await read_full(read, DOWNLOAD_CHUNK):
             await asyncio.to_thread(f.write, chunk)
             done += len(chunk)
+    finally:
+        await asyncio.to_thread(f.close)
     return done

@@ -49,8 +49,24 @@ def _new_session() -> Any:
     return session
 
 
-def _endpoint_url() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+def _endpoint_url(service: str = "s3") -> str | None:
+    return (os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def aws_client(service: str, *, region: str | None = None, **config: Any) -> Any:
+    """An aiobotocore client context manager for ``service`` (``s3``, ``sqs``), configured
+    as every warmpool AWS client is: credentials from the usual chain,
+    ``AWS_ENDPOINT_URL_<SERVICE>`` or ``AWS_ENDPOINT_URL`` for a compatible server, the
+    region ``region`` (a resource names its own), else from the environment or the profile,
+    else ``us-east-1``; botocore's retries off (callers retry on their own schedule)."""
+    session = _new_session()
+    region = (region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+              or session.get_config_variable("region") or "us-east-1")
+    options: dict[str, Any] = {"retries": {"total_max_attempts": 1, "mode": "standard"},
+                               "connect_timeout": 10, "read_timeout": 60, **config}
+    return session.create_client(service, region_name=region,
+                                 endpoint_url=_endpoint_url(service), config=AioConfig(**options))
 
 
 class S3Store(ObjectStore):
@@ -85,19 +101,8 @@ class S3Store(ObjectStore):
 
     @staticmethod
     def _create_client() -> Any:
-        session = _new_session()
-        endpoint = _endpoint_url()
-        region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                  or session.get_config_variable("region") or "us-east-1")
-        config = AioConfig(
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            s3={"addressing_style": "path"} if endpoint else None,
-            connect_timeout=10,
-            read_timeout=60,
-            max_pool_connections=64,
-        )
-        return session.create_client("s3", region_name=region, endpoint_url=endpoint,
-                                     config=config)
+        path_style = {"addressing_style": "path"} if _endpoint_url() else None
+        return aws_client("s3", s3=path_style, max_pool_connections=64)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -132,6 +137,9 @@ class S3Store(ObjectStore):
         kwargs: dict[str, Any] = {"Bucket": self.uri.bucket, "Key": name}
         if range_header:
             kwargs["Range"] = range_header
+        etag = self.pins.get(name[len(self.uri.prefix):])
+        if etag:  # the server refuses (412) the bytes of any other version
+            kwargs["IfMatch"] = f'"{etag}"'
         return await s3.get_object(**kwargs)
 
     async def _get_range(self, name: str, start: int, length: int) -> bytes:

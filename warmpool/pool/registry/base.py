@@ -8,10 +8,14 @@ embedded default) and :mod:`warmpool.pool.registry.redis` (cluster-wide, for the
 from __future__ import annotations
 
 import abc
+import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class State(str, Enum):
@@ -57,6 +61,9 @@ class PoolEntry:
     last_attached_at: float | None = None
     history: list[tuple[str, float]] = field(default_factory=list)
     leases: int = 0  # filled in when read; not stored
+    #: Other URIs whose files are byte-for-byte these (the same content hash): one copy
+    #: is resident, and each name is attached, listed and released on its own.
+    aliases: list[str] = field(default_factory=list)
     #: An engine-layout entry's key (:class:`warmpool.pool.engine_layout.EngineKey` as
     #: JSON): the engine's processed parameters, not the checkpoint's tensors. None for
     #: a checkpoint entry.
@@ -65,6 +72,11 @@ class PoolEntry:
     @property
     def key(self) -> str:
         return entry_key(self.content_hash, self.device)
+
+    @property
+    def uris(self) -> list[str]:
+        """Every URI that names these bytes, ``uri`` first."""
+        return [self.uri, *self.aliases]
 
     def moved_to(self, state: State, **changes: Any) -> PoolEntry:
         """A copy in ``state``, with the transition stamped into its history."""
@@ -80,11 +92,41 @@ class PoolEntry:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PoolEntry:
+        """Rebuild an entry read from a file or Redis, checked as untrusted: a value of
+        the wrong type or an unknown state raises ValueError here, not later in a sum
+        or a table that ``status`` prints."""
+        if not isinstance(data, dict):
+            raise TypeError("an entry is a JSON object")
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in data.items() if k in known}
         values["state"] = State(values["state"])
         values["history"] = [(str(s), float(t)) for s, t in values.get("history", [])]
+        for name, kinds in _FIELD_TYPES.items():
+            if name in values and not (isinstance(values[name], kinds)
+                                       and not (isinstance(values[name], bool)
+                                                and bool not in kinds)):
+                raise ValueError(f"field {name!r} is {type(values[name]).__name__}")
         return cls(**values)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "uri": (str,), "content_hash": (str,), "device": (str,), "node": (str,),
+    "bytes": (int,), "tensors": (int,), "transport": (str,), "loader": (str,),
+    "error": (str, type(None)), "pinned": (bool,), "created_at": (int, float),
+    "updated_at": (int, float), "last_attached_at": (int, float, type(None)),
+    "leases": (int,),
+}
+
+
+def parse_entry(raw: bytes | str, where: str) -> PoolEntry | None:
+    """The entry in ``raw``, or None (logged) when it is not one: a corrupt or foreign
+    record is skipped and reported, and never breaks the listing of every other."""
+    try:
+        return PoolEntry.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        log.warning("skipping bad pool entry %s: %s", where, exc,
+                    extra={"event": "bad_record", "record": where})
+        return None
 
 
 class Registry(abc.ABC):

