@@ -95,6 +95,9 @@ def test_export_then_attach_is_bit_exact_from_another_process(settings: Settings
         for name, tensor in params.items():
             assert same_bits(model[name], tensor), name
             assert model[name].is_contiguous()
+        # The published layout reads back whole (as an engine asks for it).
+        assert [s.name for s in model.layout.slots] == list(params)
+        assert {s.file for s in model.layout.slots} == {"engine"}
         # Views of the one shared segment, not copies.
         base = model[next(iter(model))].untyped_storage().data_ptr()
         assert all(t.untyped_storage().data_ptr() == base for t in model.values())

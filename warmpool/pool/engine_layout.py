@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: What an engine-layout slot records as its source file: the bytes came from an engine.
-ENGINE_SOURCE = ""
+#: Not empty: the layout index stores file names joined, and one empty name reads back
+#: as no file at all.
+ENGINE_SOURCE = "engine"
 
 
 @dataclass(frozen=True)
