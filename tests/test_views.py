@@ -3,6 +3,8 @@ a view of the buffer's memory, not a copy (pure logic, no server)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -67,6 +69,27 @@ def test_index_round_trips_the_layout() -> None:
     assert (len(index), index.total_bytes, index.files) == (4, layout.total_bytes,
                                                             ["f.safetensors"])
     assert index.position("t2") == 2 and index.position("nope") is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=6, unique=True))
+def test_index_round_trips_any_tensor_names(names: list[str]) -> None:
+    """Names are untrusted header text: NUL, lone surrogates and the rest come back exactly."""
+    layout = layout_of([("U8", (1,))] * len(names), 8)
+    slots = tuple(dataclasses.replace(s, name=n, file=n + ".safetensors")
+                  for s, n in zip(layout.slots, names))
+    layout = dataclasses.replace(layout, slots=slots)
+    index = LayoutIndex.of(layout)
+    assert index.names == names and index.to_layout() == layout
+    assert [index.position(n) for n in names] == list(range(len(names)))
+
+
+def test_index_keeps_a_nul_and_a_lone_surrogate_in_names() -> None:
+    names = ["a\x00b", "\udcff", "plain"]
+    layout = layout_of([("U8", (1,))] * 3, 8)
+    layout = dataclasses.replace(layout, slots=tuple(
+        dataclasses.replace(s, name=n) for s, n in zip(layout.slots, names)))
+    assert LayoutIndex.of(layout).names == names
 
 
 @settings(max_examples=100, deadline=None)

@@ -26,7 +26,39 @@ log = logging.getLogger(__name__)
 WARM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
-class Metrics:
+class Endpoint:
+    """The ``/metrics`` HTTP endpoint of one registry (the controller's, or a standalone
+    relay's)."""
+
+    registry: CollectorRegistry
+    _server: Any = None
+
+    def serve(self, port: int, addr: str | None = None) -> int | None:
+        """Serve ``/metrics`` on ``addr:port`` (port 0: any free port; < 0: off).
+
+        Returns the port bound, or None when off."""
+        if port < 0:
+            return None
+        addr = addr or os.environ.get("WARMPOOL_METRICS_ADDR", "127.0.0.1")
+        server, thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._server = (server, thread)
+        bound = int(server.server_port)
+        log.info("metrics on http://%s:%d/metrics", addr, bound,
+                 extra={"event": "metrics_listening", "port": bound, "addr": addr})
+        return bound
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        server, thread = self._server
+        self._server = None
+        server.shutdown()
+        server.server_close()
+        if isinstance(thread, threading.Thread):
+            thread.join(timeout=5)
+
+
+class Metrics(Endpoint):
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.events = Counter("warmpool_events_received", "Event payloads received.",
@@ -48,7 +80,6 @@ class Metrics:
         self.occupancy = Gauge("warmpool_pool_bytes",
                                "Bytes held and capacity of each device's pool.",
                                ["device", "kind"], registry=r)
-        self._server: Any = None
 
     def progress(self, device: str) -> Callable[[int], Callable[[int], None]]:
         """A prefetch progress factory that counts streamed bytes (thread-safe)."""
@@ -75,27 +106,3 @@ class Metrics:
         for device, nbytes in capacity.items():
             self.occupancy.labels(device, "capacity").set(nbytes)
         return used
-
-    def serve(self, port: int, addr: str | None = None) -> int | None:
-        """Serve ``/metrics`` on ``addr:port`` (port 0: any free port; < 0: off).
-
-        Returns the port bound, or None when off."""
-        if port < 0:
-            return None
-        addr = addr or os.environ.get("WARMPOOL_METRICS_ADDR", "127.0.0.1")
-        server, thread = start_http_server(port, addr=addr, registry=self.registry)
-        self._server = (server, thread)
-        bound = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", addr, bound,
-                 extra={"event": "metrics_listening", "port": bound, "addr": addr})
-        return bound
-
-    def close(self) -> None:
-        if self._server is None:
-            return
-        server, thread = self._server
-        self._server = None
-        server.shutdown()
-        server.server_close()
-        if isinstance(thread, threading.Thread):
-            thread.join(timeout=5)

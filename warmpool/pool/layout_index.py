@@ -4,7 +4,8 @@ A host-tier record is read by every attach. As JSON, a layout of 100,000 tensors
 parse and 100,000 objects before the first view exists; as this index it costs one
 ``mmap`` and a fixed-size header. Per-tensor numbers are little-endian int64 columns that
 are read in place (``memoryview.cast``) or, by the view builder, checked all at once as
-tensors; names are one NUL-separated UTF-8 block, decoded in one call when first needed.
+tensors; names are one NUL-separated UTF-8 block, decoded in one call when first needed
+(a checkpoint whose names contain NUL gets a JSON list instead, marked by the version).
 
     header   64 bytes: magic, version, max_dims, count, total_bytes, alignment,
              names_bytes, files_bytes, hash_bytes
@@ -18,6 +19,7 @@ slot against the buffer before a view is built (:func:`warmpool.pool.views.tenso
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import stat
@@ -31,6 +33,8 @@ from warmpool.pool.layout import Layout, Slot
 
 MAGIC = b"WPLAYOUT"
 VERSION = 1
+#: Names and files as a JSON list of strings: any name safetensors allows, NUL included.
+VERSION_JSON_NAMES = 2
 _HEADER = struct.Struct("<8sII6Q")
 COLUMNS = ("offset", "nbytes", "file_offset", "dtype", "file", "ndim")
 #: Stable codes of the safetensors dtypes (their position); never reorder, only append.
@@ -38,14 +42,32 @@ DTYPES = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", 
           "U64", "F64", "C64", "F8_E5M2", "F8_E4M3", "F8_E8M0")
 _DTYPE_CODE = {name: code for code, name in enumerate(DTYPES)}
 SEP = "\0"
+#: Names are untrusted text: a lone surrogate (valid in a JSON header) must round-trip.
+_UTF8 = ("utf-8", "surrogatepass")
+
+
+def _join(strings: list[str], version: int) -> bytes:
+    if version == VERSION_JSON_NAMES:
+        return json.dumps(strings).encode("ascii")
+    return SEP.join(strings).encode(*_UTF8)
+
+
+def _split(raw: memoryview, count: int, version: int) -> list[str]:
+    if version == VERSION_JSON_NAMES:
+        strings = json.loads(bytes(raw)) if len(raw) else []
+        if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+            raise ValueError("layout index names are not a list of strings")
+        return strings
+    return bytes(raw).decode(*_UTF8).split(SEP) if count else []
 
 
 def encode(layout: Layout) -> bytes:
     """The index of ``layout`` (done once, when a model is published)."""
     slots = layout.slots
+    version = VERSION
     for s in slots:
         if SEP in s.name or SEP in s.file:
-            raise ValueError(f"tensor name or file {s.name!r} contains a NUL character")
+            version = VERSION_JSON_NAMES
         if s.dtype not in _DTYPE_CODE:
             raise ValueError(f"tensor {s.name!r} has dtype {s.dtype!r}, which the index lacks")
     files = layout.files
@@ -60,10 +82,10 @@ def encode(layout: Layout) -> bytes:
         columns.extend(s.shape + (1,) * (max_dims - len(s.shape)))
     if sys.byteorder != "little":
         columns.byteswap()
-    names = SEP.join(s.name for s in slots).encode()
-    file_block = SEP.join(files).encode()
+    names = _join([s.name for s in slots], version)
+    file_block = _join(list(files), version)
     digest = layout.content_hash.encode("ascii")
-    header = _HEADER.pack(MAGIC, VERSION, max_dims, len(slots), layout.total_bytes,
+    header = _HEADER.pack(MAGIC, version, max_dims, len(slots), layout.total_bytes,
                           layout.alignment, len(names), len(file_block), len(digest))
     return header + columns.tobytes() + names + file_block + digest
 
@@ -77,11 +99,11 @@ class LayoutIndex:
         view = memoryview(data)
         if len(view) < _HEADER.size:
             raise ValueError("layout index is truncated (no header)")
-        (magic, version, self.max_dims, self.count, self.total_bytes, self.alignment,
+        (magic, self.version, self.max_dims, self.count, self.total_bytes, self.alignment,
          names_bytes, files_bytes, hash_bytes) = _HEADER.unpack_from(view)
-        if magic != MAGIC or version != VERSION:
-            raise ValueError(f"not a layout index of version {VERSION} "
-                             f"(magic {magic!r}, version {version})")
+        if magic != MAGIC or self.version not in (VERSION, VERSION_JSON_NAMES):
+            raise ValueError(f"not a layout index of version {VERSION} or {VERSION_JSON_NAMES} "
+                             f"(magic {magic!r}, version {self.version})")
         per_tensor = 8 * (len(COLUMNS) + self.max_dims)
         start = _HEADER.size + per_tensor * self.count
         if len(view) != start + names_bytes + files_bytes + hash_bytes:
@@ -128,7 +150,7 @@ class LayoutIndex:
     @cached_property
     def names(self) -> list[str]:
         """Tensor names in buffer order (one decode and one split, in C)."""
-        names = bytes(self._names_raw).decode().split(SEP) if self.count else []
+        names = _split(self._names_raw, self.count, self.version)
         if len(names) != self.count:
             raise ValueError(f"layout index names {len(names)} tensors, not {self.count}")
         return names
@@ -146,7 +168,7 @@ class LayoutIndex:
 
     @cached_property
     def files(self) -> list[str]:
-        return bytes(self._files_raw).decode().split(SEP) if len(self._files_raw) else []
+        return _split(self._files_raw, len(self._files_raw), self.version)
 
     def column(self, name: str) -> memoryview:
         """One int64 column (see :data:`COLUMNS`), read in place."""
