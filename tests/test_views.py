@@ -92,6 +92,13 @@ def test_index_keeps_a_nul_and_a_lone_surrogate_in_names() -> None:
     assert LayoutIndex.of(layout).names == names
 
 
+def test_index_keeps_a_single_empty_file_name() -> None:
+    layout = layout_of([("U8", (1,))], 8)
+    layout = dataclasses.replace(layout, slots=(dataclasses.replace(layout.slots[0], file=""),))
+    index = LayoutIndex.of(layout)
+    assert index.files == [""] and index.to_layout() == layout
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(DTYPES), shapes), max_size=12),
        st.sampled_from([8, 256]))

@@ -66,7 +66,7 @@ def encode(layout: Layout) -> bytes:
     slots = layout.slots
     version = VERSION
     for s in slots:
-        if SEP in s.name or SEP in s.file:
+        if SEP in s.name or SEP in s.file or not s.file:  # "" alone would read back as no file
             version = VERSION_JSON_NAMES
         if s.dtype not in _DTYPE_CODE:
             raise ValueError(f"tensor {s.name!r} has dtype {s.dtype!r}, which the index lacks")
