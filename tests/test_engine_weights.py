@@ -18,9 +18,9 @@ from tests.models import write_model
 from tests.servers import REPO, S3Backend
 from tests.test_host_tier import assert_bit_exact, reference
 from warmpool.config import Settings
-from warmpool.errors import ConfigError, NotWarmError
+from warmpool.errors import CheckpointMismatchError, ConfigError, NotWarmError
 from warmpool.integrations import sglang as sgl_plugin
-from warmpool.integrations.weights import (LoaderOptions, ModelMismatchError, NameTracker,
+from warmpool.integrations.weights import (LoaderOptions, NameTracker,
                                            check_same_model, missing_parameters, open_weights,
                                            resolve_model)
 from warmpool.model.cache import MetadataCache
@@ -122,7 +122,7 @@ async def test_a_pool_entry_of_another_content_is_refused(
     await prefetch(str(tmp_path / "b"), settings=settings)
     ref = resolve_model(cached.files_dir, str(tmp_path / "b"))
     model, _ = open_weights(ref.uri, "cpu", settings=settings)
-    with model, pytest.raises(ModelMismatchError, match="is content") as info:
+    with model, pytest.raises(CheckpointMismatchError, match="is content") as info:
         check_same_model(ref, model)
     assert ref.uri in str(info.value) and cached.content_hash[:12] in str(info.value)
 
@@ -131,7 +131,7 @@ def test_a_name_the_engine_lacks_is_named_in_the_error() -> None:
     tensors = {"model.embed.weight": torch.zeros(2), "model.bogus.weight": torch.zeros(2)}
     stream = NameTracker(tensors)
     params = {"model.embed.weight"}
-    with pytest.raises(ModelMismatchError, match="'model.bogus.weight' of s3://b/m/") as info:
+    with pytest.raises(CheckpointMismatchError, match="'model.bogus.weight' of s3://b/m/") as info:
         try:
             for name, _ in stream:
                 if name not in params:

@@ -24,6 +24,7 @@ import typing
 from warmpool.errors import (
     AccessDeniedError,
     CapacityError,
+    CheckpointMismatchError,
     ConfigError,
     ControllerError,
     IncompleteModelError,
@@ -82,6 +83,7 @@ __all__ = [
     "AttachedModel",
     "CachedModel",
     "CapacityError",
+    "CheckpointMismatchError",
     "ConfigError",
     "ControllerError",
     "Evicted",

@@ -81,6 +81,11 @@ class MetadataLimitError(WarmpoolError, ValueError):
 # --- the pool ------------------------------------------------------------------------
 
 
+class CheckpointMismatchError(WarmpoolError, ValueError):
+    """The weights do not belong to the model an engine or library was configured with:
+    another content hash, or tensor names or shapes its module does not have."""
+
+
 class PoolError(WarmpoolError):
     """A pool operation was refused."""
 

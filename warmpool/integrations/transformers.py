@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from warmpool.config import Settings
-from warmpool.errors import NotWarmError, WarmpoolError
+from warmpool.errors import CheckpointMismatchError, NotWarmError
 from warmpool.pool.attachment import AttachedModel, attach
 from warmpool.pool.entries import HOST_DEVICE
 
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 _ATTACHMENT = "_warmpool_attachment"
 _RELEASE = "_warmpool_release"
-
-
-class CheckpointMismatchError(WarmpoolError):
-    """The checkpoint's tensors and the model class's parameters do not match."""
 
 
 def load_model(uri: str, *, device: str = HOST_DEVICE, dtype: torch.dtype | None = None,

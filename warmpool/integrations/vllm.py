@@ -28,6 +28,7 @@ import os
 import time
 from typing import Any
 
+from warmpool.errors import CheckpointMismatchError
 from warmpool.integrations.weights import LoaderOptions
 
 LOAD_FORMAT = "warmpool"
@@ -197,7 +198,7 @@ def _define_loader() -> type:
             missing = weights.missing_parameters(
                 (n for n, _ in model.named_parameters()), loaded)
             if missing:
-                raise weights.ModelMismatchError(
+                raise CheckpointMismatchError(
                     f"{uri} has no weights for {len(missing)} parameter(s) of the engine's "
                     f"{name}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
                     "nothing was served")

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from warmpool.config import Settings
-from warmpool.errors import ConfigError, NotWarmError, WarmpoolError, WorkerError
+from warmpool.errors import (CheckpointMismatchError, ConfigError, NotWarmError,
+                             WorkerError)
 from warmpool.model.cache import FILES_DIR, MANIFEST
 from warmpool.pool.attachment import AttachedModel, attach
 from warmpool.pool.entries import HOST_DEVICE
@@ -231,16 +232,11 @@ def check_same_model(ref: RequestedModel, model: AttachedModel) -> None:
     """Refuse weights of another content than the config the engine read: a pool entry
     of another version would load without a shape error and serve garbage."""
     if ref.content_hash is not None and model.content_hash != ref.content_hash:
-        raise ModelMismatchError(
+        raise CheckpointMismatchError(
             f"the pool's entry for {ref.uri} is content {model.content_hash[:12]}, but the "
             f"engine was given the files of content {ref.content_hash[:12]} ({ref.files_dir}); "
             f"point the engine at `warmpool metadata {ref.uri} --files-dir`, or warm this "
             f"version again")
-
-
-class ModelMismatchError(WarmpoolError, ValueError):
-    """The weights do not belong to the model the engine was configured with: another
-    content hash, or tensor names its module does not have."""
 
 
 # --- feeding an engine's own weight loader ---------------------------------------------
@@ -263,10 +259,10 @@ class NameTracker:
             yield name, tensor
         self.current = None
 
-    def mismatch(self, uri: str, module: str, exc: BaseException) -> ModelMismatchError:
+    def mismatch(self, uri: str, module: str, exc: BaseException) -> CheckpointMismatchError:
         where = (f"checkpoint tensor {self.current!r}" if self.current is not None
                  else "the checkpoint")
-        return ModelMismatchError(f"{where} of {uri} does not fit the engine's {module}: "
+        return CheckpointMismatchError(f"{where} of {uri} does not fit the engine's {module}: "
                                   f"{type(exc).__name__}: {exc}; nothing was served")
 
 
