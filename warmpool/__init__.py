@@ -5,8 +5,10 @@ The public surface is small on purpose::
     import warmpool
 
     warmpool.prefetch("s3://bucket/models/llama/")             # warm it (or find it warm)
-    with warmpool.attach("s3://bucket/models/llama/", device="cpu") as weights:
-        model.load_state_dict(weights, assign=True)
+    weights = warmpool.attach("s3://bucket/models/llama/", device="cpu")
+    model.load_state_dict(weights, assign=True)  # views: keep the lease while they serve
+    ...
+    weights.close()
 
 ``prefetch``, ``evict``, ``status`` and ``metadata`` go through this node's controller
 when one runs and work in this process otherwise (:mod:`warmpool.operations`).
@@ -47,7 +49,7 @@ if typing.TYPE_CHECKING:
     from warmpool.pool.attachment import AttachedModel, attach
     from warmpool.pool.registry.base import PoolEntry, State
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Public name → the module that defines it, imported when the name is first used.
 _LAZY = {
