@@ -105,10 +105,13 @@ def test_make_test_installs_the_package_once_and_only_when_it_changed(tmp_path: 
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
     (venv / ".torch").touch()
-    fresh = _make(tmp_path, "-n", "test", f"VENV={venv}")
+    vllm_venv = tmp_path / "venv-vllm"
+    args = ("-n", "test", f"VENV={venv}", f"VLLM_VENV={vllm_venv}")
+    fresh = _make(tmp_path, *args)
     assert fresh.returncode == 0, fresh.stderr
-    assert fresh.stdout.count("pip install -q -e") == 1
-    for stamp in (".installed", ".installed-dev"):
-        (venv / stamp).touch()
-    again = _make(tmp_path, "-n", "test", f"VENV={venv}")
+    assert fresh.stdout.count(f"{venv}/bin/pip install -q -e") == 1
+    vllm_venv.mkdir()
+    for stamp in (venv / ".installed", venv / ".installed-dev", vllm_venv / ".installed"):
+        stamp.touch()
+    again = _make(tmp_path, *args)
     assert "pip install" not in again.stdout and "pytest" in again.stdout
