@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from warmpool.config import Settings
-from warmpool.errors import NotWarmError, WarmpoolError
+from warmpool.errors import NotWarmError
 from warmpool.locks import async_file_lock
 from warmpool.pool.entries import HOST_DEVICE, Pool
 from warmpool.pool.host import HostTier
@@ -163,11 +163,11 @@ async def export(key: EngineKey, tensors: Iterable[tuple[str, torch.Tensor]], *,
     items = list(tensors)
     await pool.reclaim()
     ekey = entry_key(key.content_hash, HOST_DEVICE)
-    warm = await _warm(pool, ekey)
+    warm = await pool.warm_host_entry(ekey)
     if warm is not None:
         return ExportResult(warm, time.perf_counter() - started, True)
     async with async_file_lock(pool.host.lock_path(ekey)):
-        warm = await _warm(pool, ekey)
+        warm = await pool.warm_host_entry(ekey)
         if warm is not None:
             return ExportResult(warm, time.perf_counter() - started, True)
         entry = await _fill(pool, key, items, checkpoint_uri, settings)
@@ -178,12 +178,6 @@ async def export(key: EngineKey, tensors: Iterable[tuple[str, torch.Tensor]], *,
                     entry.uri, exc, extra={"event": "retire_failed", "uri": entry.uri})
     return ExportResult(entry, time.perf_counter() - started, False)
 
-
-async def _warm(pool: Pool, key: str) -> PoolEntry | None:
-    entry = await pool.registry.get(key)
-    if entry is None or entry.state != State.WARM:
-        return None
-    return entry if pool.host.resident(entry.content_hash) is not None else None
 
 
 async def _fill(pool: Pool, key: EngineKey, items: list[tuple[str, torch.Tensor]],
@@ -212,12 +206,7 @@ async def _fill(pool: Pool, key: EngineKey, items: list[tuple[str, torch.Tensor]
                                               loader=f"export:{key.engine}",
                                               tensors=len(layout.slots))
     except BaseException as exc:
-        if segment is not None:
-            pool.host.discard(segment)
-        stopped = (KeyboardInterrupt, SystemExit, asyncio.CancelledError)
-        reason = "interrupted" if isinstance(exc, stopped) else (
-            str(exc) if isinstance(exc, WarmpoolError) else f"{type(exc).__name__}: {exc}")
-        await pool.registry.transition(entry, State.FAILED, error=reason)
+        await pool.fail(entry, segment, exc)
         raise
 
 

@@ -10,17 +10,18 @@ needed bytes — never half-way through.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
-from warmpool.errors import LeaseHeldError, NotWarmError
+from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
 from warmpool.pool.eviction import choose_victims, entry_candidate, inherits_pin, superseded
 from warmpool.pool.leases import Leases
 from warmpool.locks import async_file_lock, is_locked
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
-from warmpool.pool.host import HostTier
+from warmpool.pool.host import HostTier, WritableSegment
 from warmpool.pool.refs import ModelRef
 
 HOST_DEVICE = "cpu"
@@ -67,6 +68,24 @@ class Pool:
         return used | self.leases.held_hashes()
 
     # --- capacity ------------------------------------------------------------------
+    async def warm_host_entry(self, key: str) -> PoolEntry | None:
+        """The entry ``key`` if it is warm and its segment is really there."""
+        entry = await self.registry.get(key)
+        if entry is None or entry.state != State.WARM:
+            return None
+        return entry if self.host.resident(entry.content_hash) is not None else None
+
+    async def fail(self, entry: PoolEntry, segment: WritableSegment | None,
+                   exc: BaseException) -> PoolEntry:
+        """A fill that raised: its partial segment goes, and the entry says why, so that
+        nothing half-loaded is ever published or left behind."""
+        if segment is not None:
+            self.host.discard(segment)
+        stopped = (KeyboardInterrupt, SystemExit, asyncio.CancelledError)
+        reason = "interrupted" if isinstance(exc, stopped) else (
+            str(exc) if isinstance(exc, WarmpoolError) else f"{type(exc).__name__}: {exc}")
+        return await self.registry.transition(entry, State.FAILED, error=reason)
+
     def host_capacity(self) -> int:
         if self.settings.host_capacity is not None:
             return self.settings.host_capacity

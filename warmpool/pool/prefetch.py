@@ -8,7 +8,6 @@ the partial segment and records ``failed`` with the error, so nothing half-loade
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 
 from warmpool.model.cache import MetadataCache
 from warmpool.config import Settings
-from warmpool.errors import ObjectChangedError, WarmpoolError
+from warmpool.errors import ObjectChangedError
 from warmpool.pool.layout import plan_layout
 from warmpool.locks import async_file_lock
 from warmpool.pool.entries import HOST_DEVICE, Pool
@@ -75,12 +74,12 @@ async def _prefetch_once(model: ModelURI, settings: Settings, pool: Pool, loader
     async with open_store(model) as store:
         listing = await cache.inspect(model, store)
         key = entry_key(listing.content_hash, HOST_DEVICE)
-        warm = await _warm_entry(pool, key)
+        warm = await pool.warm_host_entry(key)
         if warm is None:
             # One filler per entry across processes; a second prefetch waits here and
             # then finds the entry warm.
             async with async_file_lock(pool.host.lock_path(key)):
-                warm = await _warm_entry(pool, key)
+                warm = await pool.warm_host_entry(key)
                 if warm is None:
                     entry = await _fill(pool, cache, model, store, listing.content_hash,
                                         loader, progress, settings)
@@ -111,13 +110,6 @@ async def _prefetch_once(model: ModelURI, settings: Settings, pool: Pool, loader
     return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False)
 
 
-async def _warm_entry(pool: Pool, key: str) -> PoolEntry | None:
-    entry = await pool.registry.get(key)
-    if entry is None or entry.state != State.WARM:
-        return None
-    content_hash = key.split("@", 1)[0]
-    return entry if pool.host.resident(content_hash) is not None else None
-
 
 async def _fill(pool: Pool, cache: MetadataCache, model: ModelURI, store: Any,
                 content_hash: str, loader: Loader, progress: ProgressFactory | None,
@@ -146,10 +138,5 @@ async def _fill(pool: Pool, cache: MetadataCache, model: ModelURI, store: Any,
         return await pool.registry.transition(entry, State.WARM, error=None, loader=used,
                                               tensors=len(layout.slots))
     except BaseException as exc:
-        if segment is not None:
-            pool.host.discard(segment)
-        stopped = (KeyboardInterrupt, SystemExit, asyncio.CancelledError)
-        reason = "interrupted" if isinstance(exc, stopped) else (
-            str(exc) if isinstance(exc, WarmpoolError) else f"{type(exc).__name__}: {exc}")
-        await pool.registry.transition(entry, State.FAILED, error=reason)
+        await pool.fail(entry, segment, exc)
         raise
