@@ -47,6 +47,19 @@ def _vllm_python() -> Path:
     return VLLM_PYTHON
 
 
+def _vllm_env(moto_server: Server, root: Path) -> dict[str, str]:
+    """The environment of a vLLM child: the S3 test server, a pool of its own under
+    ``root``, CPU settings for two ranks, nothing from the hub, no controller."""
+    env = {**os.environ, **moto_server.env,
+           "WARMPOOL_RUNTIME_DIR": str(root / "runtime"), "WARMPOOL_CACHE_DIR": str(root / "cache"),
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    for name in moto_server.unset:
+        env.pop(name, None)
+    env.pop("WARMPOOL_REDIS_URL", None)
+    return env
+
+
 def _run(argv: list[str], env: dict[str, str], timeout: float) -> str:
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=REPO)
@@ -67,13 +80,7 @@ def served(moto_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Ite
     metadata cache."""
     python = _vllm_python()
     root = tmp_path_factory.mktemp("vllm")
-    env = {**os.environ, **moto_server.env,
-           "WARMPOOL_RUNTIME_DIR": str(root / "runtime"), "WARMPOOL_CACHE_DIR": str(root / "cache"),
-           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    for name in moto_server.unset:
-        env.pop(name, None)
-    env.pop("WARMPOOL_REDIS_URL", None)
+    env = _vllm_env(moto_server, root)
     local = {"a": root / "a", "b": root / "b", "bad_names": root / "bad_names"}
     _run([str(python), str(CHILD), "make-models", json.dumps([
         {"out": str(local["a"]), "seed": 1}, {"out": str(local["b"]), "seed": 2},

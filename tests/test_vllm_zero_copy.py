@@ -10,7 +10,6 @@ path. See tests/test_vllm.py for how vLLM runs here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.servers import S3Backend, Server
-from tests.test_vllm import CHILD, Served, _engine_log, _engines, _run, _upload, _vllm_python
+from tests.test_vllm import (CHILD, Served, _engine_log, _engines, _run, _upload, _vllm_env,
+                              _vllm_python)
 from warmpool.pool.engine_layout import EngineKey
 from warmpool.pool.host import HostTier
 
@@ -32,13 +32,7 @@ def served_one(moto_server: Server, tmp_path_factory: pytest.TempPathFactory) ->
     """One tiny Llama in S3, warm on the host tier, and its metadata-cache directory."""
     python = _vllm_python()
     root = tmp_path_factory.mktemp("vllm_zero_copy")
-    env = {**os.environ, **moto_server.env,
-           "WARMPOOL_RUNTIME_DIR": str(root / "runtime"), "WARMPOOL_CACHE_DIR": str(root / "cache"),
-           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    for name in moto_server.unset:
-        env.pop(name, None)
-    env.pop("WARMPOOL_REDIS_URL", None)
+    env = _vllm_env(moto_server, root)
     local = root / "a"
     _run([str(python), str(CHILD), "make-models", json.dumps([{"out": str(local), "seed": 1}])],
          env, 300)
