@@ -28,6 +28,7 @@ from warmpool.workers.group import (DEFAULT_TIMEOUT_S, RankRun, backend_for, mas
 from warmpool.workers.protocol import AsyncChannel, Message, ok
 from warmpool.workers.requests import Connection, LoadRequest, Reply
 from warmpool.workers.residents import DeviceResident
+from warmpool.threads import to_thread_joined
 
 if TYPE_CHECKING:
     from warmpool.workers.worker import Worker
@@ -156,7 +157,7 @@ class Groups:
                     target = resident.buffer.tensor
                     if target is None:  # evicted between prepare and now
                         raise WorkerError(f"{req.uri}: its buffer was freed before streaming")
-                    result = await asyncio.to_thread(
+                    result = await to_thread_joined(
                         stream_rank, parse_uri(req.uri), req.layout, target,
                         device=self.worker.device, run=run, options=req.options)
                 loader, read_bytes = "runai-distributed", result.read_bytes

@@ -40,6 +40,7 @@ from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.loading.streaming import fill_buffer
+from warmpool.threads import to_thread_joined
 from warmpool.model.cache import MetadataCache
 from warmpool.pool.host import HostTier
 from warmpool.model.uri import parse_uri
@@ -335,7 +336,7 @@ class Worker:
         host = self.host.resident(req.content_hash)
         if host is not None:
             try:
-                await asyncio.to_thread(promote, host, req.layout, target)
+                await to_thread_joined(promote, host, req.layout, target)
                 return "host"
             except FileNotFoundError:
                 log.info("host copy of %s vanished; streaming instead", req.content_hash[:12])

@@ -31,6 +31,7 @@ from warmpool.loading.pread import Job, plan_jobs, stream_pread
 from warmpool.storage import open_store
 from warmpool.storage.base import ObjectInfo, Store
 from warmpool.storage.local import open_regular
+from warmpool.threads import to_thread_joined
 from warmpool.model.uri import ModelURI
 from warmpool.pool.views import TORCH_DTYPES
 
@@ -142,17 +143,16 @@ async def _stream(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
         # A thread cannot be cancelled from outside; the loaders check this flag
         # between pieces, so Ctrl-C or a controller shutdown stops them within one
         # piece instead of after the whole model.
+        # The thread is joined before a cancellation propagates: the caller frees the
+        # target next, and a thread still copying into it would crash the process.
         stop = threading.Event()
-        try:
-            if chosen == "runai":
-                await asyncio.to_thread(stream_runai, uri, layout, target, options=options,
-                                        files=files, progress=report, stop=stop)
-            else:
-                await asyncio.to_thread(stream_pread, uri.path, layout, target, files=files,
-                                        progress=report, stop=stop)
-        except asyncio.CancelledError:
-            stop.set()
-            raise
+        if chosen == "runai":
+            await to_thread_joined(stream_runai, uri, layout, target, options=options,
+                                   files=files, progress=report, stop=stop,
+                                   on_cancel=stop.set)
+        else:
+            await to_thread_joined(stream_pread, uri.path, layout, target, files=files,
+                                   progress=report, stop=stop, on_cancel=stop.set)
     elif store is not None:
         await stream_native(store, layout, target, files=files, progress=report)
     else:
@@ -281,7 +281,9 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
             # In a thread: the first write to a fresh segment page-faults every page, and
             # torch's copy releases the GIL, so the faults overlap the event loop's reads
             # instead of stalling them.
-            await asyncio.to_thread(_scatter, target, job, source)
+            # Joined even when cancelled: a failed sibling read cancels this one, and the
+            # caller then frees ``target``.
+            await to_thread_joined(_scatter, target, job, source)
         progress(job.nbytes)
 
     jobs = plan_jobs(layout, files, chunk=piece_bytes or NATIVE_PIECE)

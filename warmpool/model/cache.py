@@ -40,6 +40,7 @@ from warmpool.locks import async_file_lock, is_locked
 from warmpool.model.safetensors import SafetensorsHeader, read_header
 from warmpool.storage import Store, open_store
 from warmpool.storage.base import ObjectInfo, validate_relative_key
+from warmpool.threads import to_thread_joined
 from warmpool.model.uri import ModelURI, parse_uri
 
 log = logging.getLogger(__name__)
@@ -258,9 +259,9 @@ class MetadataCache:
                 "skipped": [o.key for o in skipped],
                 "headers": {key: h.to_json() for key, h in headers.items()},
             }
-            await _to_thread_to_the_end(_commit, tmp, manifest, final)
+            await to_thread_joined(_commit, tmp, manifest, final)
         except BaseException:
-            await _to_thread_to_the_end(_discard, tmp)  # rmtree and retries: off the loop
+            await to_thread_joined(_discard, tmp)  # rmtree and retries: off the loop
             raise
         return _from_manifest(manifest, final)
 
@@ -467,20 +468,6 @@ def _from_manifest(data: dict[str, Any], directory: Path) -> CachedModel:
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-async def _to_thread_to_the_end(fn: Callable[..., T], *args: Any) -> T:
-    """``to_thread`` that, when cancelled, still waits for ``fn`` before re-raising.
-
-    The commit must not race the cleanup: deleting files while the thread renames the
-    directory into place could publish half of it under ``<hash>/``.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
-
 
 def _size_or_missing(path: Path) -> int:
     try:
