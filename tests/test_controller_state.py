@@ -182,3 +182,26 @@ async def test_a_convergence_pass_starts_a_bounded_number_of_warm_ups(
         await ctl.desired.add(Request("deploy", parse_uri(str(tmp_path / f"missing-{i}"))))
     assert await ctl.converge() == 2
     assert len(ctl._tasks) <= 2
+
+
+async def test_history_is_forgotten_after_its_time_and_warm_entries_are_kept(
+        harness: Harness, tmp_path: Path) -> None:
+    """A node run only by a controller (no CLI ever prunes its registry) still forgets
+    evicted entries once they are older than ``history_keep_s``; warm ones stay."""
+    write_model(tmp_path / "kept", shards=1, seed=11)
+    write_model(tmp_path / "dropped", shards=1, seed=12)
+    kept, dropped = parse_uri(str(tmp_path / "kept")), parse_uri(str(tmp_path / "dropped"))
+    ctl = await harness.start(options=replace(FAST, recheck_s=0.2, history_keep_s=1.0))
+    for model in (kept, dropped):
+        await harness.xadd(ask("deploy", model))
+        await harness.wait_entry(model)
+    await harness.xadd(ask("evict", dropped))
+    await harness.wait_entry(dropped, State.EVICTED)
+
+    async def forgotten() -> bool:
+        return all(e.uri != str(dropped) for e in await harness.entries())
+
+    await wait_until(forgotten, "the evicted entry to be forgotten")
+    states = {e.uri: e.state for e in await harness.entries()}
+    assert states == {str(kept): State.WARM}
+    assert ctl.options.history_keep_s == 1.0

@@ -64,6 +64,7 @@ class ControllerOptions:
     failure_backoff_s: float = 30.0  # a wanted model that failed waits this, doubling...
     failure_backoff_cap_s: float = 3600.0  # ... up to this, between attempts
     give_up_after: int = 5  # failures before a wanted model is given up until asked again
+    history_keep_s: float = 7 * 24 * 3600.0  # evicted/failed/lost entries, then forgotten
     lock_ttl_s: float = 30.0
     shutdown_grace_s: float = 10.0  # in-flight work may finish; then it is abandoned
     loader: str = "auto"
@@ -335,6 +336,9 @@ class Controller:
                 await self.dispatcher.retry_retiring()
                 await self.converge()
                 await self.dispatcher.cache.bound(await self.pool.in_use(), self.settings)
+                # The CLI forgets old history when it runs; a node run by a controller
+                # may never see the CLI, and its Redis would keep every entry ever made.
+                await self.pool.forget_history(self.options.history_keep_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), tick)
 
