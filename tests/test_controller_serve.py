@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.cli_process import CliProcess, poll
 from tests.models import write_model
 from tests.pool_env import run_cli
 from tests.redis_server import RedisServer
@@ -30,57 +30,17 @@ NODE = "node-under-test"
 FAST_ENV = {"WARMPOOL_DEBOUNCE_S": "0.3", "WARMPOOL_HEARTBEAT_S": "0.5",
             "WARMPOOL_RECHECK_S": "1", "WARMPOOL_CLAIM_IDLE_S": "2",
             "WARMPOOL_SHUTDOWN_GRACE_S": "5", "WARMPOOL_NODE": NODE}
-DEADLINE_S = 60.0
 
 
-def poll(check: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-class Serve:
-    """One ``warmpool serve`` subprocess, its stderr in a file."""
+class Serve(CliProcess):
+    """One ``warmpool serve`` process (metrics on a free port, fast timings)."""
 
     def __init__(self, log: Path, *args: str) -> None:
-        self.log = log
-        with open(log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "warmpool.cli", "serve", "--metrics-port", "0", *args],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                env={**os.environ, **FAST_ENV})
+        super().__init__(log, "serve", "--metrics-port", "0", *args, env=FAST_ENV)
 
     def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            out.append(json.loads(line))  # every line is a JSON document
-        return out
-
-    def event(self, name: str) -> dict[str, Any] | None:
-        return next((line for line in self.lines() if line.get("event") == name), None)
-
-    def wait_event(self, name: str) -> dict[str, Any]:
-        def seen() -> dict[str, Any] | None:
-            if self.proc.poll() is not None:
-                pytest.fail(f"warmpool serve exited with {self.proc.returncode}:\n"
-                            + self.log.read_text(errors="replace")[-3000:])
-            return self.event(name)
-
-        return dict(poll(seen, f"a {name!r} log line"))
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        # every line is a JSON document: a stray print would break log shippers
+        return [json.loads(line) for line in self.text().splitlines()]
 
 
 @pytest.fixture

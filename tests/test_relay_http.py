@@ -20,7 +20,7 @@ import redis
 
 from tests.models import write_model
 from tests.redis_server import RedisServer, free_port
-from tests.relay_env import Relay, poll, relays  # noqa: F401 - the fixture
+from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
 from warmpool.config import Settings
 from warmpool.controller.events import ObjectUploaded, Request, parse_event
 from warmpool.controller.keys import RedisKeys

@@ -1,4 +1,5 @@
-"""A ``warmpool relay`` subprocess for the relay tests, its JSON log lines in a file."""
+"""``warmpool serve`` and ``warmpool relay`` as real processes for the tests: their JSON
+log lines in a file, waited for by event name; all killed at teardown."""
 
 from __future__ import annotations
 
@@ -29,14 +30,16 @@ def poll(check: Callable[[], Any], what: str, timeout: float = DEADLINE_S,
         time.sleep(interval)
 
 
-class Relay:
-    """One ``warmpool relay ...`` process."""
+class CliProcess:
+    """One ``warmpool <command> ...`` process; its stderr (JSON log lines) in ``log``."""
 
-    def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, log: Path, command: str, *args: str,
+                 env: dict[str, str] | None = None) -> None:
         self.log = log
+        self.command = command
         with open(log, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "warmpool.cli", "relay", *args],
+                [sys.executable, "-m", "warmpool.cli", command, *args],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 env={**os.environ, **(env or {})})
 
@@ -53,15 +56,18 @@ class Relay:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines() if line.get("event") == name]
 
+    def event(self, name: str) -> dict[str, Any] | None:
+        found = self.events(name)
+        return found[0] if found else None
+
     def wait_event(self, name: str, timeout: float = DEADLINE_S) -> dict[str, Any]:
         def seen() -> dict[str, Any] | None:
             if self.proc.poll() is not None:
-                pytest.fail(f"warmpool relay exited with {self.proc.returncode}:\n"
+                pytest.fail(f"warmpool {self.command} exited with {self.proc.returncode}:\n"
                             + self.text()[-3000:])
-            found = self.events(name)
-            return found[0] if found else None
+            return self.event(name)
 
-        return dict(poll(seen, f"a {name!r} log line from the relay", timeout))
+        return dict(poll(seen, f"a {name!r} log line from warmpool {self.command}", timeout))
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -71,6 +77,11 @@ class Relay:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class Relay(CliProcess):
+    def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(log, "relay", *args, env=env)
 
 
 @pytest.fixture
