@@ -19,6 +19,7 @@ import fcntl
 import mmap
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,12 @@ class ResidentBuffer(abc.ABC):
     @abc.abstractmethod
     def export(self) -> Export:
         """A handle for one more importer."""
+
+    def export_writable(self) -> Export:
+        """A handle an exporter maps WRITABLE, to fill the buffer before it is sealed
+        (:mod:`~warmpool.workers.export`). CUDA handles are the same as :meth:`export`:
+        the importer picks the access, and a CUDA mapping cannot be sealed anyway."""
+        return self.export()
 
     @abc.abstractmethod
     def free(self) -> None:
@@ -106,6 +113,12 @@ class ShmFdBuffer(ResidentBuffer):
         readonly = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
         return Export({"size": self.nbytes}, [readonly])
 
+    def export_writable(self) -> Export:
+        if self.sealed:
+            raise WorkerError("a sealed buffer cannot be written")
+        writable = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        return Export({"size": self.nbytes}, [writable])
+
     def free(self) -> None:
         self.tensor = None
         if self._mmap is not None:
@@ -136,6 +149,55 @@ def open_shm_fd(handle: dict[str, Any], fds: list[int]) -> torch.Tensor:
         return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
+class Writable:
+    """An exporter's writable mapping of a worker's buffer (a flat uint8 ``tensor``).
+
+    Call :meth:`release` once every view of it is dropped, before the worker is asked
+    to seal: it waits for the writes (``sync``), drops this reference, then unmaps
+    (``unmap``) — in that order, since a CUDA mapping unmaps with its last reference and
+    must not go while copies into it are still queued."""
+
+    def __init__(self, tensor: torch.Tensor, *, sync: Callable[[], None] | None = None,
+                 unmap: Callable[[], None] | None = None) -> None:
+        self.tensor: torch.Tensor | None = tensor
+        self._sync = sync
+        self._unmap = unmap
+
+    def release(self) -> None:
+        if self._sync is not None:
+            self._sync()
+        self.tensor = None
+        if self._unmap is not None:
+            self._unmap()
+
+
+def open_shm_fd_writable(handle: dict[str, Any], fds: list[int]) -> Writable:
+    """Map a received (unsealed) memfd writable, for an exporter to fill."""
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise WorkerError(f"shm-fd handle needs 1 descriptor, got {len(fds)}")
+    try:
+        size = int(handle["size"])
+        if os.fstat(fds[0]).st_size < size:
+            raise WorkerError(f"shared buffer is {os.fstat(fds[0]).st_size} bytes, "
+                              f"expected {size}")
+        mapping = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fds[0])
+
+    def release() -> None:
+        # The worker's seal is refused (EBUSY) while any writable mapping of the memfd
+        # exists, so this one must really be gone: close() refuses while a view lives.
+        try:
+            mapping.close()
+        except BufferError:
+            raise WorkerError("a view of the writable export buffer is still alive; drop "
+                              "every view before committing") from None
+
+    return Writable(torch.frombuffer(mapping, dtype=torch.uint8), unmap=release)
+
+
 # --- choosing and opening ------------------------------------------------------------
 
 
@@ -155,6 +217,26 @@ def allocate(device: DeviceSpec, nbytes: int, transport: str = "auto",
     if transport == "cuda-vmm" or (transport == "auto" and cuda_vmm.available(device.index)):
         return cuda_vmm.VmmBuffer(device.index, nbytes)
     return cuda_ipc.IpcBuffer(device.index, nbytes)
+
+
+def open_writable(transport: str, handle: dict[str, Any], fds: list[int],
+                  uuid: str) -> Writable:
+    """The exporter's side: a flat uint8 tensor over the worker's buffer, writable.
+
+    On CUDA the copies into it are asynchronous: ``release`` waits for them (the worker
+    marks the entry warm on the exporter's word, and must not serve half-copied bytes).
+    """
+    if transport == "shm-fd":
+        return open_shm_fd_writable(handle, fds)
+    if transport == "cuda-vmm":
+        from warmpool.workers import cuda_vmm
+        from warmpool.workers.devices import local_index
+
+        flat = cuda_vmm.open_vmm(handle, fds, local_index(uuid), writable=True)
+    else:
+        flat = open_export(transport, handle, fds, uuid)  # cuda-ipc maps read-write
+    ordinal = flat.device.index
+    return Writable(flat, sync=lambda: torch.cuda.synchronize(ordinal))
 
 
 def open_export(transport: str, handle: dict[str, Any], fds: list[int],

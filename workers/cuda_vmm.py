@@ -185,8 +185,10 @@ class VmmBuffer(ResidentBuffer):
             self._handle = None
 
 
-def open_vmm(handle: dict[str, Any], fds: list[int], ordinal: int) -> torch.Tensor:
-    """Import a VMM allocation and map it read-only on this process's ``ordinal``."""
+def open_vmm(handle: dict[str, Any], fds: list[int], ordinal: int,
+             writable: bool = False) -> torch.Tensor:
+    """Import a VMM allocation and map it on this process's ``ordinal``: read-only, or
+    read-write for an exporter filling it (:mod:`~warmpool.workers.export`)."""
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)
@@ -200,7 +202,7 @@ def open_vmm(handle: dict[str, Any], fds: list[int], ordinal: int) -> torch.Tens
     finally:
         os.close(fds[0])
     try:
-        ptr = _map(cu, imported, ordinal, size, gran, writable=False)
+        ptr = _map(cu, imported, ordinal, size, gran, writable=writable)
     finally:
         # The mapping holds its own reference: releasing the handle now means the memory
         # goes exactly when the mapping does.

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -48,7 +49,8 @@ class GpuAttachment:
 
     def __init__(self, *, uri: str, content_hash: str, device: str, layout: Layout,
                  tensors: Mapping[str, torch.Tensor], transport: str, channel: Channel,
-                 on_detach: DetachCallback | None = None) -> None:
+                 on_detach: DetachCallback | None = None,
+                 engine: dict[str, Any] | None = None) -> None:
         self.uri = uri
         self.content_hash = content_hash
         self.device = device
@@ -56,6 +58,8 @@ class GpuAttachment:
         self.tensors = tensors
         self.transport = transport
         self.on_detach = on_detach
+        #: an engine-layout entry's key (EngineKey JSON); None for a checkpoint
+        self.engine = engine
         self.detach_requested = threading.Event()
         self.worker_gone = threading.Event()
         self._channel: Channel | None = channel
@@ -139,4 +143,8 @@ def attach_gpu(ref: str, device: str, settings: Settings, *, holder: str = "",
     return GpuAttachment(uri=str(reply["uri"]), content_hash=str(reply["content_hash"]),
                          device=str(spec), layout=layout, tensors=tensors,
                          transport=str(reply["transport"]), channel=channel,
-                         on_detach=on_detach)
+                         on_detach=on_detach, engine=_engine_key(reply.get("engine")))
+
+
+def _engine_key(value: object) -> dict[str, Any] | None:
+    return dict(value) if isinstance(value, dict) else None

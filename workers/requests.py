@@ -1,5 +1,5 @@
 """What arrives on a worker connection: load requests, replies, and the connection's
-own state (its leases, and group ranks it has prepared).
+own state (its leases, group ranks it has prepared, exports it has begun).
 
 A load request is checked as untrusted input when it is decoded: the layout must fit its
 buffer and agree with the content hash, the loader must be one we know.
@@ -73,3 +73,6 @@ class Connection:
     #: group ranks prepared by this connection's coordinator, awaiting group_stream;
     #: discarded if the coordinator goes away first.
     prepared: dict[str, tuple[DeviceResident, LoadRequest]] = field(default_factory=dict)
+    #: engine-layout exports begun on this connection, awaiting export_commit; freed
+    #: (and recorded failed) if the exporter goes away first.
+    exports: dict[str, DeviceResident] = field(default_factory=dict)

@@ -63,7 +63,8 @@ class DeviceResident:
                 "state": "warm" if self.warm else "streaming", "bytes": self.nbytes,
                 "tensors": len(self.layout.slots), "leases": len(self.leases),
                 "pinned": self.pinned, "transport": self.buffer.transport,
-                "loader": self.loader, "last_attached_at": self.last_attached}
+                "loader": self.loader, "last_attached_at": self.last_attached,
+                "engine": self.entry.engine}
 
 
 def choose_victims(residents: Iterable[DeviceResident], needed: int, room: int, *,

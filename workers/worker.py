@@ -10,8 +10,10 @@
   the worker sees end-of-file — no heartbeat, no lease file to sweep;
 - ``evict``: ask holders to detach (a ``detach`` notice on their connection), wait a
   bounded time, then free — or refuse while a lease remains, unless forced;
-- ``status``, ``ping``; and ``group_load`` / ``group_prepare`` / ``group_stream`` /
-  ``group_abort`` for tensor-parallel groups (:mod:`~warmpool.workers.coordinator`).
+- ``status``, ``ping``; ``group_load`` / ``group_prepare`` / ``group_stream`` /
+  ``group_abort`` for tensor-parallel groups (:mod:`~warmpool.workers.coordinator`); and
+  ``export_begin`` / ``export_commit`` / ``export_abort``: an engine writing its processed
+  parameters into a buffer of the worker (:mod:`~warmpool.workers.export`).
 
 Every state change goes to the registry (injectable; a FileRegistry in the runtime dir by
 default), with the transport in ``PoolEntry.transport``, so ``warmpool status`` sees GPU
@@ -47,6 +49,7 @@ from warmpool.model.uri import parse_uri
 from warmpool.workers import discovery
 from warmpool.workers.buffers import allocate
 from warmpool.workers.coordinator import Groups
+from warmpool.workers.export import Exports
 from warmpool.workers.devices import (DeviceSpec, cuda_free_bytes, device_uuid,
                                       normalise_uuid, parse_device)
 from warmpool.workers.group import staging_bytes
@@ -90,6 +93,7 @@ class Worker:
         self.inflight: dict[str, asyncio.Future[DeviceResident]] = {}
         self._reserve_lock = asyncio.Lock()
         self.groups = Groups(self)
+        self.exports = Exports(self)
         self._stop = asyncio.Event()
         self.record: discovery.WorkerRecord | None = None
 
@@ -228,6 +232,7 @@ class Worker:
                 await self._record_leases(resident)
         for resident, _ in conn.prepared.values():
             await self.fail(resident, WorkerError("the group's coordinator went away"))
+        await self.exports.drop(conn)
 
     async def _dispatch(self, conn: Connection, msg: Message) -> Reply:
         handlers: dict[str, Callable[[Connection, Message], Awaitable[Reply]]] = {
@@ -237,6 +242,9 @@ class Worker:
             "group_prepare": self.groups.op_group_prepare,
             "group_stream": self.groups.op_group_stream,
             "group_abort": self.groups.op_group_abort,
+            "export_begin": self.exports.op_export_begin,
+            "export_commit": self.exports.op_export_commit,
+            "export_abort": self.exports.op_export_abort,
         }
         handler = handlers.get(str(msg.get("op")))
         try:
@@ -304,12 +312,15 @@ class Worker:
         finally:
             del self.inflight[req.content_hash]
 
-    async def reserve(self, req: LoadRequest, world: int) -> DeviceResident:
-        """Make room, allocate the buffer, record ``streaming``; nothing streamed yet."""
+    async def reserve(self, req: LoadRequest, world: int,
+                      engine: dict[str, Any] | None = None) -> DeviceResident:
+        """Make room, allocate the buffer, record ``streaming``; nothing streamed yet.
+        ``engine``: the key of an engine layout being exported into it."""
         previous = await self.registry.get(f"{req.content_hash}@{self.device}")
         entry = PoolEntry(uri=req.uri, content_hash=req.content_hash, device=str(self.device),
                           node=self.settings.node, created_at=time.time(), history=[],
-                          pinned=req.pinned or bool(previous and previous.pinned))
+                          pinned=req.pinned or bool(previous and previous.pinned),
+                          engine=engine)
         entry = await self.registry.transition(entry, State.PENDING)
         try:
             layout = req.layout
@@ -403,7 +414,8 @@ class Worker:
         conn.holder = str(msg.get("holder", ""))[:200]
         message = ok(uri=resident.uri, content_hash=resident.content_hash,
                      layout=resident.layout.to_json(), transport=resident.buffer.transport,
-                     handle=export.handle, device=str(self.device), uuid=self.uuid)
+                     handle=export.handle, device=str(self.device), uuid=self.uuid,
+                     engine=resident.entry.engine)
         return Reply(message, export.fds, after=lambda: self._record_leases(resident))
 
     async def _record_leases(self, resident: DeviceResident) -> None:

@@ -19,7 +19,9 @@ engine of the same key (vLLM version and platform, dtype, quantisation, TP size,
 held them after post-processing, attached without a copy
 (:mod:`warmpool.integrations.vllm_layout`). ``{"export": true}`` writes them after a
 load; a later engine finds them by itself (``{"engine_layout": false}`` skips the look-up),
-and one whose key differs logs the miss and takes the copy path.
+and one whose key differs logs the miss and takes the copy path. A CPU engine keeps them
+on the host tier; a CUDA engine in the buffer of its GPU's warmpool worker, copied device
+to device (without a worker it exports to the host tier and attaches nothing).
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def _define_loader() -> type:
             if not device.startswith("cuda"):
                 return 0
             ref = weights.resolve_model(vllm_config.model_config.model, self.options.uri)
+            if self.options.engine_layout and ref.content_hash is not None:
+                held = _engine_layout_bytes(vllm_config, ref.content_hash, device)
+                if held:  # what load_model will attach: the engine layout, not the files
+                    return held
             model = weights.attach_gpu_tier(ref.uri, device, _settings(), "vllm memory probe",
                                         logger)
             if model is None:
@@ -126,6 +132,22 @@ def _define_loader() -> type:
             logger.info("Loading weights took %.2f seconds (warmpool, %s, rank %d)",
                         time.perf_counter() - started, source.tier, rank)
 
+    def _engine_layout_bytes(vllm_config: Any, checkpoint: str, device: str) -> int:
+        """Bytes of this rank's engine layout warm in ``device``'s worker (0: none).
+        Asked of the worker's status: a probe takes no lease."""
+        from warmpool.errors import WarmpoolError
+        from warmpool.integrations import vllm_layout
+        from warmpool.workers.client import call, worker_for
+
+        key = vllm_layout.engine_key(vllm_config, vllm_config.model_config, checkpoint,
+                                     get_tensor_model_parallel_rank())
+        try:
+            reply = call(worker_for(_settings(), device), {"op": "status"}, timeout=5.0)
+        except WarmpoolError:
+            return 0
+        return sum(int(r.get("bytes", 0)) for r in reply.get("residents", [])
+                   if r.get("content_hash") == key.content_hash and r.get("state") == "warm")
+
     def _log_model_in_place(started: float, path: str) -> None:
         # The whole step (build, weights, post-processing): what a start-up waits for.
         logger.info("warmpool: model with weights in place after %.3f seconds (%s path, "
@@ -139,9 +161,10 @@ def _define_loader() -> type:
 
         started = time.perf_counter()
         rank = get_tensor_model_parallel_rank()
-        if _device() != "cpu":
-            logger.info("no engine layout on %s: engine layouts live on the host tier; "
-                        "loading through the pool's copy path", _device())
+        where = _layout_device(_device(), _settings())
+        if where is None:
+            logger.info("no engine layout on %s: no warmpool worker serves it; loading "
+                        "through the pool's copy path", _device())
             return None
         ref = weights.resolve_model(model_config.model, options.uri)
         if ref.content_hash is None:
@@ -151,7 +174,7 @@ def _define_loader() -> type:
         key = vllm_layout.engine_key(vllm_config, model_config, ref.content_hash, rank)
         attached = attach_engine_layout(key, _settings(),
                                         holder=f"vllm rank {rank} pid {os.getpid()}",
-                                        logger=logger)
+                                        logger=logger, device=where)
         if attached is None:  # the miss and its reason are logged
             logger.info("loading %s through the copy path", ref.uri)
             return None
@@ -177,15 +200,21 @@ def _define_loader() -> type:
                 checkpoint: str, before: dict[str, torch.Tensor]) -> None:
         from warmpool.integrations import vllm_layout
         from warmpool.pool.engine_layout import export_sync
+        from warmpool.pool.entries import HOST_DEVICE
 
         rank = get_tensor_model_parallel_rank()
         key = vllm_layout.engine_key(vllm_config, model_config, checkpoint, rank)
+        settings = _settings()
+        # On a GPU with a worker: device to device into the worker's buffer. Without
+        # one: the host tier (a later engine on this GPU will not find it there, but a
+        # worker started later can; nothing is lost but the zero-copy start).
+        where = _layout_device(_device(), settings) or HOST_DEVICE
         result = export_sync(key, vllm_layout.processed_tensors(model, before),
-                             checkpoint_uri=uri, settings=_settings())
-        logger.info("engine layout %s of %s %s (%d tensors, %d bytes, %.2f s)",
+                             checkpoint_uri=uri, settings=settings, device=where)
+        logger.info("engine layout %s of %s %s on %s (%d tensors, %d bytes, %.2f s)",
                     key.label(), uri, "already in the pool" if result.already_warm
-                    else "exported to the pool", result.entry.tensors, result.entry.bytes,
-                    result.seconds)
+                    else "exported to the pool", where, result.entry.tensors,
+                    result.entry.bytes, result.seconds)
 
     def _feed(model: torch.nn.Module, attached: Any, model_config: Any, uri: str) -> None:
         stream = weights.NameTracker(attached)
@@ -213,6 +242,23 @@ def _device() -> str:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return f"cuda:{torch.cuda.current_device()}"
     return "cpu"
+
+
+def _layout_device(device: str, settings: Any) -> str | None:
+    """Where this rank's engine layout lives: the host tier for a CPU engine, the
+    worker of its GPU for a CUDA one — None when no worker serves that GPU (a host-tier
+    layout cannot become a GPU engine's parameters)."""
+    from warmpool.errors import WorkerError
+    from warmpool.pool.entries import HOST_DEVICE
+    from warmpool.workers.client import worker_for
+
+    if not device.startswith("cuda"):
+        return HOST_DEVICE
+    try:
+        worker_for(settings, device)
+    except WorkerError:
+        return None
+    return device
 
 
 def _settings() -> Any:

@@ -13,9 +13,10 @@ own content hash is derived from the checkpoint hash and the key, so a different
 version or configuration looks up a different entry and never attaches wrong bytes: it
 misses, and the caller falls back to its copy path.
 
-Otherwise it is an ordinary host-tier entry — one segment, a layout record, a registry
-entry — so eviction, leases, capacity, ``status`` and the controller treat it like any
-other. Its URI is the checkpoint's URI with the key as a fragment: no model URI carries a
+Otherwise it is an ordinary pool entry — on the host tier one segment, a layout record
+and a registry entry; on a worker's device (``cuda:N``, ``cpu:N``) one buffer of the
+worker, written device to device (:mod:`warmpool.workers.export_client`) — so eviction,
+leases, capacity, ``status`` and the controller treat it like any other. Its URI is the checkpoint's URI with the key as a fragment: no model URI carries a
 fragment, so it never answers to the checkpoint's name (an attach or evict by URI, the
 controller's bookkeeping) and is named by its content hash instead.
 """
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from warmpool.config import Settings
-from warmpool.errors import NotWarmError
+from warmpool.errors import NotWarmError, WarmpoolError, WorkerError
 from warmpool.locks import async_file_lock
 from warmpool.pool.entries import HOST_DEVICE, Pool
 from warmpool.pool.host import HostTier
@@ -147,17 +148,30 @@ class ExportResult:
     already_warm: bool
 
 
+def is_host(device: str) -> bool:
+    """Whether ``device`` names the host tier (else a worker's device: cuda:N, cpu:N)."""
+    return device == HOST_DEVICE
+
+
 async def export(key: EngineKey, tensors: Iterable[tuple[str, torch.Tensor]], *,
                  checkpoint_uri: str, settings: Settings,
-                 pool: Pool | None = None) -> ExportResult:
-    """Write ``tensors`` (an engine's processed parameters) into a new host segment as the
-    engine-layout entry for ``key``; return at once if that entry is already warm.
+                 pool: Pool | None = None, device: str = HOST_DEVICE) -> ExportResult:
+    """Write ``tensors`` (an engine's processed parameters) as the engine-layout entry for
+    ``key`` on ``device``: a new host segment for the host tier (``cpu``), or a buffer of
+    the device's worker (``cuda:N``, ``cpu:N``); return at once if it is already warm.
 
     Like a prefetch: capacity is reserved before any byte is written (evicting what must
     go, or failing with :class:`CapacityError`), the segment is filled under a partial
     name and published only when complete; any failure discards it and records the entry
     ``failed``. Tensors may live on any device; each is copied once, bit for bit.
     """
+    if not is_host(device):
+        from warmpool.workers.export_client import export_to_worker
+
+        items = list(tensors)
+        return await asyncio.to_thread(export_to_worker, key, items,
+                                       checkpoint_uri=checkpoint_uri, device=device,
+                                       settings=settings)
     started = time.perf_counter()
     pool = pool or Pool(settings)
     items = list(tensors)
@@ -211,9 +225,15 @@ async def _fill(pool: Pool, key: EngineKey, items: list[tuple[str, torch.Tensor]
 
 
 def export_sync(key: EngineKey, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                checkpoint_uri: str, settings: Settings) -> ExportResult:
+                checkpoint_uri: str, settings: Settings,
+                device: str = HOST_DEVICE) -> ExportResult:
     """:func:`export` for an engine's synchronous loader (which may run inside an event
     loop of its own: then the export runs on a thread with a loop of its own)."""
+    if not is_host(device):  # blocking already: no event loop needed
+        from warmpool.workers.export_client import export_to_worker
+
+        return export_to_worker(key, tensors, checkpoint_uri=checkpoint_uri, device=device,
+                                settings=settings)
     return _run_sync(export(key, tensors, checkpoint_uri=checkpoint_uri, settings=settings))
 
 
@@ -240,24 +260,64 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def attach_engine_layout(key: EngineKey, settings: Settings, holder: str = "",
-                         logger: logging.Logger | None = None) -> AttachedModel | None:
-    """The engine-layout entry for ``key`` as zero-copy views with a lease, or None when
-    there is none (the caller falls back to its copy path). A miss is logged (on
-    ``logger``: an engine passes its own, whose lines it shows) with the keys that *are*
-    warm for the same checkpoint, so a configuration change that stops the zero-copy
-    start is visible."""
+                         logger: logging.Logger | None = None,
+                         device: str = HOST_DEVICE) -> AttachedModel | None:
+    """The engine-layout entry for ``key`` on ``device`` (the host tier, or a worker's
+    ``cuda:N``/``cpu:N``) as zero-copy views with a lease, or None when there is none
+    (the caller falls back to its copy path). A miss is logged (on ``logger``: an engine
+    passes its own, whose lines it shows) with the keys that *are* warm for the same
+    checkpoint, so a configuration change that stops the zero-copy start is visible."""
+    if not is_host(device):
+        return _attach_from_worker(key, settings, holder, logger or log, device)
     from warmpool.pool.attachment import attach
 
     host = HostTier(settings.runtime_dir)
     resident = host.resident(key.content_hash)
     if resident is None or resident.engine != key.to_json():
-        _log_miss(key, host, logger or log)
+        _log_miss(key, _host_keys(host), logger or log, HOST_DEVICE)
         return None
     try:
         return attach(key.content_hash, HOST_DEVICE, settings=settings, holder=holder)
     except NotWarmError:  # evicted between the look-up and the lease
-        _log_miss(key, host, logger or log)
+        _log_miss(key, _host_keys(host), logger or log, HOST_DEVICE)
         return None
+
+
+def _attach_from_worker(key: EngineKey, settings: Settings, holder: str,
+                        logger: logging.Logger, device: str) -> AttachedModel | None:
+    """Attach by content hash through the worker; the key it answers with must be ours."""
+    from warmpool.pool.attachment import AttachedModel
+    from warmpool.workers.gpu_attach import attach_gpu
+
+    try:
+        gpu = attach_gpu(key.content_hash, device, settings, holder=holder)
+    except (NotWarmError, WorkerError) as exc:
+        _log_miss(key, _worker_keys(settings, device), logger, device,
+                  "" if isinstance(exc, NotWarmError) else f" ({exc})")
+        return None
+    if gpu.engine != key.to_json():
+        gpu.close()
+        _log_miss(key, _worker_keys(settings, device), logger, device,
+                  f" (the worker's entry {key.content_hash[:12]} has key {gpu.engine!r})")
+        return None
+    return AttachedModel(gpu.uri, gpu.content_hash, device, gpu.layout, gpu.tensors,
+                         gpu.transport, gpu.close)
+
+
+def _host_keys(host: HostTier) -> list[dict[str, Any]]:
+    return [r.engine for r in host.residents() if r.engine is not None]
+
+
+def _worker_keys(settings: Settings, device: str) -> list[dict[str, Any]]:
+    """The engine keys warm on ``device``'s worker, as its status tells them."""
+    from warmpool.workers.client import call, worker_for
+
+    try:
+        reply = call(worker_for(settings, device), {"op": "status"}, timeout=5.0)
+    except (WarmpoolError, OSError):
+        return []
+    return [r["engine"] for r in reply.get("residents", [])
+            if isinstance(r.get("engine"), dict) and r.get("state") == "warm"]
 
 
 def engine_layouts(settings: Settings, checkpoint: str | None = None) -> list[EngineKey]:
@@ -275,18 +335,22 @@ def engine_layouts(settings: Settings, checkpoint: str | None = None) -> list[En
     return found
 
 
-def _log_miss(key: EngineKey, host: HostTier, logger: logging.Logger) -> None:
+def _log_miss(key: EngineKey, warm: Iterable[dict[str, Any]], logger: logging.Logger,
+              device: str, why: str = "") -> None:
     others = []
-    for resident in host.residents():
-        if resident.engine is not None and resident.engine.get("checkpoint") == key.checkpoint:
-            try:
-                other = EngineKey.from_json(resident.engine)
-            except (TypeError, ValueError):
-                continue
-            diff = ", ".join(f"{k} {ours!r} != {theirs!r}"
-                             for k, (ours, theirs) in key.differences(other).items())
-            others.append(f"{other.label()} ({diff})")
+    for engine in warm:
+        if engine.get("checkpoint") != key.checkpoint:
+            continue
+        try:
+            other = EngineKey.from_json(engine)
+        except (TypeError, ValueError):
+            continue
+        diff = ", ".join(f"{k} {ours!r} != {theirs!r}"
+                         for k, (ours, theirs) in key.differences(other).items())
+        others.append(f"{other.label()} ({diff})")
     detail = ("; warm for this checkpoint: " + "; ".join(others)) if others else (
         "; none is warm for this checkpoint")
-    logger.info("no engine layout for %s (%s)%s", key.label(), key.checkpoint[:12], detail,
-                extra={"event": "engine_layout_miss", "engine_key": key.to_json()})
+    logger.info("no engine layout for %s (%s) on %s%s%s", key.label(), key.checkpoint[:12],
+                device, why, detail,
+                extra={"event": "engine_layout_miss", "engine_key": key.to_json(),
+                       "device": device})
