@@ -302,6 +302,41 @@ def _same_bytes(a: Any, b: Any) -> bool:
          b.reshape(-1).view(__import__("torch").uint8)).all())
 
 
+@app.command("export")
+@_guard
+def export_cmd(uri: str,
+               engine: str = typer.Option("vllm", "--engine", help="The engine whose layout "
+                                          "to write (vllm)."),
+               tp: int = typer.Option(1, "--tp", help="Tensor-parallel size of the engines "
+                                      "that will attach it."),
+               dtype: str = typer.Option("auto", "--dtype", help="The engine's model dtype."),
+               max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+               as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Run the engine's loader once so the pool holds the model as the engine does
+    (engine layouts, one per rank): later engines of the same key attach it zero-copy.
+
+    Run it with the Python that has the engine installed (with warmpool beside it)."""
+    from warmpool.integrations.vllm_export import ExportOptions, export
+
+    options = ExportOptions(engine=engine, tp=tp, dtype=dtype, max_model_len=max_model_len)
+    if config is not None:  # the engine's rank processes load the settings themselves
+        os.environ["WARMPOOL_CONFIG"] = str(config)
+    report = export(uri, options, _settings(config))
+    if as_json:
+        _emit(report.to_json())
+    else:
+        out.print(f"engine layouts of {report.uri} ({report.checkpoint[:12]}), "
+                  f"{report.seconds:.1f} s:")
+        for layout in report.layouts:
+            out.print(f"  {layout.label}  {layout.bytes / 1e9:.3f} GB  {layout.tensors} "
+                      f"tensors  {layout.content_hash}")
+    # vLLM's background threads can hold up the interpreter's exit for a long time; the
+    # layouts are published and the report is out, so nothing is left to finish.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 @app.command()
 @_guard
 def serve(redis: Optional[str] = typer.Option(
