@@ -215,13 +215,35 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
                          "when asked again" if f.given_up else
                          time.strftime("%H:%M:%S", time.localtime(f.retry_at)), f.uri, f.error)
         out.print(rows)
-    table = Table("state", "device", "GB", "tensors", "leases", "hash", "uri", "updated")
+    table = Table("state", "device", "GB", "tensors", "leases", "hash", "engine", "uri",
+                  "updated")
     for e in entries:
         table.add_row(e.state.value, e.device, f"{e.bytes / 1e9:.3f}", str(e.tensors),
-                      str(e.leases), e.content_hash[:12], "\n".join(e.uris),
+                      str(e.leases), e.content_hash[:12], _engine_label(e),
+                      "\n".join(_checkpoint_uris(e)),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
     empty = "nothing is warm" + ("" if history else " (--history shows what was)")
     out.print(table if entries else empty)
+
+
+def _engine_label(entry: Any) -> str:
+    """An engine-layout entry's key in short (blank for a checkpoint's entry)."""
+    from warmpool.pool.engine_layout import EngineKey
+
+    if entry.engine is None:
+        return ""
+    try:
+        return EngineKey.from_json(entry.engine).label()
+    except (TypeError, ValueError):
+        return "(unreadable key)"
+
+
+def _checkpoint_uris(entry: Any) -> list[str]:
+    """An engine layout's URI is its checkpoint's with the key as a fragment: the key has
+    its own column, so the URI column shows the checkpoint's."""
+    if entry.engine is None:
+        return list(entry.uris)
+    return [uri.partition("#")[0] for uri in entry.uris]
 
 
 @app.command()
