@@ -91,6 +91,10 @@ class EngineExports:
             task.add_done_callback(lambda t: self._inflight.pop(slot, None))
         return await asyncio.shield(task)
 
+    def busy(self, uri: str) -> bool:
+        """An export of ``uri`` is running (a convergence pass must not count it twice)."""
+        return any(slot[0] == uri for slot in self._inflight)
+
     @property
     def tasks(self) -> list[asyncio.Task[ExportDone]]:
         return list(self._inflight.values())

@@ -242,6 +242,7 @@ class Controller:
                     newest.state == State.FAILED
                     and (newest.error or "").startswith("interrupted")) or (
                     newest.state == State.WARM and want.engine_layout is not None
+                    and not self.dispatcher.exports.busy(str(want.uri))
                     and self.dispatcher.exports.warm_layouts(
                         newest.content_hash, want.engine_layout) is None):
                 self._spawn(self.router.warm_wanted(want), f"converge {want.uri}")
