@@ -341,6 +341,8 @@ def export_cmd(uri: str,
     from warmpool.integrations.vllm_export import ExportOptions, export
 
     options = ExportOptions(engine=engine, tp=tp, dtype=dtype, max_model_len=max_model_len)
+    if as_json:  # vLLM logs to stdout by default: keep stdout for the one JSON document
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if config is not None:  # the engine's rank processes load the settings themselves
         os.environ["WARMPOOL_CONFIG"] = str(config)
     report = export(uri, options, _settings(config))
