@@ -4,8 +4,8 @@ asking for an engine layout. See tests/test_vllm.py for how vLLM runs here."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.servers import S3Backend, Server
-from tests.test_controller import KEYS, Harness, ask, harness
+from tests.test_controller import KEYS, Harness, ask, harness, wait_until
 from tests.test_vllm import (CHILD, Served, _engine_log, _engines, _run, _upload, _vllm_env,
                              _vllm_python)
 from tests.test_vllm_zero_copy import VIEWS
@@ -99,20 +99,18 @@ async def test_a_controller_exports_the_layout_a_deploy_asks_for(
         monkeypatch.setenv(name, value)
     model = tmp_path / "m"
     _run([str(python), str(CHILD), "make-models", json.dumps([{"out": str(model), "seed": 2}])],
-         {**env, **dict(__import__("os").environ)}, 300)
+         dict(os.environ), 300)
     uri = parse_uri(str(model))
     ctl = await harness.start(export_vllm_python=python, export_timeout_s=1200.0)
     await harness.xadd(ask("deploy", uri, request_id="x1", engine_layout={
         "engine": "vllm", "dtype": "bfloat16", "tp": 1, "max_model_len": 128}))
-    popped = await harness.redis.blpop([KEYS.reply("x1")], timeout=1300)
-    assert popped is not None, "no reply to the deploy"
-    reply = json.loads(popped[1])
+    reply = await _reply(harness, "x1", 1300)
     assert reply["state"] == "warm", reply
 
     async def layouts() -> list[Any]:
         return [e for e in await harness.entries() if e.engine is not None]
 
-    [entry] = await asyncio.wait_for(_until(layouts), 60)
+    [entry] = await wait_until(layouts, "the engine layout in the registry", 60)
     key = EngineKey.from_json(entry.engine)
     assert (key.engine, key.dtype, key.tp_size, key.rank) == ("vllm", "bfloat16", 1, 0)
     assert key.checkpoint == reply["content_hash"] and entry.state.value == "warm"
@@ -120,11 +118,13 @@ async def test_a_controller_exports_the_layout_a_deploy_asks_for(
     # Asked again, the layout is already warm: no second engine start.
     await harness.xadd(ask("deploy", uri, request_id="x2", engine_layout={
         "engine": "vllm", "dtype": "bfloat16", "tp": 1}))
-    again = await harness.redis.blpop([KEYS.reply("x2")], timeout=60)
-    assert again is not None and json.loads(again[1])["state"] == "warm"
+    assert (await _reply(harness, "x2", 60))["state"] == "warm"
 
 
-async def _until(check: Any) -> Any:
-    while not (found := await check()):
-        await asyncio.sleep(0.2)
-    return found
+async def _reply(harness: Harness, request_id: str, timeout: float) -> dict[str, Any]:
+    """The reply, polled: a BLPOP longer than the client's socket timeout would fail."""
+    async def popped() -> Any:
+        return await harness.redis.lpop(KEYS.reply(request_id))
+
+    return dict(json.loads(await wait_until(popped, f"the reply to {request_id}", timeout)))
+
