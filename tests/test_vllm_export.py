@@ -5,6 +5,7 @@ asking for an engine layout. See tests/test_vllm.py for how vLLM runs here."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -89,9 +90,11 @@ def test_export_step_then_a_fresh_engine_attaches_and_serves_the_same_tokens(
 
 @pytest.mark.timeout(1800)
 async def test_a_controller_exports_the_layout_a_deploy_asks_for(
-        harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """With the vLLM venv's Python configured, a deploy with ``engine_layout`` ends with
     the checkpoint and the engine layout of its key warm, both in the registry."""
+    caplog.set_level(logging.INFO, logger="warmpool.controller.routing")
     python = _vllm_python()
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
@@ -119,6 +122,8 @@ async def test_a_controller_exports_the_layout_a_deploy_asks_for(
     await harness.xadd(ask("deploy", uri, request_id="x2", engine_layout={
         "engine": "vllm", "dtype": "bfloat16", "tp": 1}))
     assert (await _reply(harness, "x2", 60))["state"] == "warm"
+    done = [r.getMessage() for r in caplog.records if "engine layout(s)" in r.getMessage()]
+    assert len(done) == 2 and "exported in" in done[0] and "already warm" in done[1], done
 
 
 async def _reply(harness: Harness, request_id: str, timeout: float) -> dict[str, Any]:
