@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from warmpool.errors import InvalidURIError, WarmpoolError
 from warmpool.controller.events import (
     MAX_PAYLOAD_BYTES,
+    MAX_TP,
     BadEvent,
+    EngineLayoutWant,
     ObjectRemoved,
     ObjectUploaded,
     Request,
@@ -331,6 +333,57 @@ def test_request_accepts_gpu_uuid_and_str_payload() -> None:
     device = "cuda:GPU-5c8e4a1b-2f3d-4e5f-8a9b-0c1d2e3f4a5b"
     (request,) = parse_event(json.dumps({"action": "deploy", "uri": "s3://b/m", "device": device}))
     assert request.device == device
+
+
+def test_request_engine_layout_is_parsed_and_reads_back() -> None:
+    doc = {"action": "pin", "uri": "s3://b/m/", "engine_layout": {
+        "engine": "vllm", "dtype": "bfloat16", "tp": 2, "max_model_len": 4096}}
+    (request,) = parse(doc)
+    assert request.engine_layout == EngineLayoutWant("vllm", "bfloat16", 2, 4096)
+    assert parse(request.to_doc()) == [request]
+    (plain,) = parse({"action": "deploy", "uri": "s3://b/m/", "engine_layout": {"engine": "vllm"}})
+    assert plain.engine_layout == EngineLayoutWant("vllm", "auto", 1, None)
+    assert plain.to_doc()["engine_layout"] == {"engine": "vllm", "dtype": "auto", "tp": 1}
+    assert "engine_layout" not in parse(REQ_PLAIN)[0].to_doc()
+
+
+REQ_PLAIN = {"action": "deploy", "uri": "s3://b/m/"}
+
+
+@pytest.mark.parametrize("layout", [
+    {"engine": "vllm", "tp": 2, "python": "/bin/sh"},  # unknown key: no program by request
+    {"dtype": "bfloat16"},  # no engine
+    {"engine": "sglang"},
+    {"engine": ["vllm"]},
+    {"engine": "vllm", "dtype": "int4"},
+    {"engine": "vllm", "dtype": 16},
+    {"engine": "vllm", "tp": "2"},
+    {"engine": "vllm", "tp": True},
+    {"engine": "vllm", "tp": 1.5},
+    {"engine": "vllm", "tp": 0},
+    {"engine": "vllm", "tp": MAX_TP + 1},
+    {"engine": "vllm", "tp": 10**30},
+    {"engine": "vllm", "max_model_len": "4096"},
+    {"engine": "vllm", "max_model_len": 0},
+    {"engine": "vllm", "max_model_len": 1 << 40},
+    "vllm",
+    ["vllm"],
+])
+def test_request_engine_layout_is_checked_strictly(layout: object) -> None:
+    with pytest.raises(BadEvent) as err:
+        parse({**REQ_PLAIN, "engine_layout": layout})
+    assert err.value.reason == "bad_field" and "engine_layout" in str(err.value)
+
+
+@pytest.mark.parametrize("doc", [
+    {"action": "evict", "uri": "s3://b/m/"},
+    {"action": "unpin", "uri": "s3://b/m/"},
+    {"action": "deploy", "uri": "s3://b/m/", "device": "cuda:0"},
+])
+def test_request_engine_layout_only_with_a_deploy_or_pin_on_cpu(doc: dict[str, Any]) -> None:
+    with pytest.raises(BadEvent) as err:
+        parse({**doc, "engine_layout": {"engine": "vllm"}})
+    assert err.value.reason == "bad_field" and "deploy or pin on device cpu" in str(err.value)
 
 
 # --- refusals ----------------------------------------------------------------------------

@@ -215,13 +215,35 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
                          "when asked again" if f.given_up else
                          time.strftime("%H:%M:%S", time.localtime(f.retry_at)), f.uri, f.error)
         out.print(rows)
-    table = Table("state", "device", "GB", "tensors", "leases", "hash", "uri", "updated")
+    table = Table("state", "device", "GB", "tensors", "leases", "hash", "engine", "uri",
+                  "updated")
     for e in entries:
         table.add_row(e.state.value, e.device, f"{e.bytes / 1e9:.3f}", str(e.tensors),
-                      str(e.leases), e.content_hash[:12], "\n".join(e.uris),
+                      str(e.leases), e.content_hash[:12], _engine_label(e),
+                      "\n".join(_checkpoint_uris(e)),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
     empty = "nothing is warm" + ("" if history else " (--history shows what was)")
     out.print(table if entries else empty)
+
+
+def _engine_label(entry: Any) -> str:
+    """An engine-layout entry's key in short (blank for a checkpoint's entry)."""
+    from warmpool.pool.engine_layout import EngineKey
+
+    if entry.engine is None:
+        return ""
+    try:
+        return EngineKey.from_json(entry.engine).label()
+    except (TypeError, ValueError):
+        return "(unreadable key)"
+
+
+def _checkpoint_uris(entry: Any) -> list[str]:
+    """An engine layout's URI is its checkpoint's with the key as a fragment: the key has
+    its own column, so the URI column shows the checkpoint's."""
+    if entry.engine is None:
+        return list(entry.uris)
+    return [uri.partition("#")[0] for uri in entry.uris]
 
 
 @app.command()
@@ -300,6 +322,43 @@ def _same_bytes(a: Any, b: Any) -> bool:
     return a.shape == b.shape and bool(
         (a.reshape(-1).view(__import__("torch").uint8) ==
          b.reshape(-1).view(__import__("torch").uint8)).all())
+
+
+@app.command("export")
+@_guard
+def export_cmd(uri: str,
+               engine: str = typer.Option("vllm", "--engine", help="The engine whose layout "
+                                          "to write (vllm)."),
+               tp: int = typer.Option(1, "--tp", help="Tensor-parallel size of the engines "
+                                      "that will attach it."),
+               dtype: str = typer.Option("auto", "--dtype", help="The engine's model dtype."),
+               max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+               as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Run the engine's loader once so the pool holds the model as the engine does
+    (engine layouts, one per rank): later engines of the same key attach it zero-copy.
+
+    Run it with the Python that has the engine installed (with warmpool beside it)."""
+    from warmpool.integrations.vllm_export import ExportOptions, export
+
+    options = ExportOptions(engine=engine, tp=tp, dtype=dtype, max_model_len=max_model_len)
+    if as_json:  # vLLM logs to stdout by default: keep stdout for the one JSON document
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if config is not None:  # the engine's rank processes load the settings themselves
+        os.environ["WARMPOOL_CONFIG"] = str(config)
+    report = export(uri, options, _settings(config))
+    if as_json:
+        _emit(report.to_json())
+    else:
+        out.print(f"engine layouts of {report.uri} ({report.checkpoint[:12]}), "
+                  f"{report.seconds:.1f} s:")
+        for layout in report.layouts:
+            out.print(f"  {layout.label}  {layout.bytes / 1e9:.3f} GB  {layout.tensors} "
+                      f"tensors  {layout.content_hash}")
+    # vLLM's background threads can hold up the interpreter's exit for a long time; the
+    # layouts are published and the report is out, so nothing is left to finish.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()

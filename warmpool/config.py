@@ -128,6 +128,12 @@ class Settings:
     # The config file's ``relays:`` list, raw; checked by warmpool.relay.spec, and run
     # by ``warmpool serve`` next to the controller.
     relays: tuple[dict[str, Any], ...] = ()
+    # The config file's ``export:`` section (``vllm_python``, ``timeout_s``): the Python
+    # of vLLM's own environment, which the controller runs ``-m warmpool export`` with
+    # when a deploy asks for an engine layout (never a program a request names), and how
+    # long one export may take.
+    export_vllm_python: Path | None = None
+    export_timeout_s: float = 1800.0
 
     @classmethod
     def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -256,6 +262,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "distributed": _bool,
     "cache_max_models": lambda v: _int(v, 1),
     "cache_max_age_s": lambda v: _seconds(v),
+    "export_vllm_python": _path,
+    "export_timeout_s": _seconds,
 }
 
 
@@ -274,6 +282,8 @@ ENV_NAMES = {
     "WARMPOOL_METRICS_PORT": "metrics_port",
     "WARMPOOL_CACHE_MAX_MODELS": "cache_max_models",
     "WARMPOOL_CACHE_MAX_AGE_S": "cache_max_age_s",
+    "WARMPOOL_EXPORT_VLLM_PYTHON": "export_vllm_python",
+    "WARMPOOL_EXPORT_TIMEOUT_S": "export_timeout_s",
 }
 
 
@@ -299,7 +309,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
     streamer = data.pop("streamer", {}) or {}
-    return {**data, **streamer}
+    export = data.pop("export", {}) or {}
+    if not isinstance(streamer, dict) or not isinstance(export, dict):
+        raise ConfigError(f"config file {path}: 'streamer' and 'export' must be mappings")
+    return {**data, **streamer, **{f"export_{k}": v for k, v in export.items()}}
 
 
 def private_dir(path: Path, *, repair: bool = True) -> Path:

@@ -88,8 +88,10 @@ class DesiredState:
             current, current_source, since = _from_json(raw)
             if current.pinned:
                 req = replace(req, action="pin")
-            if source == "watch":
+            if source == "watch":  # an upload's deploy keeps what was asked of the model
                 source = current_source
+                if req.engine_layout is None:
+                    req = replace(req, engine_layout=current.engine_layout)
         elif await self.redis.hlen(self.key) >= self.max_wants:
             raise self._full(req)
         else:

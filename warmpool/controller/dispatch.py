@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from warmpool.config import Settings
 from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
 from warmpool.controller.events import Request
+from warmpool.controller.exports import EngineExports
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.metrics import Metrics
 from warmpool.pool.entries import HOST_DEVICE, Pool
@@ -93,6 +94,7 @@ class Dispatcher:
         self.node = registry.node
         self.cache = MetadataCache(settings.cache_dir)
         self.workers = WorkerBridge(settings, registry)
+        self.exports = EngineExports(settings, pool)
         self._inflight: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
         self._closing = False
 

@@ -15,7 +15,9 @@ Shapes understood:
 - GCS notifications: the JSON object resource, bare or inside a Pub/Sub message
   (``{"attributes": ..., "data": base64}``) or a Pub/Sub push envelope
   (``{"message": {...}, "subscription": ...}``).
-- Requests (``{"action": "deploy", "uri": ..., ...}``): deploy, evict, pin, unpin.
+- Requests (``{"action": "deploy", "uri": ..., ...}``): deploy, evict, pin, unpin; a
+  deploy or pin on ``cpu`` may add ``"engine_layout": {"engine": "vllm", "dtype": ...,
+  "tp": ..., "max_model_len": ...}`` (:class:`EngineLayoutWant`).
   :meth:`Request.to_doc` writes the same shape back, for forwarding and desired state.
 
 One payload may carry several S3 records; it is accepted or refused as a whole, so a
@@ -60,8 +62,13 @@ _GCS_UPLOADED = frozenset({"OBJECT_FINALIZE"})
 _GCS_REMOVED = frozenset({"OBJECT_DELETE", "OBJECT_ARCHIVE"})
 _GCS_IGNORED = frozenset({"OBJECT_METADATA_UPDATE"})
 _REQUEST_FIELDS = frozenset({"action", "uri", "device", "tp", "sharding", "node",
-                             "request_id", "force",
+                             "request_id", "force", "engine_layout",
                              "layout"})  # the old name of "sharding", still accepted
+#: Engines a deploy may ask an engine layout of, and what their ``engine_layout`` takes.
+LAYOUT_ENGINES: tuple[str, ...] = ("vllm",)
+LAYOUT_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32", "half", "float")
+_LAYOUT_FIELDS = frozenset({"engine", "dtype", "tp", "max_model_len"})
+MAX_MODEL_LEN = 1 << 24
 
 
 class BadEvent(WarmpoolError, ValueError):
@@ -116,6 +123,24 @@ class ObjectRemoved(ObjectEvent):
 
 
 @dataclass(frozen=True)
+class EngineLayoutWant:
+    """A deploy's ask for an engine layout: once the checkpoint is warm on the host tier,
+    the controller runs the engine's loader once (``warmpool export``) with these options,
+    which must be those of the serving engines that are to attach it. Which program runs
+    is the controller's setting, never the request's."""
+
+    engine: str = "vllm"
+    dtype: str = "auto"
+    tp: int = 1
+    max_model_len: int | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"engine": self.engine, "dtype": self.dtype, "tp": self.tp,
+                               "max_model_len": self.max_model_len}
+        return {k: v for k, v in doc.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Request:
     """One model on one device: what an operator or a scheduler asks for, what the
     desired state keeps (the deploy or pin still in force) and what the dispatcher warms.
@@ -132,6 +157,7 @@ class Request:
     node: str | None = None
     request_id: str | None = None
     force: bool = False  # evict: even while serving processes hold leases
+    engine_layout: EngineLayoutWant | None = None  # deploy, pin: export one when warm
 
     @property
     def pinned(self) -> bool:
@@ -143,7 +169,9 @@ class Request:
         doc: dict[str, Any] = {"action": self.action, "uri": str(self.uri),
                                "device": self.device, "tp": self.tp, "sharding": self.sharding,
                                "node": self.node, "request_id": self.request_id,
-                               "force": self.force or None}
+                               "force": self.force or None,
+                               "engine_layout": (self.engine_layout.to_doc()
+                                                 if self.engine_layout else None)}
         return {k: v for k, v in doc.items() if v is not None}
 
 
@@ -300,7 +328,7 @@ def parse_request(doc: dict[str, Any]) -> Request:
     action = doc.get("action")
     if action not in ACTIONS:
         raise BadEvent("bad_action", f"action {_clip(action)} is not one of {ACTIONS}")
-    return Request(
+    request = Request(
         action=action,
         uri=_model_uri(doc.get("uri")),
         device=_device(_default(doc, "device", "cpu")),
@@ -309,7 +337,40 @@ def parse_request(doc: dict[str, Any]) -> Request:
         node=_node(doc.get("node")),
         request_id=_optional_text(doc.get("request_id"), "request_id", max_len=128),
         force=_flag(_default(doc, "force", False), "force"),
+        engine_layout=_engine_layout(doc.get("engine_layout")),
     )
+    if request.engine_layout is not None and (
+            request.action not in ("deploy", "pin") or request.device != "cpu"):
+        raise BadEvent("bad_field", "engine_layout goes with a deploy or pin on device cpu "
+                       "(engine layouts live on the host tier)")
+    return request
+
+
+def _engine_layout(value: object) -> EngineLayoutWant | None:
+    if value is None:
+        return None
+    doc = _mapping(value, "engine_layout")
+    unknown = doc.keys() - _LAYOUT_FIELDS
+    if unknown:
+        raise BadEvent("bad_field", f"unknown engine_layout fields {_clip(sorted(unknown))}")
+    engine = doc.get("engine")
+    if engine not in LAYOUT_ENGINES:
+        raise BadEvent("bad_field", f"engine_layout.engine {_clip(engine)} is not one of "
+                       f"{LAYOUT_ENGINES}")
+    dtype = _default(doc, "dtype", "auto")
+    if dtype not in LAYOUT_DTYPES:
+        raise BadEvent("bad_field", f"engine_layout.dtype {_clip(dtype)} is not one of "
+                       f"{LAYOUT_DTYPES}")
+    tp = _default(doc, "tp", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= MAX_TP:
+        raise BadEvent("bad_field", f"engine_layout.tp {_clip(tp)} is not an integer in "
+                       f"1..{MAX_TP}")
+    length = doc.get("max_model_len")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int)
+                               or not 1 <= length <= MAX_MODEL_LEN):
+        raise BadEvent("bad_field", f"engine_layout.max_model_len {_clip(length)} is not an "
+                       f"integer in 1..{MAX_MODEL_LEN}")
+    return EngineLayoutWant(engine, dtype, tp, length)
 
 
 def _default(doc: dict[str, Any], name: str, default: Any) -> Any:

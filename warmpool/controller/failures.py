@@ -61,13 +61,15 @@ class Failures:
         self.key = keys.desired_failures(node)
         self.backoff = backoff
 
-    async def failed(self, uri: str, device: str, error: str) -> Failing:
-        """Count one more failure of (``uri``, ``device``); returns its new record."""
+    async def failed(self, uri: str, device: str, error: str, *,
+                     give_up: bool = False) -> Failing:
+        """Count one more failure of (``uri``, ``device``); returns its new record.
+        ``give_up``: no retry can help (a setting is missing), so give up at once."""
         before = await self.get(uri, device)
         failures = (before.failures if before else 0) + 1
         record = Failing(uri, device, failures, error[:2048],
                          time.time() + self.backoff.delay(failures),
-                         failures >= self.backoff.give_up_after)
+                         give_up or failures >= self.backoff.give_up_after)
         await self.redis.hset(self.key, want_field(uri, device), json.dumps(record.to_json()))
         return record
 

@@ -241,7 +241,11 @@ class Controller:
             newest = max(mine, key=lambda e: e.updated_at, default=None)
             if newest is None or newest.state == State.LOST or (
                     newest.state == State.FAILED
-                    and (newest.error or "").startswith("interrupted")):
+                    and (newest.error or "").startswith("interrupted")) or (
+                    newest.state == State.WARM and want.engine_layout is not None
+                    and not self.dispatcher.exports.busy(str(want.uri))
+                    and self.dispatcher.exports.warm_layouts(
+                        newest.content_hash, want.engine_layout) is None):
                 self._spawn(self.router.warm_wanted(want), f"converge {want.uri}")
                 started += 1
         return started
@@ -263,7 +267,7 @@ class Controller:
         (streams are discarded, never left partial; stream entries stay unacknowledged)."""
         self.stopping.set()
         work = [*self.pubsub.tasks, *self.streams.inflight.values(), *self._tasks,
-                *self.dispatcher.tasks]
+                *self.dispatcher.tasks, *self.dispatcher.exports.tasks]
         left: set[asyncio.Task[Any]] = set()
         if work:
             log.info("stopping: waiting up to %.0fs for %d task(s) in flight",

@@ -153,16 +153,40 @@ class Router:
         backs off and is finally given up (:mod:`.failures`)."""
         uri, device = str(wanted.uri), wanted.device
         outcome = await self.dispatcher.warm(wanted)
+        permanent = False
+        if outcome.state == State.WARM.value and wanted.engine_layout is not None:
+            outcome, permanent = await self._export(wanted, outcome)
         if outcome.state == State.WARM.value:
             await self.failures.clear(uri, device)
         elif (outcome.state == State.FAILED.value
               and await self.desired.get(uri, device) is not None):
-            failing = await self.failures.failed(uri, device, outcome.error or "")
+            failing = await self.failures.failed(uri, device, outcome.error or "",
+                                                 give_up=permanent)
             if failing.given_up:
                 log.warning("giving up on %s on %s after %d failures: %s", uri, device,
                             failing.failures, failing.error,
                             extra={"event": "given_up", "uri": uri, "device": device})
         return outcome
+
+    async def _export(self, wanted: Request, outcome: Outcome) -> tuple[Outcome, bool]:
+        """The engine layout ``wanted`` asks for, its checkpoint being warm: the outcome
+        (failed when no layout was made) and whether a retry cannot help."""
+        want, uri = wanted.engine_layout, str(wanted.uri)
+        assert want is not None and outcome.entry is not None
+        done = await self.dispatcher.exports.export(uri, outcome.entry.content_hash, want)
+        labels = [str(x.get("label")) for x in done.layouts]
+        if done.ok:
+            log.info("%s: %s engine layout(s) %s: %s", uri, want.engine,
+                     "already warm" if done.already_warm else
+                     f"exported in {done.seconds:.1f} s", ", ".join(labels),
+                     extra={"event": "engine_layout_warm", "uri": uri, "layouts": labels,
+                            "seconds": round(done.seconds, 3)})
+            return outcome, False
+        log.warning("%s is warm, but its %s engine layout is not: %s", uri, want.engine,
+                    done.error, extra={"event": "engine_layout_failed", "uri": uri,
+                                       "error": done.error})
+        return replace(outcome, state=State.FAILED.value,
+                       error=f"engine layout: {done.error}"), done.permanent
 
     async def _drop_given_up(self) -> bool:
         """Make room in a full desired state: the model given up longest ago goes (its

@@ -1,0 +1,53 @@
+"""``warmpool export`` and ``warmpool status`` for engine layouts, without an engine: the
+one-line refusals, and the engine column. The export itself runs in tests/test_vllm_export.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from warmpool.config import Settings
+from warmpool.pool.engine_layout import EngineKey, export_sync
+
+KEY = EngineKey(checkpoint="cd" * 32, engine="vllm", engine_version="0.32.0",
+                dtype="bfloat16", tp_size=2, rank=1)
+URI = "file:///models/tiny/"
+
+
+def warmpool(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m warmpool``: the module form must work too (vLLM's spawned processes
+    re-import the main module, so export needs a main guard either way)."""
+    return subprocess.run([sys.executable, "-m", "warmpool", *args], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ))
+
+
+def test_export_without_vllm_says_where_to_run_it(settings: Settings) -> None:
+    done = warmpool("export", "s3://bucket/models/m/", "--tp", "2")
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert "vLLM cannot be imported by" in line and "install vllm in that environment" in line
+
+
+def test_export_refuses_an_engine_it_cannot_export(settings: Settings) -> None:
+    done = warmpool("export", "s3://bucket/models/m/", "--engine", "sglang")
+    assert done.returncode == 2
+    assert "engine 'sglang' cannot export yet; choose one of vllm" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_status_shows_an_engine_layouts_key_in_its_own_column(settings: Settings) -> None:
+    export_sync(KEY, [("w", torch.arange(6, dtype=torch.float32))], checkpoint_uri=URI,
+                settings=settings)
+    table = warmpool("status")
+    assert table.returncode == 0, table.stderr
+    header = next(line for line in table.stdout.splitlines() if "state" in line)
+    assert header.split("┃")[7].strip() == "engine"
+    row = next(line for line in table.stdout.splitlines() if "warm" in line)
+    cells = [c.strip() for c in row.split("│")]
+    assert cells[7] == KEY.label() and cells[8] == URI, row
+    [entry] = json.loads(warmpool("status", "--json").stdout)
+    assert entry["engine"] == KEY.to_json()

@@ -1,0 +1,177 @@
+"""``warmpool export``: run vLLM's loader once so the pool holds its engine layout.
+
+An engine started with ``model_loader_extra_config={"export": true}`` writes each rank's
+processed parameters into the host tier (:mod:`warmpool.integrations.vllm`); this is that
+start as an explicit step, for a platform that wants the zero-copy start ready *before*
+the first serving engine comes up (the controller runs it for a deploy request that asks
+for an engine layout). It warms the checkpoint first when it is cold, starts ``vllm.LLM``
+on the metadata cache's files directory with the options that make up the key (TP size,
+dtype, maximum length), shuts it down, and reports the engine layouts now warm for the
+checkpoint.
+
+It must run in the Python that has vLLM (its own virtualenv, usually not warmpool's):
+vLLM is imported only here, and its absence is one clear error. vLLM spawns its engine
+core and rank processes, so the caller must be a script with a main guard (the
+``warmpool`` console script, ``python -m warmpool``), never ``python -c``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from warmpool.config import Settings
+from warmpool.errors import ConfigError, WarmpoolError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("vllm",)
+
+
+class ExportError(WarmpoolError):
+    """The engine could not load the model, so no engine layout was written."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The engine options that decide the key of the layouts written (and so which later
+    engines attach them): a serving engine must be started with the same ones."""
+
+    engine: str = "vllm"
+    tp: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine {self.engine!r} cannot export yet; choose one of "
+                              f"{', '.join(ENGINES)}")
+        if self.tp < 1:
+            raise ConfigError(f"--tp {self.tp}: a tensor-parallel size is at least 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"--max-model-len {self.max_model_len} must be at least 1")
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"tensor_parallel_size": self.tp, "dtype": self.dtype,
+                                  "enforce_eager": True}
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        return kwargs
+
+
+@dataclass(frozen=True)
+class LayoutInfo:
+    """One engine-layout entry warm on the host tier."""
+
+    label: str
+    content_hash: str
+    bytes: int
+    tensors: int
+    key: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "content_hash": self.content_hash, "bytes": self.bytes,
+                "tensors": self.tensors, "key": self.key}
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    uri: str
+    checkpoint: str  # the checkpoint's content hash
+    files_dir: str
+    engine: str
+    layouts: tuple[LayoutInfo, ...]  # every engine layout warm for the checkpoint
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uri": self.uri, "checkpoint": self.checkpoint, "files_dir": self.files_dir,
+                "engine": self.engine, "layouts": [x.to_json() for x in self.layouts],
+                "seconds": round(self.seconds, 3)}
+
+
+def require_vllm() -> None:
+    """vLLM importable here, or one line saying where to run the export instead."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"vLLM cannot be imported by {sys.executable} ({exc}): install vllm in that "
+            "environment and warmpool beside it, and run `warmpool export` (or "
+            "`python -m warmpool export`) with that environment's Python") from None
+
+
+def export(uri: str, options: ExportOptions, settings: Settings) -> ExportReport:
+    """Warm ``uri`` if cold, load it once in vLLM with export on, and report the engine
+    layouts then warm for its checkpoint."""
+    from warmpool.integrations.weights import settings_environment
+    from warmpool.model.uri import parse_uri
+    from warmpool.operations import metadata
+
+    require_vllm()
+    started = time.perf_counter()
+    uri = str(parse_uri(uri))
+    cached = metadata(uri, settings=settings)
+    _warm_first(uri, cached.content_hash, settings)
+    # vLLM's rank processes read the pool's settings from the environment.
+    os.environ.update(settings_environment(settings))
+    _run_engine(str(cached.files_dir), uri, options)
+    return ExportReport(uri, cached.content_hash, str(cached.files_dir), options.engine,
+                        tuple(layouts_of(cached.content_hash, settings)),
+                        time.perf_counter() - started)
+
+
+def _warm_first(uri: str, content_hash: str, settings: Settings) -> None:
+    """A checkpoint already on the host tier is used as it is: asking a controller would
+    deadlock when that controller is the caller, waiting for this export to end."""
+    from warmpool.operations import prefetch
+    from warmpool.pool.host import HostTier
+
+    if HostTier(settings.runtime_dir).resident(content_hash) is None:
+        prefetch(uri, "cpu", settings=settings)
+
+
+def _run_engine(files_dir: str, uri: str, options: ExportOptions) -> None:
+    from vllm import LLM
+
+    try:
+        llm = LLM(model=files_dir, load_format="warmpool",
+                  model_loader_extra_config={"export": True, "uri": uri},
+                  **options.llm_kwargs())
+    except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; one clear line
+        raise ExportError(f"vLLM could not load {uri}, so nothing was exported: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    _shutdown(llm)
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop the engine core and its ranks now, not whenever the collector gets to it."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception as exc:  # noqa: BLE001 - the layouts are written; say, go on
+            log.warning("vLLM's shutdown after the export failed: %s", exc)
+    del llm
+    gc.collect()
+
+
+def layouts_of(checkpoint: str, settings: Settings) -> list[LayoutInfo]:
+    """The engine layouts warm on the host tier for ``checkpoint``, by rank."""
+    from warmpool.pool.engine_layout import engine_layouts
+    from warmpool.pool.host import HostTier
+
+    host = HostTier(settings.runtime_dir)
+    found = []
+    for key in engine_layouts(settings, checkpoint):
+        resident = host.resident(key.content_hash)
+        if resident is None:
+            continue
+        found.append(LayoutInfo(key.label(), key.content_hash, resident.layout.total_bytes,
+                                len(resident.layout), key.to_json()))
+    return sorted(found, key=lambda x: (x.key["engine"], x.label))
