@@ -7,10 +7,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
+from tests.models import write_model
 from warmpool.config import Settings
+from warmpool.errors import ConfigError
+from warmpool.integrations.vllm_export import ExportError, ExportOptions, _warm_first
+from warmpool.model.uri import parse_uri
+from warmpool.operations import metadata
+from warmpool.pool.host import HostTier
 from warmpool.pool.engine_layout import EngineKey, export_sync
 
 KEY = EngineKey(checkpoint="cd" * 32, engine="vllm", engine_version="0.32.0",
@@ -51,3 +59,22 @@ def test_status_shows_an_engine_layouts_key_in_its_own_column(settings: Settings
     assert cells[7] == KEY.label() and cells[8] == URI, row
     [entry] = json.loads(warmpool("status", "--json").stdout)
     assert entry["engine"] == KEY.to_json()
+
+
+def test_a_cold_checkpoint_is_warmed_first_or_refused_with_on_cold_fail(
+        settings: Settings, tmp_path: Path) -> None:
+    """The controller runs the export with ``--on-cold fail``: a checkpoint evicted since
+    it was warmed must fail the export (the controller warms it again as asked), never go
+    back to the controller as a plain deploy that replaces the request."""
+    write_model(tmp_path / "m", shards=1)
+    uri = str(parse_uri(str(tmp_path / "m")))
+    cached = metadata(uri, settings=settings)
+    host = HostTier(settings.runtime_dir)
+    with pytest.raises(ExportError, match="not warm on the host tier"):
+        _warm_first(uri, cached.content_hash, settings, "fail")
+    assert host.resident(cached.content_hash) is None
+    _warm_first(uri, cached.content_hash, settings, "warm")
+    assert host.resident(cached.content_hash) is not None
+    _warm_first(uri, cached.content_hash, settings, "fail")  # warm now: nothing to refuse
+    with pytest.raises(ConfigError, match="--on-cold 'later'"):
+        ExportOptions(on_cold="later")

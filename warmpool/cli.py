@@ -333,6 +333,8 @@ def export_cmd(uri: str,
                                       "that will attach it."),
                dtype: str = typer.Option("auto", "--dtype", help="The engine's model dtype."),
                max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+               on_cold: str = typer.Option("warm", "--on-cold", help="A checkpoint not warm "
+                                           "on the host tier: warm it, or fail."),
                as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Run the engine's loader once so the pool holds the model as the engine does
     (engine layouts, one per rank): later engines of the same key attach it zero-copy.
@@ -340,7 +342,8 @@ def export_cmd(uri: str,
     Run it with the Python that has the engine installed (with warmpool beside it)."""
     from warmpool.integrations.vllm_export import ExportOptions, export
 
-    options = ExportOptions(engine=engine, tp=tp, dtype=dtype, max_model_len=max_model_len)
+    options = ExportOptions(engine=engine, tp=tp, dtype=dtype, max_model_len=max_model_len,
+                            on_cold=on_cold)
     if as_json:  # vLLM logs to stdout by default: keep stdout for the one JSON document
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if config is not None:  # the engine's rank processes load the settings themselves

@@ -110,7 +110,7 @@ class EngineExports:
             return ExportDone(True, present, seconds=time.perf_counter() - started,
                               already_warm=True)
         argv = [str(python), "-m", "warmpool", "export", uri, "--engine", want.engine,
-                "--tp", str(want.tp), "--dtype", want.dtype, "--json"]
+                "--tp", str(want.tp), "--dtype", want.dtype, "--on-cold", "fail", "--json"]
         if want.max_model_len is not None:
             argv += ["--max-model-len", str(want.max_model_len)]
         rc, out, err = await self._run(argv)

@@ -46,6 +46,10 @@ class ExportOptions:
     tp: int = 1
     dtype: str = "auto"
     max_model_len: int | None = None
+    #: "fail": refuse a checkpoint that is not warm on the host tier instead of warming
+    #: it. The controller passes it: warming from inside its own export would go back to
+    #: the controller as a plain deploy and replace the request that asked for the layout.
+    on_cold: str = "warm"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -53,6 +57,8 @@ class ExportOptions:
                               f"{', '.join(ENGINES)}")
         if self.tp < 1:
             raise ConfigError(f"--tp {self.tp}: a tensor-parallel size is at least 1")
+        if self.on_cold not in ("warm", "fail"):
+            raise ConfigError(f"--on-cold {self.on_cold!r}: choose warm or fail")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"--max-model-len {self.max_model_len} must be at least 1")
 
@@ -116,7 +122,7 @@ def export(uri: str, options: ExportOptions, settings: Settings) -> ExportReport
     started = time.perf_counter()
     uri = str(parse_uri(uri))
     cached = metadata(uri, settings=settings)
-    _warm_first(uri, cached.content_hash, settings)
+    _warm_first(uri, cached.content_hash, settings, options.on_cold)
     # vLLM's rank processes read the pool's settings from the environment.
     os.environ.update(settings_environment(settings))
     _run_engine(str(cached.files_dir), uri, options)
@@ -125,14 +131,18 @@ def export(uri: str, options: ExportOptions, settings: Settings) -> ExportReport
                         time.perf_counter() - started)
 
 
-def _warm_first(uri: str, content_hash: str, settings: Settings) -> None:
+def _warm_first(uri: str, content_hash: str, settings: Settings, on_cold: str) -> None:
     """A checkpoint already on the host tier is used as it is: asking a controller would
     deadlock when that controller is the caller, waiting for this export to end."""
     from warmpool.operations import prefetch
     from warmpool.pool.host import HostTier
 
-    if HostTier(settings.runtime_dir).resident(content_hash) is None:
-        prefetch(uri, "cpu", settings=settings)
+    if HostTier(settings.runtime_dir).resident(content_hash) is not None:
+        return
+    if on_cold == "fail":
+        raise ExportError(f"{uri} ({content_hash[:12]}) is not warm on the host tier of "
+                          f"{settings.node}, and --on-cold is fail: nothing was exported")
+    prefetch(uri, "cpu", settings=settings)
 
 
 def _run_engine(files_dir: str, uri: str, options: ExportOptions) -> None:
@@ -140,7 +150,8 @@ def _run_engine(files_dir: str, uri: str, options: ExportOptions) -> None:
 
     try:
         llm = LLM(model=files_dir, load_format="warmpool",
-                  model_loader_extra_config={"export": True, "uri": uri},
+                  model_loader_extra_config={"export": True, "uri": uri,
+                                             "on_cold": options.on_cold},
                   **options.llm_kwargs())
     except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; one clear line
         raise ExportError(f"vLLM could not load {uri}, so nothing was exported: "
