@@ -45,7 +45,11 @@ class Failing:
 
 
 @dataclass(frozen=True)
-class Backoff:
+class RetrySchedule:
+    """When a desired model that failed is tried again, and when it is given up: doubling
+    delays without jitter (a person reads them in ``warmpool status``), unlike
+    :class:`warmpool.retry.Backoff`, which spreads retries of one storage call."""
+
     base_s: float = 30.0
     cap_s: float = 3600.0
     give_up_after: int = 5
@@ -56,7 +60,7 @@ class Backoff:
 
 class Failures:
     def __init__(self, redis: Redis, keys: RedisKeys, node: str,
-                 backoff: Backoff = Backoff()) -> None:
+                 backoff: RetrySchedule = RetrySchedule()) -> None:
         self.redis = redis
         self.key = keys.desired_failures(node)
         self.backoff = backoff

@@ -30,7 +30,7 @@ from warmpool.config import Settings
 from warmpool.controller.deadletter import dead_record, write_dead_letter
 from warmpool.controller.desired import DesiredState, want_field
 from warmpool.controller.dispatch import Dispatcher
-from warmpool.controller.failures import Backoff, Failures
+from warmpool.controller.failures import Failures, RetrySchedule
 from warmpool.errors import ConfigError
 from warmpool.controller.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
 from warmpool.controller.keys import RedisKeys
@@ -151,8 +151,9 @@ class Controller:
         self.pool = Pool(settings, self.registry)
         self.desired = DesiredState(redis, keys, self.node, max_wants=options.max_desired)
         self.failures = Failures(redis, keys, self.node,
-                                 Backoff(options.failure_backoff_s, options.failure_backoff_cap_s,
-                                         options.give_up_after))
+                                 RetrySchedule(options.failure_backoff_s,
+                                               options.failure_backoff_cap_s,
+                                               options.give_up_after))
         self.nodes = Nodes(redis, keys, self.node, ttl_s=options.heartbeat_s * 3)
         self.dispatcher = Dispatcher(settings=settings, pool=self.pool, registry=self.registry,
                                      redis=redis, keys=keys, metrics=self.metrics,
