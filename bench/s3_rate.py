@@ -89,14 +89,14 @@ def _prefetch(spec: dict[str, Any]) -> dict[str, Any]:
     import torch  # noqa: F401  (imported before the clock, as in a serving process)
     import warmpool.storage.s3  # noqa: F401  (aiobotocore: imported before the clock too)
     from warmpool.config import Settings
-    from warmpool.loading import streaming
+    from warmpool.loading import native
     from warmpool.pool.entries import Pool
     from warmpool.pool.prefetch import prefetch
 
     if spec["loader"] == "runai":
         import runai_model_streamer  # noqa: F401
     if spec.get("native"):
-        streaming.NATIVE_CONCURRENCY, streaming.NATIVE_PIECE = spec["native"]
+        native.NATIVE_CONCURRENCY, native.NATIVE_PIECE = spec["native"]
     settings = Settings.load()
     started = time.perf_counter()
     result = asyncio.run(prefetch(spec["uri"], settings=settings, loader=spec["loader"]))
@@ -218,7 +218,7 @@ def main() -> None:
 
 def run_all(args: argparse.Namespace, env: dict[str, str], uri: str,
             weights: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    from warmpool.loading import streaming
+    from warmpool.loading import native
 
     specs: list[tuple[str, dict[str, Any]]] = []
     for c in map(int, args.concurrency.split(",")):
@@ -229,7 +229,7 @@ def run_all(args: argparse.Namespace, env: dict[str, str], uri: str,
     specs.append((f"GET c={best_c} part={best_p} MiB into a fresh segment (page faults count)",
                   {"kind": "get", "files": weights, "concurrency": best_c,
                    "part": best_p << 20, "fresh": True}))
-    default = (streaming.NATIVE_CONCURRENCY, streaming.NATIVE_PIECE)
+    default = (native.NATIVE_CONCURRENCY, native.NATIVE_PIECE)
     specs.append((f"prefetch native (default c={default[0]} part={default[1] >> 20} MiB)",
                   {"kind": "prefetch", "uri": uri, "loader": "native"}))
     variants = [tuple(map(int, v.split(":"))) for v in args.native.split(",") if v]

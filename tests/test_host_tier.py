@@ -569,7 +569,7 @@ async def test_native_ranged_reads_span_and_split_tensors_bit_exactly(
         model_dir: Path, piece_bytes: int) -> None:
     """Native reads are file ranges that cover several small tensors or part of a large
     one: every byte lands in its slot whatever the piece size."""
-    from warmpool.loading.streaming import stream_native
+    from warmpool.loading.native import stream_native
     from warmpool.model.safetensors import parse_header
     from warmpool.model.uri import parse_uri
     from warmpool.pool.layout import plan_layout

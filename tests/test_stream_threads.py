@@ -18,7 +18,7 @@ import torch
 
 from tests.models import write_model
 from warmpool.errors import StorageError
-from warmpool.loading import pread, streaming
+from warmpool.loading import native, pread, streaming
 from warmpool.model.uri import parse_uri
 from warmpool.storage import open_store
 from warmpool.threads import to_thread_joined
@@ -74,7 +74,7 @@ async def test_a_short_read_fails_the_stream_only_after_every_copy_has_finished(
 
     copying: list[str] = []
     started = threading.Event()
-    original = streaming._scatter
+    original = native._scatter
 
     def slow_scatter(target: torch.Tensor, job: pread.Job, source: torch.Tensor) -> None:
         copying.append("start")
@@ -83,7 +83,7 @@ async def test_a_short_read_fails_the_stream_only_after_every_copy_has_finished(
         original(target, job, source)
         copying.append("end")
 
-    monkeypatch.setattr(streaming, "_scatter", slow_scatter)
+    monkeypatch.setattr(native, "_scatter", slow_scatter)
     target = torch.zeros(layout.total_bytes, dtype=torch.uint8)
     async with open_store(parse_uri(str(tmp_path / "m"))) as store:
         read_range = store.read_range
@@ -95,7 +95,7 @@ async def test_a_short_read_fails_the_stream_only_after_every_copy_has_finished(
 
         monkeypatch.setattr(store, "read_range", short_read_last)
         with pytest.raises(StorageError, match="bytes short"):
-            await streaming.stream_native(store, layout, target, progress=lambda n: None)
+            await native.stream_native(store, layout, target, progress=lambda n: None)
     assert copying, "no copy ran: the test no longer exercises the race"
     assert copying.count("start") == copying.count("end"), copying
 

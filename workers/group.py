@@ -30,7 +30,7 @@ import torch
 
 from warmpool.config import StreamerOptions
 from warmpool.pool.layout import Layout
-from warmpool.loading.streaming import stream_runai
+from warmpool.loading.runai import stream_runai
 from warmpool.model.uri import ModelURI
 from warmpool.workers.devices import DeviceSpec
 

@@ -1,59 +1,38 @@
-"""Streaming weights into a resident buffer: runai-model-streamer, or our own clients.
+"""Filling a resident buffer from a model's files: which loader, and the version check.
 
-Both loaders fill the same thing: a flat uint8 tensor (a host segment or a device
-buffer) laid out by a :class:`~warmpool.pool.layout.Layout`. runai-model-streamer reads local
-files, ``s3://`` and ``gs://``; ``az://`` has no streamer support against Azurite in
-0.17 (docs/findings.md), so it — and anything forced with ``loader="native"`` — comes through
-our async backend with concurrent ranged reads straight into the buffer.
-
-Memory stays bounded: the streamer runs with ``owned=False`` and a ``memory_limit``, and
-each tensor is copied into place before the iteration moves on (the streamer reuses
-that memory afterwards — a retained view would silently read the next tensor's bytes).
+Every loader fills the same thing: a flat uint8 tensor (a host segment or a device
+buffer) laid out by a :class:`~warmpool.pool.layout.Layout`. Local files go through
+threads of ``preadv`` (:mod:`.pread`), object stores through runai-model-streamer
+(:mod:`.runai`), and what it cannot stream through our own async clients
+(:mod:`.native`). Here: the choice (:func:`choose_loader`), and the guarantee that the
+bytes are those of the listing the layout was planned from (:func:`fill_buffer`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import threading
-import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
 from warmpool.config import StreamerOptions
-from warmpool.errors import ObjectChangedError, StorageError, StreamError, WarmpoolError
-from warmpool.loading.environ import STREAMER_ENVIRONMENT
-from warmpool.pool.layout import Layout, Slot
-from warmpool.loading.pread import Job, plan_jobs, stream_pread
+from warmpool.errors import ObjectChangedError, StreamError
+from warmpool.loading.native import stream_native
+from warmpool.loading.pread import stream_pread
+from warmpool.loading.runai import RUNAI_SCHEMES, opened_object_scheme, stream_runai
+from warmpool.model.uri import ModelURI
+from warmpool.pool.layout import Layout
 from warmpool.storage import open_store
 from warmpool.storage.base import ObjectInfo, Store
-from warmpool.storage.local import open_regular
 from warmpool.threads import to_thread_joined
-from warmpool.model.uri import ModelURI
-from warmpool.pool.views import TORCH_DTYPES
 
 Progress = Callable[[int], None]
 Loader = Literal["auto", "runai", "native", "pread"]
 LOADERS: tuple[str, ...] = get_args(Loader)
 
-#: Schemes runai-model-streamer 0.17 streams for us.
-RUNAI_SCHEMES = ("file", "s3", "gs")
-#: Native ranged reads: file ranges of at most this many bytes, this many in flight. From
-#: a sweep of ranged GETs (bench/s3_rate.py, docs/performance.md): parts of 16 MiB beat 4
-#: and 64 MiB at every concurrency, and 8 in flight was best, with 4-32 close behind.
-NATIVE_PIECE = 16 << 20
-NATIVE_CONCURRENCY = 8
-
 log = logging.getLogger(__name__)
-
-#: runai-model-streamer 0.17 opens ONE object-storage backend per process and keeps it
-#: until exit ("Object storage backend will be closed on process exit"): after an
-#: s3:// stream, a gs:// request goes to the S3 client and fails with "File access
-#: error" (and the reverse). We remember which one this process opened.
-_runai_object_scheme: str | None = None
 
 
 def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
@@ -72,10 +51,11 @@ def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
         if not uri.is_local:
             raise StreamError(f"{uri}: the pread loader reads local files only")
         return "pread"
-    conflict = (uri.scheme != "file" and _runai_object_scheme not in (None, uri.scheme))
+    bound = opened_object_scheme()
+    conflict = uri.scheme != "file" and bound not in (None, uri.scheme)
     if uri.scheme in RUNAI_SCHEMES and not conflict:
         return "runai"
-    why = (f"this process already streamed {_runai_object_scheme}:// with "
+    why = (f"this process already streamed {bound}:// with "
            "runai-model-streamer, which keeps one object-storage backend per process"
            if conflict else f"runai-model-streamer cannot stream {uri.scheme}:// here")
     if loader == "runai":
@@ -142,9 +122,8 @@ async def _stream(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     if chosen in ("runai", "pread"):
         # A thread cannot be cancelled from outside; the loaders check this flag
         # between pieces, so Ctrl-C or a controller shutdown stops them within one
-        # piece instead of after the whole model.
-        # The thread is joined before a cancellation propagates: the caller frees the
-        # target next, and a thread still copying into it would crash the process.
+        # piece. The thread is joined before a cancellation propagates: the caller
+        # frees the target next, and a thread still copying into it would crash.
         stop = threading.Event()
         if chosen == "runai":
             await to_thread_joined(stream_runai, uri, layout, target, options=options,
@@ -161,145 +140,3 @@ async def _stream(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
     return chosen
 
 
-def _runai_path(uri: ModelURI, key: str) -> str:
-    return str(uri.path / key) if uri.is_local else uri.child(key)
-
-
-def streamer_environment(options: StreamerOptions, largest_tensor: int = 0,
-                         base: dict[str, str] | None = None) -> dict[str, str]:
-    """The variables a streamer run needs, including what test servers need."""
-    env = options.environment(base, largest_tensor=largest_tensor)
-    if env.get("AWS_ENDPOINT_URL"):
-        # S3-compatible servers answer path-style only.
-        env.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
-        env.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    emulator = env.get("STORAGE_EMULATOR_HOST")
-    if emulator and "CLOUD_STORAGE_EMULATOR_ENDPOINT" not in env:
-        env["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = (
-            emulator if emulator.startswith("http") else f"http://{emulator}")
-    return env
-
-
-def stream_runai(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
-                 options: StreamerOptions, files: list[str] | None = None,
-                 progress: Progress, distributed: bool = False,
-                 stop: threading.Event | None = None, stream_device: str = "cpu",
-                 extra_env: dict[str, str] | None = None,
-                 on_open: Callable[[Any], None] | None = None) -> int:
-    """Fill ``target`` with runai-model-streamer (blocking; run it in a thread).
-
-    ``stream_device`` is where the streamer lands tensors (a group streaming with NCCL
-    broadcasts between device buffers); ``on_open`` sees the streamer before it starts
-    (the worker group counts its storage reads there). Returns the tensors copied.
-    """
-    from runai_model_streamer import SafetensorsStreamer
-
-    global _runai_object_scheme
-    if uri.scheme != "file":
-        _runai_object_scheme = _runai_object_scheme or uri.scheme
-    slots = {s.name: s for s in layout.slots if files is None or s.file in files}
-    paths = [_runai_path(uri, f) for f in sorted({s.file for s in slots.values()})]
-    largest = max((s.nbytes for s in slots.values()), default=0)
-    env = {**streamer_environment(options, largest, STREAMER_ENVIRONMENT.base()),
-           **(extra_env or {})}
-    if uri.is_local:  # the streamer's own open of a FIFO would block for ever
-        for f in sorted({s.file for s in slots.values()}):
-            os.close(open_regular(uri.path / f, f))
-    filled = 0
-    try:
-        # Held for the whole run: the native library reads some variables (endpoints,
-        # timeouts) when a request starts, not only when the streamer opens.
-        with STREAMER_ENVIRONMENT.holding(env), SafetensorsStreamer() as streamer:
-            if on_open is not None:
-                on_open(streamer)
-            streamer.stream_files(paths, device=stream_device, is_distributed=distributed,
-                                  owned=False)
-            for name, tensor in streamer.get_tensors():
-                if stop is not None and stop.is_set():
-                    raise StreamError(f"{uri}: streaming cancelled")
-                slot = slots.get(name)
-                if slot is None:
-                    raise StreamError(f"{uri}: streamer yielded unexpected tensor {name!r}")
-                copy_slot(target, slot, tensor, uri)
-                filled += 1
-                progress(slot.nbytes)
-    except WarmpoolError:
-        raise
-    except Exception as exc:  # the streamer raises plain exceptions from C++
-        raise StreamError(f"{uri}: runai-model-streamer failed reading "
-                          f"{_suspects(uri, paths)}: {exc}") from exc
-    if filled != len(slots):
-        raise StreamError(f"{uri}: streamed {filled} of {len(slots)} tensors")
-    return filled
-
-
-def _suspects(uri: ModelURI, paths: list[str]) -> str:
-    """The files a failed streamer run may have failed on: its C++ errors name none. A
-    local file that is gone now is the culprit; otherwise every file of the run."""
-    if uri.is_local:
-        gone = [p for p in paths if not os.path.exists(p)]
-        if gone:
-            return ", ".join(gone) + " (no longer there)"
-    shown = ", ".join(paths[:5])
-    return shown + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-
-
-def copy_slot(target: torch.Tensor, slot: Slot, tensor: torch.Tensor, uri: ModelURI) -> None:
-    """Copy one streamed tensor's bytes into its slot, after checking it is the tensor the
-    header promised (a file rewritten since its header was read is refused)."""
-    if tensor.dtype != TORCH_DTYPES[slot.dtype] or tuple(tensor.shape) != slot.shape:
-        raise StreamError(
-            f"{uri.child(slot.file)}: tensor {slot.name!r} arrived as {tensor.dtype} "
-            f"{tuple(tensor.shape)}, header said {slot.dtype} {slot.shape} (file changed?)")
-    if slot.nbytes:
-        flat = tensor.reshape(-1).view(torch.uint8)
-        target[slot.offset : slot.offset + slot.nbytes].copy_(flat)
-
-
-async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
-                        files: list[str] | None = None, progress: Progress,
-                        concurrency: int | None = None, piece_bytes: int | None = None) -> None:
-    """Fill ``target`` with concurrent ranged reads through our own async client.
-
-    Reads are contiguous file ranges of up to ``piece_bytes`` that may span several
-    tensors (a model's many small tensors — norms, biases — would otherwise cost one
-    request each); each range is scattered into its slots with one copy.
-    """
-    gate = asyncio.Semaphore(concurrency or NATIVE_CONCURRENCY)
-
-    async def read(job: Job) -> None:
-        async with gate:
-            data = await store.read_range(job.file, job.start, job.nbytes)
-        if len(data) != job.nbytes:  # the object is shorter than its header said
-            raise StorageError(f"{store.uri.child(job.file)}: object ended at "
-                               f"{job.start + len(data)}, {job.nbytes - len(data)} bytes short",
-                               key=job.file)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only bytes: only read
-            source = torch.frombuffer(data, dtype=torch.uint8) if data else None
-        if source is not None:
-            # In a thread: the first write to a fresh segment page-faults every page, and
-            # torch's copy releases the GIL, so the faults overlap the event loop's reads
-            # instead of stalling them.
-            # Joined even when cancelled: a failed sibling read cancels this one, and the
-            # caller then frees ``target``.
-            await to_thread_joined(_scatter, target, job, source)
-        progress(job.nbytes)
-
-    jobs = plan_jobs(layout, files, chunk=piece_bytes or NATIVE_PIECE)
-    tasks = [asyncio.ensure_future(read(j)) for j in jobs]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def _scatter(target: torch.Tensor, job: Job, source: torch.Tensor) -> None:
-    """Copy one downloaded file range into the slots it covers."""
-    at = 0
-    for p in job.pieces:
-        target[p.dst:p.dst + p.nbytes].copy_(source[at:at + p.nbytes])
-        at += p.nbytes
