@@ -15,6 +15,7 @@ import torch
 
 from tests.models import random_tensor, write_model
 from tests.pool_env import run_cli, run_python, segments_of
+from tests.workers_env import same_bits
 from warmpool.config import Settings
 from warmpool.errors import CapacityError, LeaseHeldError
 from warmpool.pool.attachment import attach
@@ -49,13 +50,6 @@ def processed_params() -> dict[str, torch.Tensor]:
         "transposed": random_tensor((9, 4), torch.float32, gen).t(),
         "mask": random_tensor((3,), torch.bool, gen),
     }
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return bool(torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
-                            b.contiguous().reshape(-1).view(torch.uint8)))
 
 
 def run(coro):  # type: ignore[no-untyped-def]

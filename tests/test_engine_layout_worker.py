@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.models import random_tensor
-from tests.workers_env import ROOT, settings_for, worker_env
+from tests.workers_env import ROOT, InProcessWorkers, same_bits, settings_for, worker_env
 from warmpool.config import Settings
 from warmpool.errors import CapacityError, WorkerError
 from warmpool.pool.attachment import AttachedModel
@@ -36,7 +36,6 @@ from warmpool.pool.views import tensor_views
 from warmpool.workers import export_client
 from warmpool.workers.buffers import Writable, open_writable
 from warmpool.workers.client import evict_via_workers
-from warmpool.workers.devices import parse_device
 from warmpool.workers.protocol import Channel
 from warmpool.workers.worker import Worker
 
@@ -60,36 +59,19 @@ def processed_params() -> dict[str, torch.Tensor]:
     }
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return bool(torch.equal(a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
-                            b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)))
-
-
 @pytest.fixture
 async def start_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                        ) -> AsyncIterator[StartWorker]:
-    running: list[tuple[Worker, asyncio.Task[None]]] = []
-    settings = settings_for(tmp_path)
-    monkeypatch.setenv("WARMPOOL_RUNTIME_DIR", str(settings.runtime_dir))  # CLI children
-    monkeypatch.setenv("WARMPOOL_CACHE_DIR", str(settings.cache_dir))
+    workers = InProcessWorkers(settings_for(tmp_path))
+    monkeypatch.setenv("WARMPOOL_RUNTIME_DIR", str(workers.settings.runtime_dir))  # CLI children
+    monkeypatch.setenv("WARMPOOL_CACHE_DIR", str(workers.settings.cache_dir))
 
     async def start(capacity: int | None = None, device: str = DEVICE
                     ) -> tuple[Worker, Settings]:
-        worker = Worker(parse_device(device), settings.runtime_dir, settings=settings,
-                        capacity=capacity, headroom=0)
-        task = asyncio.create_task(worker.serve())
-        while worker.record is None:
-            assert not task.done(), task
-            await asyncio.sleep(0.01)
-        running.append((worker, task))
-        return worker, settings
+        return await workers.start(device, capacity), workers.settings
 
     yield start
-    for worker, task in running:
-        worker.stop()
-        await asyncio.wait_for(task, 10)
+    await workers.stop_all()
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from tests.models import write_model
-from tests.workers_env import (assert_bit_exact, publish_host_copy, settings_for,
-                                        write_even_model)
+from tests.workers_env import (InProcessWorkers, assert_bit_exact, publish_host_copy,
+                               settings_for, write_even_model)
 from warmpool.config import Settings
 from warmpool.errors import (CapacityError, LeaseHeldError, NotWarmError, StorageError,
                              WorkerError)
@@ -45,23 +45,13 @@ StartWorker = Callable[..., Awaitable[tuple[Worker, Settings]]]
 
 @pytest.fixture
 async def start_worker(tmp_path: Path) -> AsyncIterator[StartWorker]:
-    running: list[tuple[Worker, asyncio.Task[None]]] = []
+    workers = InProcessWorkers(settings_for(tmp_path))
 
     async def start(capacity: int | None = None) -> tuple[Worker, Settings]:
-        settings = settings_for(tmp_path)
-        worker = Worker(parse_device("cpu:0"), settings.runtime_dir, settings=settings,
-                        capacity=capacity, headroom=0)
-        task = asyncio.create_task(worker.serve())
-        while worker.record is None:
-            assert not task.done(), task
-            await asyncio.sleep(0.01)
-        running.append((worker, task))
-        return worker, settings
+        return await workers.start(capacity=capacity), workers.settings
 
     yield start
-    for worker, task in running:
-        worker.stop()
-        await asyncio.wait_for(task, 10)
+    await workers.stop_all()
 
 
 async def prefetch(uri: Path | str, settings: Settings, **kw: Any) -> dict[str, Any]:

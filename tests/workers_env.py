@@ -7,6 +7,7 @@ leases and supervision run for real on a machine without a GPU.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -26,7 +27,9 @@ from warmpool.loading.streaming import fill_buffer
 from warmpool.pool.host import HostTier
 from warmpool.model.uri import parse_uri
 from warmpool.workers.discovery import read_records
+from warmpool.workers.devices import parse_device
 from warmpool.workers.plan import ModelPlan, plan_model
+from warmpool.workers.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -37,6 +40,30 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a, b = a.detach().cpu(), b.detach().cpu()
     return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+
+
+class InProcessWorkers:
+    """Workers serving in the test's own event loop (the in-process tests): started one
+    by one, all stopped by :meth:`stop_all`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def start(self, device: str = "cpu:0", capacity: int | None = None) -> Worker:
+        worker = Worker(parse_device(device), self.settings.runtime_dir,
+                        settings=self.settings, capacity=capacity, headroom=0)
+        task = asyncio.create_task(worker.serve())
+        while worker.record is None:
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        self.running.append((worker, task))
+        return worker
+
+    async def stop_all(self) -> None:
+        for worker, task in self.running:
+            worker.stop()
+            await asyncio.wait_for(task, 10)
 
 
 def assert_bit_exact(tensors: object, expected: dict[str, torch.Tensor]) -> None:
