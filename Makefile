@@ -38,12 +38,12 @@ $(VENV)/.torch: | $(BIN)/python
 	fi
 	@touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e ".[all]"
+$(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
+	$(BIN)/pip install -q -e ".[all]" -c constraints.txt
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml package.json $(VENV)/.torch
-	$(BIN)/pip install -q -e ".[all,dev]"
+$(VENV)/.installed-dev: pyproject.toml constraints.txt package.json $(VENV)/.torch
+	$(BIN)/pip install -q -e ".[all,dev]" -c constraints.txt
 	npm install --no-audit --no-fund --loglevel=error
 	@touch $@ $(VENV)/.installed
 

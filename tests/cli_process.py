@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -34,14 +35,22 @@ class CliProcess:
     """One ``warmpool <command> ...`` process; its stderr (JSON log lines) in ``log``."""
 
     def __init__(self, log: Path, command: str, *args: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, max_files: int | None = None) -> None:
+        """``max_files``: the child's open-file limit (``ulimit -n``), as a small
+        container might set it."""
         self.log = log
         self.command = command
+
+        def limit() -> None:
+            if max_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         with open(log, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "warmpool.cli", command, *args],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                env={**os.environ, **(env or {})})
+                env={**os.environ, **(env or {})},
+                preexec_fn=limit if max_files is not None else None)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -80,8 +89,9 @@ class CliProcess:
 
 
 class Relay(CliProcess):
-    def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(log, "relay", *args, env=env)
+    def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None,
+                 max_files: int | None = None) -> None:
+        super().__init__(log, "relay", *args, env=env, max_files=max_files)
 
 
 @pytest.fixture
@@ -91,8 +101,9 @@ def relays(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
     started: list[Relay] = []
 
     def start(*args: str, env: dict[str, str] | None = None,
-              ready: str | None = None) -> Relay:
-        relay = Relay(tmp_path / f"relay-{len(started)}.log", *args, env=env)
+              ready: str | None = None, max_files: int | None = None) -> Relay:
+        relay = Relay(tmp_path / f"relay-{len(started)}.log", *args, env=env,
+                      max_files=max_files)
         started.append(relay)
         if ready:
             relay.wait_event(ready)

@@ -28,6 +28,13 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     ("WARMPOOL_HEARTBEAT_S", "0", ("serve",)),
     ("WARMPOOL_LOCK_TTL_S", "inf", ("serve",)),
     ("WARMPOOL_LOADER", "fast", ("serve",)),
+    # Finite but absurd: each once passed, then failed far from the setting.
+    ("WARMPOOL_LOCK_TTL_S", "1e308", ("serve",)),
+    ("WARMPOOL_MAX_INFLIGHT", "100000000000000000000", ("serve",)),
+    ("WARMPOOL_HISTORY_KEEP_S", "1e300", ("serve",)),
+    ("WARMPOOL_CACHE_MAX_AGE_S", "1e300", ("status",)),
+    ("WARMPOOL_HOST_CAPACITY", "1e30", ("status",)),
+    ("WARMPOOL_CACHE_MAX_MODELS", "1000000000000", ("status",)),
 ])
 def test_a_bad_setting_is_one_line_naming_it(settings: Settings, variable: str, value: str,
                                              args: tuple[str, ...]) -> None:

@@ -139,3 +139,28 @@ def test_a_fifo_in_a_model_directory_fails_at_once(tmp_path: Path, settings: Set
     assert victim.name in done.stderr and "Traceback" not in done.stderr
     assert not list(settings.cache_dir.glob(".tmp-*"))
     assert not segments_of(settings)
+
+
+async def test_a_shard_rewritten_in_place_with_its_mtime_restored_gets_a_new_hash(
+        tmp_path: Path) -> None:
+    """The same size, the same inode, the mtime set back (``touch -d``): the new bytes must
+    not be published under the old content hash."""
+    from warmpool.model.identity import content_hash
+    from warmpool.model.uri import parse_uri
+    from warmpool.storage import open_store
+
+    model = tmp_path / "m"
+    write_model(model, shards=2)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    before = shard.stat()
+    store = open_store(parse_uri(str(model)))
+    old = content_hash(await store.list())
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor
+    with open(shard, "r+b") as f:  # in place: the inode stays
+        f.write(data)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns)
+    assert content_hash(await store.list()) != old

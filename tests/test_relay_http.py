@@ -27,29 +27,41 @@ from warmpool.controller.keys import RedisKeys
 
 KEYS = RedisKeys()
 TOKEN = "s3cr3t-relay-token"
+REQUESTS_TOKEN = "an0ther-s3cret-for-requests"
+#: The node's watch list in these tests: uploads elsewhere are dropped by the relay.
+WATCH = "s3://models/,gs://gcs-models/"
 
 
 def start_http(relays: Callable[..., Relay], redis_url: str, *args: str,
-               token: str | None = TOKEN) -> tuple[Relay, str]:
+               token: str | None = TOKEN, requests_token: str | None = REQUESTS_TOKEN,
+               watch: str = WATCH) -> tuple[Relay, str]:
     port = free_port()
     env = {"WARMPOOL_RELAY_TOKEN": token} if token else {}
+    if requests_token:
+        env["WARMPOOL_RELAY_REQUESTS_TOKEN"] = requests_token
+    env["WARMPOOL_WATCH"] = watch
     relay = relays("http", "--listen", f"127.0.0.1:{port}", "--redis", redis_url, *args,
                    env=env, ready="relay_listening")
     return relay, f"http://127.0.0.1:{port}"
 
 
 def post(url: str, body: bytes, *, token: str | None = TOKEN, query: str = "",
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+         headers: dict[str, str] | None = None, path: str = "/"
+         ) -> tuple[int, dict[str, Any]]:
     all_headers = {"Content-Type": "application/json", **(headers or {})}
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url + "/" + query, data=body, method="POST",
+    req = urllib.request.Request(url + path + query, data=body, method="POST",
                                  headers=all_headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        text = exc.read() or b"{}"
+        try:
+            return exc.code, json.loads(text)
+        except ValueError:  # aiohttp's own answers (404, 405) are plain text
+            return exc.code, {"text": text.decode(errors="replace")}
 
 
 def stream_payloads(client: redis.Redis, stream: str = KEYS.requests_stream) -> list[bytes]:
@@ -100,10 +112,12 @@ def test_store_bodies_reach_the_stream_unchanged_and_decode_to_the_right_keys(
     push = json.dumps(pubsub_push("gcs-models", "llama/ü b+c.safetensors")).encode()
     deploy = json.dumps({"action": "deploy", "uri": "s3://models/llama/",
                          "request_id": "r-1"}).encode()
-    for body in (push, deploy):
-        status, answer = post(url, body)
-        assert (status, answer["status"]) == (200, "relayed"), body
-        sent.append(body)
+    status, answer = post(url, push)
+    assert (status, answer["status"]) == (200, "relayed")
+    sent.append(push)
+    status, answer = post(url, deploy, token=REQUESTS_TOKEN, path="/requests")
+    assert (status, answer["status"]) == (200, "relayed")
+    sent.append(deploy)
     test_event = json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent"}).encode()
     assert post(url, test_event) == (200, {"status": "ignored", "events": 0})
 
@@ -153,8 +167,7 @@ def test_malformed_and_oversized_bodies_get_a_4xx_reason_and_are_dead_lettered(
         (json.dumps({"hello": "world"}).encode(), 400, "unknown_shape"),
         (json.dumps({"Records": [s3_record("llama/..%2F..%2Fetc%2Fpasswd")]}).encode(), 400,
          "unsafe_key"),
-        (json.dumps({"action": "deploy", "uri": "s3://m/x/", "devcie": "cpu"}).encode(), 400,
-         "bad_field"),
+        (json.dumps({"action": "deploy", "uri": "s3://m/x/"}).encode(), 403, "not_accepted"),
         (b"x" * (10 << 20), 413, "oversized"),
     ]
     for body, status, reason in cases:
@@ -177,7 +190,11 @@ def test_malformed_and_oversized_bodies_get_a_4xx_reason_and_are_dead_lettered(
         assert oversized[b"truncated"] == b"1"
     client.close()
     assert relay.proc.poll() is None
-    assert post(url, json.dumps({"action": "evict", "uri": "s3://m/x/"}).encode())[0] == 200
+    bad_request = json.dumps({"action": "deploy", "uri": "s3://m/x/", "devcie": "cpu"}).encode()
+    got, answer = post(url, bad_request, token=REQUESTS_TOKEN, path="/requests")
+    assert (got, answer["reason"]) == (400, "bad_field")
+    assert post(url, json.dumps({"action": "evict", "uri": "s3://m/x/"}).encode(),
+                token=REQUESTS_TOKEN, path="/requests")[0] == 200
 
 
 def post_chunked(url: str, chunks: list[bytes]) -> int:
@@ -189,7 +206,8 @@ def post_chunked(url: str, chunks: list[bytes]) -> int:
         async with aiohttp.ClientSession() as session:
             try:
                 async with session.post(url + "/", data=gen(), headers={
-                        "Authorization": f"Bearer {TOKEN}"}) as resp:
+                        "Authorization": f"Bearer {TOKEN}",
+                        "Content-Type": "application/json"}) as resp:
                     return resp.status
             except aiohttp.ClientError:
                 return -1  # the server may close while we still send
@@ -243,11 +261,14 @@ def test_refuses_to_start_without_a_secret_except_insecure_on_loopback(
         assert expected in relay.text()
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     port = free_port()
     relay = relays("http", "--listen", f"127.0.0.1:{port}", "--redis", redis_server.url,
-                   "--token-file", str(token_file), ready="relay_listening")
+                   "--token-file", str(token_file), ready="relay_listening",
+                   env={**env, "WARMPOOL_WATCH": WATCH})
     assert relay.events("relay_listening")[0]["auth"] is True
-    body = json.dumps({"action": "pin", "uri": "s3://m/x/"}).encode()
+    assert relay.events("relay_listening")[0]["requests"] is False
+    body = json.dumps({"Records": [s3_record("llama/config.json")]}).encode()
     assert post(f"http://127.0.0.1:{port}", body)[0] == 200
     assert post(f"http://127.0.0.1:{port}", body, token=None)[0] == 401
     insecure, url = start_http(relays, redis_server.url, "--insecure", token=None)
@@ -258,7 +279,7 @@ def test_refuses_to_start_without_a_secret_except_insecure_on_loopback(
 def test_a_redis_outage_answers_503_then_relays_again(
         relays: Callable[..., Relay], redis_server: RedisServer) -> None:
     _relay, url = start_http(relays, redis_server.url)
-    body = json.dumps({"action": "deploy", "uri": "s3://m/x/"}).encode()
+    body = json.dumps({"Records": [s3_record("llama/config.json")]}).encode()
     redis_server.kill()
     status, answer = post(url, body)
     assert status == 503 and answer["status"] == "unavailable"
@@ -280,14 +301,20 @@ def test_serve_runs_the_relays_of_its_config_file(
     write_model(model, shards=2)
     port = free_port()
     config = tmp_path / "warmpool.json"
+    requests_token = tmp_path / "requests-token"
+    requests_token.write_text(REQUESTS_TOKEN)
+    requests_token.chmod(0o600)
     config.write_text(json.dumps({"relays": [
-        {"kind": "http", "listen": f"127.0.0.1:{port}", "insecure": True}]}))
+        {"kind": "http", "listen": f"127.0.0.1:{port}", "insecure": True,
+         "requests_token_file": str(requests_token), "allow_local_paths": True}]}))
     serve = Serve(tmp_path / "serve.log", "--redis", redis_server.url, "--config", str(config))
     try:
         serve.wait_event("serving")
         serve.wait_event("relay_listening")
         body = json.dumps({"action": "deploy", "uri": model.as_uri()}).encode()
-        assert post(f"http://127.0.0.1:{port}", body, token=None)[0] == 200
+        assert post(f"http://127.0.0.1:{port}", body, token=None)[0] == 403  # not on POST /
+        assert post(f"http://127.0.0.1:{port}", body, token=REQUESTS_TOKEN,
+                    path="/requests")[0] == 200
         client = redis.Redis.from_url(redis_server.url)
 
         def warm() -> bool:

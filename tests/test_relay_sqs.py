@@ -114,6 +114,7 @@ def test_uploads_through_sqs_become_warm_exactly_once_and_attach_bit_exact(
         relays: Callable[..., Relay], serving: Callable[..., Serve], queue: Queue,
         s3_backend: S3Backend, redis_server: RedisServer, settings: Settings,
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARMPOOL_WATCH", str(s3_backend.uri_for("models/")))
     relay = start_sqs(relays, queue, redis_server.url, "--metrics-port", "0")
     names = upload_model(s3_backend, tmp_path / "src", "models/llama 3+é/")
     client = redis.Redis.from_url(redis_server.url)
@@ -123,7 +124,6 @@ def test_uploads_through_sqs_become_warm_exactly_once_and_attach_bit_exact(
     assert relay.events("relay_ignored")  # s3:TestEvent, sent when the notification was set
 
     uri = str(s3_backend.uri_for("models/llama 3+é/"))
-    monkeypatch.setenv("WARMPOOL_WATCH", str(s3_backend.uri_for("models/")))
     serve = serving("--redis", redis_server.url)
     entry = wait_warm(client, uri)
     assert_bit_exact(uri, tmp_path / "src", settings)
@@ -148,6 +148,7 @@ def test_a_relay_killed_between_receive_and_xadd_leaves_the_message_for_redelive
         relays: Callable[..., Relay], serving: Callable[..., Serve], queue: Queue,
         s3_backend: S3Backend, redis_server: RedisServer, settings: Settings,
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARMPOOL_WATCH", str(s3_backend.uri_for("models/")))
     client = redis.Redis.from_url(redis_server.url)
     # A long poll: the relay waits inside ReceiveMessage (Redis already checked) when
     # Redis stops answering (hangs, not refuses), so it holds what it receives.
@@ -165,7 +166,6 @@ def test_a_relay_killed_between_receive_and_xadd_leaves_the_message_for_redelive
     # The XADD the relay had sent (unanswered) may still land: at least once, not exactly.
     assert client.xlen(KEYS.requests_stream) <= 1 <= held
 
-    monkeypatch.setenv("WARMPOOL_WATCH", str(s3_backend.uri_for("models/")))
     serving("--redis", redis_server.url)
     start_sqs(relays, queue, redis_server.url)  # after the visibility timeout, it gets them
     uri = str(s3_backend.uri_for("models/m/"))
@@ -181,6 +181,7 @@ def test_while_redis_is_down_messages_stay_in_the_queue_and_the_relay_catches_up
         relays: Callable[..., Relay], serving: Callable[..., Serve], queue: Queue,
         s3_backend: S3Backend, redis_server: RedisServer, settings: Settings,
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARMPOOL_WATCH", str(s3_backend.uri_for("models/")))
     relay = start_sqs(relays, queue, redis_server.url)
     poll(lambda: queue.counts() == (0, 0), "the test event to be taken")
     redis_server.kill()
@@ -192,7 +193,6 @@ def test_while_redis_is_down_messages_stay_in_the_queue_and_the_relay_catches_up
     poll(lambda: client.xlen(KEYS.requests_stream) == len(names), "the relay to catch up")
     poll(lambda: queue.counts() == (0, 0), "the queue to drain")
     # No controller ran until now: the stream kept every event for it.
-    monkeypatch.setenv("WARMPOOL_WATCH", str(s3_backend.uri_for("models/")))
     serving("--redis", redis_server.url)
     uri = str(s3_backend.uri_for("models/m/"))
     wait_warm(client, uri)
@@ -200,26 +200,42 @@ def test_while_redis_is_down_messages_stay_in_the_queue_and_the_relay_catches_up
     client.close()
 
 
+def sns(message: str) -> str:
+    return json.dumps({"Type": "Notification", "MessageId": "m-1",
+                       "TopicArn": "arn:aws:sns:us-east-1:123456789012:uploads",
+                       "Message": message, "Timestamp": "2026-11-29T10:00:00.000Z"})
+
+
+def s3_put(bucket: str, key: str) -> str:
+    return json.dumps({"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3",
+                                    "eventName": "ObjectCreated:Put",
+                                    "s3": {"bucket": {"name": bucket},
+                                           "object": {"key": key, "size": 3}}}]})
+
+
 def test_sns_envelopes_are_unwrapped_and_malformed_messages_dead_lettered_and_deleted(
-        relays: Callable[..., Relay], queue: Queue, redis_server: RedisServer) -> None:
-    record = {"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3",
-                           "eventName": "ObjectCreated:Put",
-                           "s3": {"bucket": {"name": "models"},
-                                  "object": {"key": "llama/a+b.json", "size": 3}}}]}
-    inner = json.dumps(record)
-    queue.send(json.dumps({"Type": "Notification", "MessageId": "m-1",
-                           "TopicArn": "arn:aws:sns:us-east-1:123456789012:uploads",
-                           "Message": inner, "Timestamp": "2026-11-29T10:00:00.000Z"}))
+        relays: Callable[..., Relay], queue: Queue, redis_server: RedisServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARMPOOL_WATCH", "s3://models/")
+    inner = s3_put("models", "llama/a+b.json")
+    queue.send(sns(inner))
     queue.send("this is not JSON")
     queue.send(json.dumps({"Records": [{"eventName": "ObjectCreated:Put",
                                         "s3": {"bucket": {"name": "models"},
                                                "object": {"key": "../../etc/passwd"}}}]}))
+    # A bucket's queue carries notifications, never control requests (plain or in SNS),
+    # nor another store's shapes; an upload under no watched prefix is dropped.
+    queue.send(json.dumps({"action": "evict", "uri": "s3://models/llama/", "force": True}))
+    queue.send(sns(json.dumps({"action": "deploy", "uri": "file:///root/"})))
+    queue.send(json.dumps({"kind": "storage#object", "bucket": "models", "name": "x/y"}))
+    queue.send(s3_put("elsewhere", "llama/config.json"))
     start_sqs(relays, queue, redis_server.url)
     client = redis.Redis.from_url(redis_server.url)
-    poll(lambda: client.xlen(KEYS.dead_stream) == 2, "two dead letters")
+    poll(lambda: client.xlen(KEYS.dead_stream) == 5, "five dead letters")
     poll(lambda: queue.counts() == (0, 0), "every message deleted")
     assert [f[b"payload"] for _i, f in client.xrange(KEYS.requests_stream)] == [inner.encode()]
     dead = [f for _i, f in client.xrange(KEYS.dead_stream)]
-    assert sorted(f[b"reason"] for f in dead) == [b"not_json", b"unsafe_key"]
+    assert sorted(f[b"reason"] for f in dead) == [b"not_accepted"] * 3 + [b"not_json",
+                                                                         b"unsafe_key"]
     assert {f[b"source"].decode() for f in dead} == {f"sqs:{queue.url}"}
     client.close()

@@ -291,7 +291,8 @@ async def test_host_segments_are_held_and_released_when_evicted(tmp_path: Path) 
     host = HostTier(settings.runtime_dir)
     segments = PinnedSegments()
     segments.sync(host.residents(), pin=False)  # no GPU here: mapped, not page-locked
-    assert segments.held() == [host.segment_name(plan.content_hash)]
+    resident = host.resident(plan.content_hash)
+    assert resident is not None and segments.held() == [resident.segment]
     host.remove(plan.content_hash)
     segments.sync(host.residents(), pin=False)
     assert segments.held() == []

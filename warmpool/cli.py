@@ -211,19 +211,30 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
     if failing:
         rows = Table("desired", "device", "failures", "next try", "uri", "error")
         for f in failing:
-            rows.add_row("given up" if f.given_up else "backing off", f.device, str(f.failures),
-                         "when asked again" if f.given_up else
-                         time.strftime("%H:%M:%S", time.localtime(f.retry_at)), f.uri, f.error)
+            rows.add_row("given up" if f.given_up else "backing off", _shown(f.device),
+                         str(f.failures), "when asked again" if f.given_up else
+                         time.strftime("%H:%M:%S", time.localtime(f.retry_at)),
+                         _shown(f.uri), _shown(f.error))
         out.print(rows)
     table = Table("state", "device", "GB", "tensors", "leases", "hash", "engine", "uri",
                   "updated")
     for e in entries:
-        table.add_row(e.state.value, e.device, f"{e.bytes / 1e9:.3f}", str(e.tensors),
-                      str(e.leases), e.content_hash[:12], _engine_label(e),
-                      "\n".join(_checkpoint_uris(e)),
+        table.add_row(e.state.value, _shown(e.device), f"{e.bytes / 1e9:.3f}", str(e.tensors),
+                      str(e.leases), _shown(e.content_hash[:12]), _shown(_engine_label(e)),
+                      "\n".join(_shown(uri) for uri in _checkpoint_uris(e)),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
     empty = "nothing is warm" + ("" if history else " (--history shows what was)")
     out.print(table if entries else empty)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def _shown(text: str) -> str:
+    """A value from the registry (anyone who can write Redis wrote it) as a terminal
+    may print it: control characters (an escape sequence would move the cursor, recolour
+    or retitle the terminal) shown as ``\\xNN``."""
+    return text.translate(_CONTROL)
 
 
 def _engine_label(entry: Any) -> str:
@@ -239,8 +250,10 @@ def _engine_label(entry: Any) -> str:
 
 
 def _checkpoint_uris(entry: Any) -> list[str]:
-    """An engine layout's URI is its checkpoint's with the key as a fragment: the key has
-    its own column, so the URI column shows the checkpoint's."""
+    """An engine layout's URI is its checkpoint's with the key after a ``#``: the key has
+    its own column, so the URI column shows the checkpoint's. No URI string holds a
+    ``#`` of its own (a local path's is percent-encoded, an object store's is refused),
+    so the first one is the separator."""
     if entry.engine is None:
         return list(entry.uris)
     return [uri.partition("#")[0] for uri in entry.uris]

@@ -197,6 +197,8 @@ def _size(value: Any, low: int) -> int | None:
     size = parse_bytes(value)
     if size is not None and size < low:
         raise ValueError(f"must be at least {low} byte(s)" if low > 0 else "must be >= -1")
+    if size is not None and size > MAX_BYTES:
+        raise ValueError(f"must be at most {MAX_BYTES} bytes (1 PiB)")
     return size
 
 
@@ -206,24 +208,27 @@ def _path(value: Any) -> Path:
     return Path(value).expanduser()
 
 
+#: Upper bounds: past these a number is a typo, and some (1e308 s, 1e20 bytes) overflow
+#: what they are handed to (Redis's PX, a C size_t) far from the setting.
+MAX_SECONDS = 10 * 366 * 86400.0
+MAX_BYTES = 1 << 50  # 1 PiB
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("not a number of seconds")
     seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError("must be a positive number of seconds")
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_SECONDS:
+        raise ValueError(f"must be a number of seconds from 0 to {MAX_SECONDS:g}")
     return seconds
 
 
 def _bool(value: Any) -> bool:
+    """Only a real boolean: in YAML ``"false"`` (quoted) is a string, and a string that
+    becomes ``True`` turned the relay's authentication off once."""
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("not a boolean (true or false)")
+    raise ValueError("not a boolean: write true or false, unquoted")
 
 
 def _name(value: Any) -> str:
@@ -260,7 +265,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "concurrency": lambda v: _int(v, 1, 1024),
     "memory_limit": lambda v: _size(v, -1),
     "distributed": _bool,
-    "cache_max_models": lambda v: _int(v, 1),
+    "cache_max_models": lambda v: _int(v, 1, 1_000_000),
     "cache_max_age_s": lambda v: _seconds(v),
     "export_vllm_python": _path,
     "export_timeout_s": _seconds,

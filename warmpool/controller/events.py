@@ -75,8 +75,9 @@ class BadEvent(WarmpoolError, ValueError):
     """A payload the controller cannot act on.
 
     ``reason`` is a stable code. Parsing gives ``oversized``, ``not_json``,
-    ``unknown_shape``, ``bad_action``, ``bad_uri``, ``bad_device``, ``bad_field`` or
-    ``unsafe_key``; the controller adds ``not_watched`` (an upload under no watched
+    ``unknown_shape``, ``bad_action``, ``bad_uri``, ``bad_device``, ``bad_field``,
+    ``unsafe_key`` or ``not_accepted`` (a shape the endpoint does not take); a relay adds
+    its policy's refusals (:mod:`warmpool.relay.policy`); the controller adds ``not_watched`` (an upload under no watched
     prefix), and the dead-letter stream also holds ``poison`` entries (a stream entry
     delivered too often without being done). ``detail`` says what was wrong, for a human
     reading the dead-letter stream.
@@ -178,28 +179,62 @@ class Request:
 Event: TypeAlias = ObjectUploaded | ObjectRemoved | Request
 
 
-def parse_event(payload: bytes | str, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> list[Event]:
+#: The shapes a payload can have (:func:`shape_of`). A relay accepts a subset: a bucket's
+#: queue carries ``s3`` and ``s3_test`` only, a webhook's notification path no
+#: ``request``; the controller, reading Redis (whose clients are trusted), takes all.
+Shape = Literal["request", "s3", "s3_test", "pubsub_push", "pubsub", "gcs"]
+SHAPES: tuple[str, ...] = ("request", "s3", "s3_test", "pubsub_push", "pubsub", "gcs")
+NOTIFICATION_SHAPES: frozenset[str] = frozenset(SHAPES) - {"request"}
+S3_SHAPES: frozenset[str] = frozenset({"s3", "s3_test"})
+
+
+def shape_of(doc: dict[str, Any]) -> Shape:
+    """Which kind of payload a decoded JSON object is; raises :class:`BadEvent`
+    (``unknown_shape``) for none."""
+    if "action" in doc:
+        return "request"
+    if "Records" in doc:
+        return "s3"
+    if doc.get("Event") == "s3:TestEvent":
+        return "s3_test"
+    if isinstance(doc.get("message"), dict):
+        return "pubsub_push"
+    if "attributes" in doc or "data" in doc:
+        return "pubsub"
+    if doc.get("kind") == "storage#object" or ("bucket" in doc and "name" in doc):
+        return "gcs"
+    raise BadEvent("unknown_shape", f"no known event has the keys {_clip(sorted(doc))}")
+
+
+def parse_event(payload: bytes | str, *, max_bytes: int = MAX_PAYLOAD_BYTES,
+                accept: frozenset[str] | None = None) -> list[Event]:
     """Parse one payload into zero or more events; raise :class:`BadEvent` otherwise.
 
     An empty list means "understood, nothing to do" (a test event, a metadata update,
-    an S3 event type warmpool does not care about).
+    an S3 event type warmpool does not care about). ``accept`` (shape names, see
+    :data:`SHAPES`) refuses the other shapes as ``not_accepted``, before their content
+    is looked at.
     """
     doc = _load_json(payload, max_bytes)
     if not isinstance(doc, dict):
         raise BadEvent("unknown_shape", f"expected a JSON object, got {type(doc).__name__}")
-    if "action" in doc:
+    shape = shape_of(doc)
+    if accept is not None and shape not in accept:
+        what = "a request (deploy, evict, pin, unpin)" if shape == "request" else \
+            f"a {shape} notification"
+        raise BadEvent("not_accepted", f"this endpoint does not take {what}; it takes "
+                       f"{', '.join(s for s in SHAPES if s in accept)}")
+    if shape == "request":
         return [parse_request(doc)]
-    if "Records" in doc:
+    if shape == "s3":
         return _s3_records(doc["Records"])
-    if doc.get("Event") == "s3:TestEvent":
+    if shape == "s3_test":
         return []
-    if isinstance(doc.get("message"), dict):
+    if shape == "pubsub_push":
         return _pubsub(doc["message"])
-    if "attributes" in doc or "data" in doc:
+    if shape == "pubsub":
         return _pubsub(doc)
-    if doc.get("kind") == "storage#object" or ("bucket" in doc and "name" in doc):
-        return _gcs(doc, {}, "OBJECT_FINALIZE")
-    raise BadEvent("unknown_shape", f"no known event has the keys {_clip(sorted(doc))}")
+    return _gcs(doc, {}, "OBJECT_FINALIZE")
 
 
 # --- payload -------------------------------------------------------------------------

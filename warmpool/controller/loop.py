@@ -109,6 +109,16 @@ _MINIMUM: dict[str, float] = {
     "debounce_s": 0.0, "recheck_s": 0.1, "heartbeat_s": 0.1, "claim_idle_s": 0.1,
     "max_deliveries": 1, "max_inflight": 1, "lock_ttl_s": 0.3, "shutdown_grace_s": 0.0,
 }
+DAY = 86400.0
+#: The largest sensible value of each numeric option. Past these, a value is a typo (or
+#: an attack on the config): ``lock_ttl_s=1e308`` overflowed Redis's PX argument, and
+#: ``max_inflight=1e20`` was accepted, then refused by Redis 8 times a second.
+_MAXIMUM: dict[str, float] = {
+    "debounce_s": 3600, "recheck_s": DAY, "heartbeat_s": 3600, "claim_idle_s": DAY,
+    "max_deliveries": 1000, "max_inflight": 4096, "max_desired": 1_000_000,
+    "failure_backoff_s": DAY, "failure_backoff_cap_s": 30 * DAY, "give_up_after": 1000,
+    "history_keep_s": 366 * DAY, "lock_ttl_s": 3600, "shutdown_grace_s": 3600,
+}
 
 
 def _option(name: str, kind: type, raw: Any, where: str) -> Any:
@@ -129,6 +139,8 @@ def _option(name: str, kind: type, raw: Any, where: str) -> Any:
             raise bad("not a finite number")
         if value < _MINIMUM.get(name, 0):
             raise bad(f"must be at least {_MINIMUM.get(name, 0):g}")
+        if value > _MAXIMUM.get(name, math.inf):
+            raise bad(f"must be at most {_MAXIMUM[name]:g}")
     if name == "loader" and value not in LOADERS:
         raise bad(f"choose one of {', '.join(LOADERS)}")
     if name == "key_prefix" and (not value or any(c.isspace() for c in value)):

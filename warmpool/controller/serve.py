@@ -109,7 +109,7 @@ def _start_relays(specs: list[RelaySpec], redis: Any, controller: Controller,
     if not specs:
         return []
     return start_relays(specs, redis, controller.keys, RelayMetrics(metrics.registry),
-                        controller.node, controller.stopping)
+                        controller.node, controller.watch, controller.stopping)
 
 
 def _on_signals(controller: Controller) -> None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from warmpool.errors import InvalidURIError
 
 SCHEMES = ("s3", "gs", "az", "file")
 _ALIASES = {"gcs": "gs", "azure": "az", "abfs": "az"}
+
+
+#: Characters a file:// URI keeps as they are; everything else is percent-encoded.
+_PATH_SAFE = "/-._~!$&'()*+,;=:@"
 
 
 @dataclass(frozen=True, order=True)
@@ -60,19 +64,33 @@ class ModelURI:
 
     def __str__(self) -> str:
         if self.is_local:
-            return f"file://{self.prefix}"
+            # Percent-encoded, so that parse_uri (which decodes a file:// path exactly
+            # once) gives this path back byte for byte: a directory named "m%41", "a#b",
+            # "a?b" or "a\nb" is itself, never another model or a refused URI. A '#'
+            # therefore never appears in a URI string, and can separate an engine
+            # layout's key from its checkpoint's URI.
+            return f"file://{quote(self.prefix, safe=_PATH_SAFE, errors='surrogateescape')}"
         return f"{self.scheme}://{self.bucket}/{self.prefix}"
 
 
 def parse_uri(text: str | os.PathLike[str]) -> ModelURI:
-    """Parse a model location; anything unrecognised raises :class:`InvalidURIError`."""
-    raw = os.fspath(text).strip()
-    if not raw:
+    """Parse a model location; anything unrecognised raises :class:`InvalidURIError`.
+
+    A plain path is the path, byte for byte (spaces, ``%``, ``#``, control characters
+    included). A URI with a scheme is refused if it holds control characters (urlsplit
+    would silently drop a tab or newline and name another model); a ``file://`` path is
+    percent-decoded exactly once."""
+    raw = os.fspath(text)
+    if not raw.strip():
         raise InvalidURIError("empty model URI")
     if "\x00" in raw:
         raise InvalidURIError("model URI contains a NUL byte")
     if "://" not in raw:
         return _local(raw)
+    raw = raw.strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw):
+        raise InvalidURIError(f"model URI {raw!r} holds control characters; percent-encode "
+                              "them in a file:// URI, or give the plain path")
     parts = urlsplit(raw)
     scheme = _ALIASES.get(parts.scheme.lower(), parts.scheme.lower())
     if scheme not in SCHEMES:
@@ -86,7 +104,7 @@ def parse_uri(text: str | os.PathLike[str]) -> ModelURI:
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise InvalidURIError(f"file URI {raw!r} names a host; use file:///abs/path")
-        return _local(unquote(parts.path))
+        return _local(unquote(parts.path, errors="surrogateescape"))
     bucket = parts.netloc
     if not bucket:
         raise InvalidURIError(f"model URI {raw!r} has no bucket or container")

@@ -1,17 +1,21 @@
 """The host tier: one POSIX shared-memory segment per model, and its published record.
 
-A segment is filled under a *partial* name (``…<hash>.part-<pid>``) and renamed to its
-final name only when every byte is in place, so a reader can never map half a model and
+A segment is filled under a *partial* name (``…<hash>.<random>.part-<pid>``) and renamed
+to its final name (``…<hash>.<random>``) only when every byte is in place, so a reader can never map half a model and
 a crashed filler leaves a name that :meth:`HostTier.reclaim` recognises. Beside it, in the
 private runtime directory, ``resident/<hash>@cpu.json`` records the URI and
 ``resident/<hash>@cpu.layout`` the layout as a binary index (constant cost to open, see
 :mod:`warmpool.pool.layout_index`): the one thing ``attach`` reads — never the source
 files. The index is written before the record, so a record always has its index.
 
-Segments are created mode 0600: only processes of the same user may map them. Names in
-``/dev/shm`` are predictable and anyone may create one, so a segment is used only when it
-is a regular file of ours, mode 0600, checked on the open descriptor (:func:`open_segment`);
-a record names its segment, and that name must be the one this tier would give it.
+Segments are created mode 0600: only processes of the same user may map them. Anyone
+may create a name in ``/dev/shm``, so each segment's name has a random part (recorded in
+its record) that no other user can know in advance: a name planted to block a model's
+fill cannot hit (and the create is ``O_EXCL``, so a hit would fail, not be used). A
+segment is used only when it is a regular file of ours, mode 0600, checked on the open
+descriptor (:func:`open_segment`); a record names its segment, and that name must be one
+this tier gives that content hash. Names under our prefix that are not our regular files
+(planted, or a directory) are counted and reported once per sweep, never locked or used.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import mmap
 import os
 import re
+import secrets
 import stat
 import warnings
 from dataclasses import dataclass
@@ -204,14 +209,20 @@ def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
 _HEX = re.compile(r"[0-9a-f]{8,64}")
 
 
+_RANDOM = re.compile(r"[0-9a-f]{16}")
+
+
+def _ours(st: os.stat_result) -> bool:
+    """A regular file of this user: the only kind of name under our prefix we remove."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+
+
 def _remove_ours(path: Path) -> bool:
-    """Unlink ``path`` if it is ours; a file another user planted cannot be removed from
-    sticky /dev/shm and is left (and logged), never taken for ours."""
+    """Unlink ``path`` if it is a regular file of ours. Anything else (a file another
+    user planted, which sticky /dev/shm would not let us remove, or a directory) is left
+    alone and never taken for ours; :meth:`HostTier.reclaim` reports them."""
     try:
-        st = path.lstat()
-        if st.st_uid != os.getuid():
-            log.warning("%s belongs to uid %d, not to us: ignoring it", path, st.st_uid,
-                        extra={"event": "foreign_segment", "path": str(path)})
+        if not _ours(path.lstat()):
             return False
         path.unlink()
         return True
@@ -230,8 +241,23 @@ class HostTier:
         self.prefix = f"warmpool-{os.getuid()}-{tag}-"
 
     # --- names ---------------------------------------------------------------------
-    def segment_name(self, content_hash: str) -> str:
-        return f"{self.prefix}{content_hash}"
+    def new_segment_name(self, content_hash: str) -> str:
+        """A fresh name for a segment of ``content_hash``: ``<prefix><hash>.<16 hex>``."""
+        return f"{self.prefix}{content_hash}.{secrets.token_hex(8)}"
+
+    def is_segment_name(self, content_hash: str, name: str) -> bool:
+        """Whether ``name`` is one this tier gives a (final) segment of ``content_hash``.
+        The name without a random part is that of 0.2's records, still read."""
+        stem = f"{self.prefix}{content_hash}"
+        return name == stem or (name.startswith(stem + ".")
+                                and _RANDOM.fullmatch(name[len(stem) + 1:]) is not None)
+
+    def _names_of(self, content_hash: str) -> list[Path]:
+        """Every name in /dev/shm of ``content_hash`` under our prefix: segments and
+        partial segments, whoever made them."""
+        stem = f"{self.prefix}{content_hash}"
+        return [p for p in SHM_DIR.glob(f"{stem}*")
+                if p.name == stem or p.name.startswith(stem + ".")]
 
     def lock_path(self, key: str) -> Path:
         return self.locks / f"{key}.lock"
@@ -244,13 +270,13 @@ class HostTier:
 
     # --- filling -------------------------------------------------------------------
     def create(self, content_hash: str, size: int) -> WritableSegment:
-        """A new partial segment; the caller must hold the entry's lock while filling."""
-        path = SHM_DIR / f"{self.segment_name(content_hash)}.part-{os.getpid()}"
+        """A new partial segment under a fresh random name; the caller must hold the
+        entry's lock while filling."""
+        path = SHM_DIR / f"{self.new_segment_name(content_hash)}.part-{os.getpid()}"
         try:
-            path.unlink(missing_ok=True)  # our own leftover from an earlier failed attempt
-        except PermissionError:
+            return WritableSegment(path, size)
+        except FileExistsError:  # 64 random bits taken: only if someone saw the name
             raise self._in_the_way(path) from None
-        return WritableSegment(path, size)
 
     @staticmethod
     def _in_the_way(path: Path) -> ForeignSegmentError:
@@ -264,9 +290,11 @@ class HostTier:
 
     def publish(self, segment: WritableSegment, uri: str, layout: Layout,
                 created_at: float, engine: dict[str, Any] | None = None) -> HostResident:
-        """Give a filled segment its final name and write the record attach reads."""
-        name = self.segment_name(layout.content_hash)
+        """Give a filled segment its final name and write the record attach reads; a
+        segment the record named before (a re-publish) is removed after."""
+        name = segment.path.name.rsplit(".part-", 1)[0]
         final = SHM_DIR / name
+        previous = self.read_record(layout.content_hash)
         try:
             st = final.lstat()
         except FileNotFoundError:
@@ -285,6 +313,8 @@ class HostTier:
         resident = HostResident(uri, layout.content_hash, name, LayoutIndex(index), created_at,
                                 engine=engine)
         atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
+        if previous is not None and previous.segment != name:
+            _remove_ours(SHM_DIR / previous.segment)
         return resident
 
     def rename(self, content_hash: str, uri: str, aliases: list[str]) -> None:
@@ -322,7 +352,7 @@ class HostTier:
                                               LayoutIndex.open(self._index_path(content_hash)))
             if (resident.content_hash != content_hash
                     or resident.layout.content_hash != content_hash
-                    or resident.segment != self.segment_name(content_hash)):
+                    or not self.is_segment_name(content_hash, resident.segment)):
                 raise ValueError("its hash or segment name is not this record's")
         except FileNotFoundError:
             return None
@@ -357,9 +387,11 @@ class HostTier:
             record.unlink(missing_ok=True)
 
     def remove(self, content_hash: str) -> None:
-        """Unlink the segment and its record. Processes that mapped it keep their mapping
+        """Unlink the segment and its record (the caller holds the entry's exclusive
+        lock, so no fill of it is under way). Processes that mapped it keep their mapping
         until they unmap it; the memory returns to the system after the last one does."""
-        _remove_ours(SHM_DIR / self.segment_name(content_hash))
+        for path in self._names_of(content_hash):
+            _remove_ours(path)
         self._record_path(content_hash).unlink(missing_ok=True)
         self._index_path(content_hash).unlink(missing_ok=True)
 
@@ -373,19 +405,22 @@ class HostTier:
     def allocated(self, content_hash: str) -> int:
         """Bytes the kernel already gave the partial segments of ``content_hash``."""
         total = 0
-        for partial in SHM_DIR.glob(f"{self.segment_name(content_hash)}.part-*"):
+        for partial in self._names_of(content_hash):
+            if ".part-" not in partial.name:
+                continue
             try:
-                total += partial.stat().st_blocks * 512
+                st = partial.lstat()
             except FileNotFoundError:
                 continue
+            if _ours(st):
+                total += st.st_blocks * 512
         return total
 
     def reclaim(self) -> list[str]:
         """Remove what a crashed process left: partial segments, and records or segments
         that lack their other half. An entry whose lock is held is someone's work in
         progress (a fill, a publish, an eviction) and is left alone."""
-        hashes = {p.name[len(self.prefix):].split(".", 1)[0]
-                  for p in SHM_DIR.glob(f"{self.prefix}*")}
+        hashes = {p.name[len(self.prefix):].split(".", 1)[0] for p in self._our_names()}
         hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.json")}
         hashes |= {p.name.split("@", 1)[0] for p in self.records.glob("*.layout")}
         hashes = {h for h in hashes if _HEX.fullmatch(h)}  # names anyone may have made
@@ -399,6 +434,23 @@ class HostTier:
             finally:
                 os.close(fd)
         return removed
+
+    def _our_names(self) -> list[Path]:
+        """The names under our prefix that are regular files of ours. The others (planted
+        by another user, a directory) are reported in one line with their count."""
+        ours: list[Path] = []
+        foreign: list[Path] = []
+        for path in SHM_DIR.glob(f"{self.prefix}*"):
+            try:
+                (ours if _ours(path.lstat()) else foreign).append(path)
+            except FileNotFoundError:
+                continue
+        if foreign:
+            log.warning("%d name(s) in %s carry this pool's prefix but are not its files "
+                        "(another user's, or not regular files), e.g. %s: ignored",
+                        len(foreign), SHM_DIR, foreign[0].name,
+                        extra={"event": "foreign_segments", "count": len(foreign)})
+        return ours
 
     def reclaim_partials(self) -> list[str]:
         """Remove partial segments whose writer is gone (its entry lock is free): the
@@ -421,18 +473,25 @@ class HostTier:
 
     def _reclaim_one(self, content_hash: str) -> list[str]:
         removed = []
-        final = SHM_DIR / self.segment_name(content_hash)
-        for partial in SHM_DIR.glob(f"{final.name}.part-*"):
-            if _remove_ours(partial):
+        names = self._names_of(content_hash)
+        for partial in names:
+            if ".part-" in partial.name and _remove_ours(partial):
                 removed.append(partial.name)
+        finals = [p for p in names if ".part-" not in p.name]
         record, index = self._record_path(content_hash), self._index_path(content_hash)
-        if self.resident(content_hash) is None and (final.exists() or record.exists()
-                                                    or index.exists()):
+        resident = self.resident(content_hash)
+        if resident is None and (finals or record.exists() or index.exists()):
             # Part of a model (a record, its layout index or its segment without the
             # others), a record that does not parse, or a segment that is not ours:
             # nothing attach may use.
-            _remove_ours(final)
+            for final in finals:
+                _remove_ours(final)
             record.unlink(missing_ok=True)
             index.unlink(missing_ok=True)
-            removed.append(final.name)
+            removed.append(f"{self.prefix}{content_hash}")
+        elif resident is not None:
+            # A segment its record does not name: a publish that died before its record.
+            for final in finals:
+                if final.name != resident.segment and _remove_ours(final):
+                    removed.append(final.name)
         return removed

@@ -15,7 +15,8 @@ from warmpool.controller.keys import RedisKeys
 from warmpool.controller.loop import ControllerOptions
 from warmpool.controller.redis_client import connect
 from warmpool.controller.remote import controller_url
-from warmpool.errors import ConfigError
+from warmpool.controller.events import Watchlist
+from warmpool.errors import ConfigError, InvalidURIError
 from warmpool.relay.metrics import RelayMetrics
 from warmpool.relay.spec import RelaySpec
 
@@ -55,13 +56,39 @@ def http(listen: str = typer.Option("127.0.0.1:8080", "--listen", help="HOST:POR
          max_body: str = typer.Option("256KiB", "--max-body", help="Largest body accepted."),
          rate: float = typer.Option(200.0, "--rate", help="Requests per second (then 429)."),
          burst: int = typer.Option(400, "--burst", help="Requests at once after a lull."),
+         requests_token_file: Optional[Path] = typer.Option(
+             None, "--requests-token-file", help="File holding the secret of POST /requests "
+             "(deploy, evict, pin, unpin; else WARMPOOL_RELAY_REQUESTS_TOKEN). Without one, "
+             "the relay takes notifications only."),
+         allow_force: bool = typer.Option(False, "--allow-force", help="Pass requests "
+                                          "that carry force (evict under leases)."),
+         allow_local_paths: bool = typer.Option(False, "--allow-local-paths", help="Pass "
+                                                "requests for file:// models."),
+         request_prefix: list[str] = typer.Option([], "--request-prefix", help="Pass only "
+                                                  "requests under this URI prefix "
+                                                  "(repeatable)."),
+         allowed_origin: list[str] = typer.Option([], "--allowed-origin", help="Accept "
+                                                  "requests from this web Origin "
+                                                  "(repeatable; default: none)."),
+         allowed_host: list[str] = typer.Option([], "--allowed-host", help="Accept only "
+                                                "this Host header (repeatable)."),
+         header_timeout: float = typer.Option(10.0, "--header-timeout", help="Seconds a "
+                                              "connection has to send its request headers."),
+         max_connections: int = typer.Option(256, "--max-connections", help="Connections "
+                                             "at once (at most half of ulimit -n)."),
          redis: Optional[str] = RedisOpt, config: Optional[Path] = ConfigOpt,
          metrics_port: int = MetricsOpt, log_level: str = LogOpt) -> None:
-    """A webhook for MinIO, Ceph RGW, GCS Pub/Sub push and deploy requests (POST /)."""
+    """A webhook for MinIO, Ceph RGW and GCS Pub/Sub push (POST /), and, with a requests
+    token, deploy / evict / pin / unpin requests (POST /requests)."""
     from warmpool.cli import _guard
 
     spec = RelaySpec("http", listen=listen, token_file=str(token_file or ""),
-                     insecure=insecure, max_body=max_body, rate=rate, burst=burst)
+                     insecure=insecure, max_body=max_body, rate=rate, burst=burst,
+                     requests_token_file=str(requests_token_file or ""),
+                     allow_force=allow_force, allow_local_paths=allow_local_paths,
+                     request_prefixes=tuple(request_prefix),
+                     allowed_origins=tuple(allowed_origin), allowed_hosts=tuple(allowed_host),
+                     header_timeout_s=header_timeout, max_connections=max_connections)
     _guard(_run)(spec, redis, config, metrics_port, log_level)
 
 
@@ -70,6 +97,9 @@ def _run(spec: RelaySpec, redis: str | None, config: Path | None, metrics_port: 
     from warmpool.controller.serve import configure_logging
 
     spec.check()
+    if not -1 <= metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port {metrics_port}: use 0 to 65535 (0: any free "
+                          "port, -1: off)")
     settings = Settings.load(config, redis_url=redis)
     url = controller_url(settings)
     if not url:
@@ -77,10 +107,14 @@ def _run(spec: RelaySpec, redis: str | None, config: Path | None, metrics_port: 
                           "WARMPOOL_REDIS_URL")
     keys = RedisKeys(ControllerOptions.load(settings.controller).key_prefix)
     configure_logging(log_level)
-    asyncio.run(_serve(spec, url, keys, settings.node, metrics_port))
+    try:
+        watch = Watchlist.parse(settings.watch)
+    except InvalidURIError as exc:
+        raise ConfigError(f"watch: {exc}") from None
+    asyncio.run(_serve(spec, url, keys, settings.node, watch, metrics_port))
 
 
-async def _serve(spec: RelaySpec, url: str, keys: RedisKeys, node: str,
+async def _serve(spec: RelaySpec, url: str, keys: RedisKeys, node: str, watch: Watchlist,
                  metrics_port: int) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -90,7 +124,7 @@ async def _serve(spec: RelaySpec, url: str, keys: RedisKeys, node: str,
     metrics = RelayMetrics()
     try:
         metrics.serve(metrics_port)
-        await spec.build(redis, keys, metrics, node).run(stopping)
+        await spec.build(redis, keys, metrics, node, watch).run(stopping)
     finally:
         metrics.close()
         await redis.aclose()

@@ -1,9 +1,12 @@
 """Where every relay puts what it received: the requests stream, or the dead-letter stream.
 
-A payload is checked with the controller's own parser (:func:`parse_event`) before it
-is added, so a relay refuses exactly what the controller would refuse, and refuses it
-where the sender can still be told (a webhook's 4xx). The payload is added unchanged:
-the controller parses it again, which keeps one format on the stream, whoever wrote it.
+A payload is checked with the controller's own parser (:func:`parse_event`), then
+against the endpoint's :class:`~warmpool.relay.policy.RelayPolicy`, before it is added:
+a relay refuses what the controller would refuse and what its endpoint may not pass on,
+and refuses it where the sender can still be told (a webhook's 4xx). Uploads under no
+watched prefix are dropped (``ignored``, reason ``not_watched``). The payload is added
+unchanged: the controller parses it again, which keeps one format on the stream, whoever
+wrote it.
 
 Redis errors are not caught here: the caller must not acknowledge a notification that
 is not in the stream (SQS keeps the message, a webhook sender gets a 503 and retries).
@@ -24,6 +27,7 @@ from warmpool.controller.deadletter import dead_record, write_dead_letter
 from warmpool.controller.events import BadEvent, parse_event
 from warmpool.controller.keys import RedisKeys
 from warmpool.relay.metrics import RelayMetrics
+from warmpool.relay.policy import RelayPolicy
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +56,19 @@ class StreamSink:
         self.relay = relay
         self.source = source
         self.node = node
+        self._not_watched = 0  # logged at 1, 10, 100, then every 1000: floods stay quiet
 
-    async def put(self, payload: bytes, *, sent_at: float | None = None) -> Outcome:
-        """Validate ``payload`` and add it to the requests stream, or dead-letter it.
+    async def put(self, payload: bytes, policy: RelayPolicy, *,
+                  sent_at: float | None = None) -> Outcome:
+        """Validate ``payload`` against the parser and ``policy`` and add it to the
+        requests stream, or dead-letter it, or drop it when nothing in it is watched.
 
         ``sent_at`` (epoch seconds) is when the store sent it, for the lag metric; without
         it, the payload's own event time is used where it has one."""
         self.metrics.received.labels(self.relay).inc()
         try:
-            events = parse_event(payload)
+            events = parse_event(payload, accept=policy.accept)
+            kept = policy.watched(events)
         except BadEvent as exc:
             await self.reject(payload, exc.reason, exc.detail)
             return Outcome("rejected", reason=exc.reason, detail=exc.detail)
@@ -69,6 +77,17 @@ class StreamSink:
             log.info("%s: ignored a notification with nothing to warm (a test event?)",
                      self.relay, extra={"event": "relay_ignored", "relay": self.relay})
             return Outcome("ignored")
+        if not kept:
+            self.metrics.rejected.labels(self.relay, "not_watched").inc()
+            self._not_watched += 1
+            if self._not_watched in (1, 10, 100) or self._not_watched % 1000 == 0:
+                log.warning("%s: dropped %d notification(s) under no watched prefix "
+                            "(the last: %s)", self.relay, self._not_watched,
+                            _first_uri(events), extra={"event": "relay_not_watched",
+                                                       "relay": self.relay,
+                                                       "count": self._not_watched})
+            return Outcome("ignored", reason="not_watched",
+                           detail=f"{_first_uri(events)} is under no watched prefix")
         entry_id = await self.redis.xadd(self.keys.requests_stream, {"payload": payload})
         self.metrics.relayed.labels(self.relay).inc()
         sent_at = sent_at if sent_at is not None else event_time(payload)
@@ -100,6 +119,10 @@ def event_time(payload: bytes) -> float | None:
         return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
+
+
+def _first_uri(events: list[Any]) -> str:
+    return repr(events[0].uri)[:200] if events else "?"
 
 
 def _text(value: bytes | str) -> str:

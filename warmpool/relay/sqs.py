@@ -9,6 +9,11 @@ Messages are taken off the queue only while Redis answers: during an outage they
 in the queue (not half-taken by a relay that cannot pass them on), and the relay
 catches up when Redis returns. Bodies are S3 event notifications, the same wrapped in
 an SNS envelope (a topic fanned out to the queue), or ``s3:TestEvent`` (ignored).
+
+A bucket's queue is written by the bucket (and whoever else its policy lets send), so
+nothing else passes: a request (deploy, evict...) or any other shape is dead-lettered
+(``not_accepted``), and uploads under no watched prefix are dropped
+(:class:`~warmpool.relay.policy.RelayPolicy`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import aiohttp
 import botocore.exceptions as bce
 
 from warmpool.controller.redis_client import keep_running
+from warmpool.relay.policy import RelayPolicy
 from warmpool.relay.sink import StreamSink
 from warmpool.retry import Backoff
 from warmpool.storage.s3 import aws_client
@@ -64,9 +70,10 @@ def unwrap(body: str) -> bytes:
 
 
 class SqsRelay:
-    def __init__(self, options: SqsOptions, sink: StreamSink) -> None:
+    def __init__(self, options: SqsOptions, sink: StreamSink, policy: RelayPolicy) -> None:
         self.options = options
         self.sink = sink
+        self.policy = policy
         self._failures = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -117,7 +124,7 @@ class SqsRelay:
         try:
             for message in messages:
                 sent = message.get("Attributes", {}).get("SentTimestamp")
-                await self.sink.put(unwrap(message.get("Body", "")),
+                await self.sink.put(unwrap(message.get("Body", "")), self.policy,
                                     sent_at=int(sent) / 1000 if sent else None)
                 done.append(message)
         finally:

@@ -1,7 +1,8 @@
 """The local filesystem behind the storage interface (``file://`` and plain paths).
 
-The etag of a file is its inode, modification time (ns) and size: a rewrite changes it,
-which is all the content hash needs, without reading gigabytes to hash them.
+The etag of a file is its inode, modification and change times (ns) and size: a rewrite
+changes it, even one whose mtime was then set back, which is all the content hash needs,
+without reading gigabytes to hash them.
 
 Only regular files are listed or opened: a FIFO (or a device) in a model directory would
 block the open or the read for ever. Every open is non-blocking and checked with
@@ -30,8 +31,10 @@ CALL_TIMEOUT_S = 600.0
 
 def etag_of(st: os.stat_result) -> str:
     """The etag of a file from its stat: a rewrite or a replacement changes it."""
-    # inode too: a file replaced by rename keeps neither its inode nor its etag
-    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+    # inode: a file replaced by rename keeps neither its inode nor its etag. ctime: a
+    # user can set mtime back (touch -d, os.utime) after rewriting a shard in place, but
+    # not ctime, which every write and every utime call moves to now.
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_ctime_ns:x}-{st.st_size:x}"
 
 
 def open_regular(path: Path, key: str) -> int:
