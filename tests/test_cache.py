@@ -478,3 +478,21 @@ async def test_two_processes_racing_download_each_file_once(
     assert downloaded == sorted(set(non_weight(source)) - {INDEX_FILE})
     assert len({line.split()[0] for line in lines}) == 1  # all by one process
     assert leftovers(root) == [results[0]["hash"]]
+
+
+def test_large_non_weight_files_and_code_are_skipped_unless_the_node_says_otherwise() -> None:
+    """Three 500 MB 'tokenizers' were cached (1.5 GB): the cap is per file (64 MiB by
+    default), and code files are downloaded only for a node with cache_code."""
+    from warmpool.model.cache import _plan_files
+    from warmpool.storage.base import ObjectInfo
+
+    objects = [ObjectInfo(f"extra-{i}.json", 500 << 20, "e") for i in range(3)]
+    objects += [ObjectInfo("config.json", 700, "c"), ObjectInfo("modeling_evil.py", 900, "p"),
+                ObjectInfo("sub/kernel.so", 900, "s"), ObjectInfo("tokenizer.json", 30 << 20, "t")]
+    files, skipped = _plan_files(objects)
+    assert sorted(o.key for o in files) == ["config.json", "tokenizer.json"]
+    assert sorted(o.key for o in skipped) == ["extra-0.json", "extra-1.json", "extra-2.json",
+                                               "modeling_evil.py", "sub/kernel.so"]
+    files, skipped = _plan_files(objects, code=True, max_file_bytes=1 << 30)
+    assert sorted(o.key for o in skipped) == []
+    assert len(files) == len(objects)

@@ -99,7 +99,7 @@ def test_make_clean_evicts_the_demo_segment(tmp_path: Path, settings: Settings) 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_test_installs_the_package_once_and_only_when_it_changed(tmp_path: Path) -> None:
-    for name in ("pyproject.toml", "package.json"):
+    for name in ("pyproject.toml", "constraints.txt", "package.json"):
         shutil.copy(REPO / name, tmp_path / name)
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)

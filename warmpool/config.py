@@ -117,6 +117,13 @@ class Settings:
     # this; what a pool entry or a lease uses is always kept.
     cache_max_models: int = 256
     cache_max_age_s: float = 7 * 86400.0
+    # Non-weight files larger than this are not cached (one file; all of a model's
+    # together are capped at 2 GiB).
+    cache_max_file: int = 64 << 20
+    # Cache a model's code files (*.py), for transformers' trust_remote_code. Off: nothing
+    # from a bucket lands where it could be imported. Config file only, never from the
+    # environment, so that no request or sidecar variable turns it on.
+    cache_code: bool = False
     redis_url: str | None = None
     watch: tuple[str, ...] = ()
     streamer: StreamerOptions = StreamerOptions()
@@ -267,6 +274,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "distributed": _bool,
     "cache_max_models": lambda v: _int(v, 1, 1_000_000),
     "cache_max_age_s": lambda v: _seconds(v),
+    "cache_max_file": lambda v: _size(v, 1),
+    "cache_code": _bool,
     "export_vllm_python": _path,
     "export_timeout_s": _seconds,
 }

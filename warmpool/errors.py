@@ -86,6 +86,12 @@ class CheckpointMismatchError(WarmpoolError, ValueError):
     another content hash, or tensor names or shapes its module does not have."""
 
 
+class UntrustedCodeError(CheckpointMismatchError):
+    """A checkpoint asks to run code of its own (``auto_map`` in its config, Python files
+    beside it): warmpool never runs code from a bucket unless both the caller
+    (``trust_remote_code=True``) and the node (``cache_code: true``) said so."""
+
+
 class PoolError(WarmpoolError):
     """A pool operation was refused."""
 

@@ -199,12 +199,12 @@ def metadata(uri: str, *, settings: Settings | None = None) -> CachedModel:
     local cache; ``files_dir`` of the result is the directory an engine reads its config
     and tokenizer from. Always done here: the cache is this node's directory, shared
     safely by file locks with the controller and every other process."""
-    from warmpool.model.cache import MetadataCache
+    from warmpool.model.cache import default_cache
     from warmpool.model.uri import parse_uri
 
     settings = settings or Settings.load()
     _reclaim(settings)
-    return _run(MetadataCache(settings.cache_dir).fetch(parse_uri(uri)))
+    return _run(default_cache(settings).fetch(parse_uri(uri)))
 
 
 # --- helpers -------------------------------------------------------------------------

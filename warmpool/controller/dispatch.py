@@ -80,7 +80,7 @@ class Dispatcher:
     def __init__(self, *, settings: Settings, pool: Pool, registry: RedisRegistry,
                  redis: Redis, keys: RedisKeys, metrics: Metrics, loader: str = "auto",
                  lock_ttl_ms: int = 30_000, lock_poll_s: float = 0.2) -> None:
-        from warmpool.model.cache import MetadataCache
+        from warmpool.model.cache import default_cache
 
         self.settings = settings
         self.pool = pool
@@ -92,7 +92,7 @@ class Dispatcher:
         self.lock_ttl_ms = lock_ttl_ms
         self.lock_poll_s = lock_poll_s
         self.node = registry.node
-        self.cache = MetadataCache(settings.cache_dir)
+        self.cache = default_cache(settings)
         self.workers = WorkerBridge(settings, registry)
         self.exports = EngineExports(settings, pool)
         self._inflight: dict[tuple[str, str], asyncio.Task[Outcome]] = {}

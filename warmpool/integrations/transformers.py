@@ -13,13 +13,22 @@ model: it ends when the model is garbage-collected or when :func:`release` is ca
 The views are read-only mappings; a write into a weight would fault the process, so the
 model is returned in ``eval()`` mode with ``requires_grad`` off, and training or
 in-place edits need ``load_model(..., copy=True)`` (an ordinary private copy).
+
+The cached files came from a bucket, so they are untrusted input: a config that names
+code of its own (``auto_map``) is refused unless the caller passes
+``trust_remote_code=True`` (and the node caches code files at all: ``cache_code``); a
+config transformers cannot build from is a :class:`CheckpointMismatchError` naming the
+file; and a config that claims more layers than the checkpoint holds is refused before
+anything is built (20,000 claimed layers once took 47 s and 1.6 GB to refuse).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import time
 import weakref
 from collections.abc import Iterator
@@ -27,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from warmpool.config import Settings
-from warmpool.errors import CheckpointMismatchError, NotWarmError
+from warmpool.errors import CheckpointMismatchError, NotWarmError, UntrustedCodeError
 from warmpool.pool.attachment import AttachedModel, attach
 from warmpool.pool.entries import HOST_DEVICE
 
@@ -43,20 +52,24 @@ _RELEASE = "_warmpool_release"
 
 def load_model(uri: str, *, device: str = HOST_DEVICE, dtype: torch.dtype | None = None,
                copy: bool = False, settings: Settings | None = None,
-               model_class: type[PreTrainedModel] | None = None) -> PreTrainedModel:
+               model_class: type[PreTrainedModel] | None = None,
+               trust_remote_code: bool = False) -> PreTrainedModel:
     """The warm model ``uri`` as a transformers model whose parameters are pool views.
 
     ``device`` is where the weights must be: ``cpu`` attaches the host tier; a GPU device
     attaches its GPU-tier entry, or copies from the host tier when only that is warm
     (logged). A ``dtype`` other than the checkpoint's, or ``copy=True``, makes private
     copies (logged): the result no longer shares the pool's memory.
+    ``trust_remote_code`` lets a checkpoint's own modeling code run (transformers' option
+    of that name); it must be asked for, and the node must cache code files
+    (``cache_code: true``).
     """
     settings = settings or Settings.load()
     start = time.perf_counter()
     weights = _attach(uri, device, settings)
     try:
         files_dir = files_dir_of(weights, settings)
-        model = _build(files_dir, model_class)
+        model = _build(files_dir, model_class, weights, trust_remote_code)
         shared = _assign(model, weights, device=device, dtype=dtype, copy=copy)
     except BaseException:
         weights.close()
@@ -121,13 +134,72 @@ def _attach(uri: str, device: str, settings: Settings) -> AttachedModel:
         return attach(uri, HOST_DEVICE, settings=settings, holder="transformers")
 
 
-def _build(files_dir: Path, model_class: type[PreTrainedModel] | None) -> PreTrainedModel:
+#: ``model.layers.12.``, ``transformer.h.3.``, ``blocks.0.``: a checkpoint's layer index.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _build(files_dir: Path, model_class: type[PreTrainedModel] | None,
+           weights: AttachedModel, trust_remote_code: bool) -> PreTrainedModel:
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(files_dir, local_files_only=True)
-    cls = model_class or _class_for(config)
-    with _parameters_on_meta():
-        return cls(config)
+    config_file = files_dir / "config.json"
+    raw = _config_json(config_file)
+    if "auto_map" in raw and not trust_remote_code:
+        raise UntrustedCodeError(
+            f"{weights.uri}: {config_file.name} names code of its own (auto_map "
+            f"{_clip(raw['auto_map'])}); warmpool runs no code from a bucket unless "
+            "load_model(..., trust_remote_code=True) is passed and the node caches code "
+            "files (cache_code: true)")
+    _check_layers(raw, weights, config_file)
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            files_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+        cls = model_class or _class_for(config)
+        with _parameters_on_meta():
+            return cls(config)
+    except CheckpointMismatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see below
+        # What transformers raises for a config it cannot use has no common base: a
+        # TypeError, a KeyError, an OSError, a RecursionError, a ZeroDivisionError (zero
+        # heads), huggingface_hub's StrictDataclassFieldValidationError (an Exception).
+        # Every one of them, building from an untrusted file, is the file's fault.
+        raise CheckpointMismatchError(
+            f"{weights.uri}: transformers cannot build a model from {config_file}: "
+            f"{type(exc).__name__}: {_clip(str(exc), 300)}") from None
+
+
+def _config_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointMismatchError(f"{path} is not a readable JSON config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointMismatchError(f"{path} holds {type(raw).__name__}, not an object")
+    return raw
+
+
+def _check_layers(raw: dict[str, Any], weights: AttachedModel, config_file: Path) -> None:
+    """Refuse a config that claims more layers than the checkpoint has, before building:
+    building the modules (even on ``meta``) costs time and memory per layer."""
+    indices = {int(m.group(1)) for name in weights for m in [_LAYER.search(name)] if m}
+    for key in _LAYER_KEYS:
+        claimed = raw.get(key)
+        if claimed is None:
+            continue
+        if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed < 0:
+            raise CheckpointMismatchError(f"{config_file}: {key} {_clip(claimed)} is not a "
+                                          "layer count")
+        if indices and claimed > max(indices) + 1:
+            raise CheckpointMismatchError(
+                f"{weights.uri}: {config_file.name} says {key}={claimed}, the checkpoint "
+                f"holds {max(indices) + 1} layers")
+
+
+def _clip(value: object, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _class_for(config: Any) -> type[PreTrainedModel]:

@@ -51,7 +51,11 @@ FILES_DIR = "files"
 LOCKS_DIR = ".locks"
 MANIFEST_VERSION = 1
 #: Non-weight files above this size are not metadata (legacy weights, datasets): skipped.
-MAX_FILE_BYTES = 512 << 20
+#: The largest tokenizers are tens of MB; a node may raise it (``cache_max_file``).
+MAX_FILE_BYTES = 64 << 20
+#: Files that are code: never downloaded unless the node caches code (``cache_code``),
+#: so nothing in a bucket can put a module where transformers would import it.
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dylib", ".dll")
 #: All non-weight files of one model together: configs and tokenizers are tens of MB.
 MAX_FILES_TOTAL_BYTES = 2 << 30
 #: Non-weight files of one model: a real one has a few dozen.
@@ -124,8 +128,14 @@ class CachedModel:
 
 
 class MetadataCache:
-    def __init__(self, root: Path) -> None:
+    """``code``: download code files (``*.py``...) too, for ``trust_remote_code`` models
+    (the node's ``cache_code``); ``max_file_bytes``: larger non-weight files are skipped."""
+
+    def __init__(self, root: Path, *, code: bool = False,
+                 max_file_bytes: int = MAX_FILE_BYTES) -> None:
         self.root = Path(root)
+        self.code = code
+        self.max_file_bytes = max_file_bytes
         self._sweep_stale()
 
     def dir_for(self, content_hash: str) -> Path:
@@ -238,7 +248,8 @@ class MetadataCache:
                 f"{uri} is not a complete model yet: {completeness.reason}"
                 + ("" if named else f" (missing: {missing})"),
                 missing=list(completeness.missing))
-        files, skipped = _plan_files(objects)
+        files, skipped = _plan_files(objects, code=self.code,
+                                     max_file_bytes=self.max_file_bytes)
         shards = [o for o in objects if o.key in set(completeness.shards)]
         final = self.dir_for(digest)
         if final.exists():  # a corrupt entry that load() refused: replace it
@@ -305,7 +316,9 @@ class MetadataCache:
 
 
 def default_cache(settings: Settings) -> MetadataCache:
-    return MetadataCache(settings.cache_dir)
+    """The node's cache, with the node's rules for code and file sizes."""
+    return MetadataCache(settings.cache_dir, code=settings.cache_code,
+                         max_file_bytes=settings.cache_max_file)
 
 
 # --- listing and downloading ----------------------------------------------------------
@@ -329,15 +342,20 @@ async def _list(store: Store) -> tuple[ObjectInfo, ...]:
     return objects
 
 
-def _plan_files(objects: Iterable[ObjectInfo]) -> tuple[list[ObjectInfo], list[ObjectInfo]]:
-    """(non-weight files to download, files skipped as too large or legacy weights)."""
+def _plan_files(objects: Iterable[ObjectInfo], *, code: bool = False,
+                max_file_bytes: int = MAX_FILE_BYTES
+                ) -> tuple[list[ObjectInfo], list[ObjectInfo]]:
+    """(non-weight files to download, files skipped: too large, legacy weights, or code
+    when the node does not cache code)."""
     files: list[ObjectInfo] = []
     skipped: list[ObjectInfo] = []
     for o in objects:
         if is_weight_file(o.key):
             continue
-        legacy = o.key.lower().endswith(LEGACY_WEIGHT_SUFFIXES)
-        (skipped if legacy or o.size > MAX_FILE_BYTES else files).append(o)
+        key = o.key.lower()
+        refused = key.endswith(LEGACY_WEIGHT_SUFFIXES) or (
+            not code and key.endswith(CODE_SUFFIXES))
+        (skipped if refused or o.size > max_file_bytes else files).append(o)
     total = sum(o.size for o in files)
     if total > MAX_FILES_TOTAL_BYTES or len(files) > MAX_FILES:
         raise MetadataLimitError(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from warmpool.model.cache import MetadataCache
+from warmpool.model.cache import MetadataCache, default_cache
 from warmpool.config import Settings
 from warmpool.errors import ObjectChangedError
 from warmpool.pool.layout import plan_layout
@@ -58,7 +58,7 @@ async def prefetch(uri: str | ModelURI, *, settings: Settings, pool: Pool | None
     started = time.perf_counter()
     model = uri if isinstance(uri, ModelURI) else parse_uri(uri)
     pool = pool or Pool(settings)
-    cache = cache or MetadataCache(settings.cache_dir)
+    cache = cache or default_cache(settings)
     try:
         return await _prefetch_once(model, settings, pool, loader, progress, cache, started)
     except ObjectChangedError as exc:
