@@ -205,3 +205,24 @@ async def test_history_is_forgotten_after_its_time_and_warm_entries_are_kept(
     states = {e.uri: e.state for e in await harness.entries()}
     assert states == {str(kept): State.WARM}
     assert ctl.options.history_keep_s == 1.0
+
+
+async def test_an_identical_deploy_after_a_controller_restart_is_acted_on(
+        harness: Harness, tmp_path: Path) -> None:
+    """deploy X, evict X, restart the controller, deploy X again (the same body, within
+    the claims' lifetime): the restarted controller must not take it for the first
+    deploy's broadcast. It did, and the model stayed cold with nothing desired."""
+    model = tmp_path / "m"
+    write_model(model, shards=1, seed=7)
+    uri = parse_uri(str(model))
+    ctl = await harness.start()
+    await harness.publish(ask("deploy", uri))
+    await harness.wait_entry(uri)
+    await harness.publish(ask("evict", uri))
+    await harness.wait_entry(uri, State.EVICTED)
+    await harness.stop_all()
+    ctl = await harness.start()
+    assert [k async for k in harness.redis.scan_iter(match=KEYS.claim("*"))]  # still live
+    await harness.publish(ask("deploy", uri))
+    await harness.wait_entry(uri)
+    assert await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{uri}")

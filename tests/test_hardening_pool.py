@@ -233,3 +233,29 @@ def test_planted_names_and_a_directory_under_our_prefix_block_nothing(
             path.unlink(missing_ok=True)
         if directory.exists():
             directory.rmdir()
+
+
+@pytest.mark.parametrize("name", ["m%41", "a#b", "a?b", "a\nb", "a b+c"],
+                         ids=["percent", "hash", "question", "newline", "space-plus"])
+def test_a_plain_path_is_the_path_byte_for_byte(settings: Settings, tmp_path: Path,
+                                                name: str) -> None:
+    """``/w/m%41`` once warmed ``/w/mA`` (another model), ``a\\nb`` warmed ``ab``, and a
+    name with ``#`` or ``?`` could not be warmed at all, leaving a failed entry."""
+    model = tmp_path / name
+    write_model(model, shards=2)
+    decoy = tmp_path / "mA"  # what a second decoding of m%41 would name
+    write_model(decoy, shards=1)
+    done = run_cli("prefetch", str(model), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    from warmpool.model.uri import parse_uri
+    assert parse_uri(report["uri"]).path == model  # the URI names this directory
+    verify = run_cli("attach", str(model), "--verify")
+    assert verify.returncode == 0, verify.stderr + verify.stdout
+    status = run_cli("status", "--json")
+    uris = [e["uri"] for e in json.loads(status.stdout)]
+    assert [parse_uri(u).path for u in uris] == [model]  # not mA, not ab, no failed entry
+    assert "\n" not in "".join(uris)
+    evicted = run_cli("evict", str(model))
+    assert evicted.returncode == 0, evicted.stderr
+    assert json.loads(run_cli("status", "--json").stdout) == []

@@ -101,6 +101,11 @@ class RedisKeys:
     def claim(self, digest: str) -> str:
         return f"{self.prefix}:claim:{digest}"
 
+    def heard(self, node: str, digest: str) -> str:
+        """How many times in a row ``node`` heard a broadcast body (expires with the
+        claims), kept in Redis so that a restarted controller counts on."""
+        return f"{self.prefix}:heard:{node}:{digest}"
+
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{request_id}"
 

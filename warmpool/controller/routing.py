@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -40,7 +39,6 @@ from warmpool.model.uri import ModelURI
 log = logging.getLogger(__name__)
 REPLY_TTL_S = 600
 STREAM_MAXLEN = 100_000
-HEARD_BOUND = 10_000  # broadcast digests remembered before expired ones are dropped
 
 
 class Router:
@@ -56,7 +54,6 @@ class Router:
         self.dispatcher = dispatcher
         self.failures = failures
         self.claim_ttl_ms = claim_ttl_ms
-        self._heard: dict[str, tuple[int, float]] = {}  # body digest -> (times, last heard)
         self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def request(self, req: Request, source: str) -> None:
@@ -70,7 +67,7 @@ class Router:
             if source != "pubsub":
                 await self.forward(req, req.node)
             return
-        identity = self._identity(req) if source == "pubsub" else ""  # in arrival order
+        identity = await self._identity(req) if source == "pubsub" else ""
         async with self._turn(req):
             if identity and not await self._claim(identity):
                 return  # every controller hears a broadcast: another one took this
@@ -235,27 +232,23 @@ class Router:
         pipe.expire(key, REPLY_TTL_S)
         await pipe.execute()
 
-    def _identity(self, req: Request) -> str:
+    async def _identity(self, req: Request) -> str:
         """This broadcast's identity, the same on every controller that heard it: the
-        digest of its body and how many times in a row this controller heard that body
-        (Redis hands every subscriber the messages in one order). Deploy X, evict X,
-        deploy X are three messages, not two. A count restarts once its claims expired."""
+        digest of its body and how many times in a row this node heard that body (Redis
+        hands every subscriber the messages in one order). Deploy X, evict X, deploy X
+        are three messages, not two. A count restarts once its claims expired.
+
+        The count lives in Redis, not in memory: a controller restarted within a claim's
+        lifetime would count from 1 again, find its own earlier claim, and drop the new
+        request as a duplicate (it did: deploy, evict, restart, deploy)."""
         digest = hashlib.sha256(json.dumps(req.to_doc(), sort_keys=True).encode()
                                 ).hexdigest()[:32]
-        now = time.monotonic()
-        count, last = self._heard.get(digest, (0, now))
-        if now - last > self.claim_ttl_ms / 1000:
-            count = 0
-        self._heard[digest] = (count + 1, now)
-        if len(self._heard) > HEARD_BOUND:
-            self._forget_heard(now)
-        return f"{digest}:{count + 1}"
-
-    def _forget_heard(self, now: float) -> None:
-        ttl = self.claim_ttl_ms / 1000
-        for digest, (_, last) in list(self._heard.items()):
-            if now - last > ttl:
-                del self._heard[digest]
+        key = self.keys.heard(self.node, digest)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.pexpire(key, self.claim_ttl_ms)
+        count, _ = await pipe.execute()
+        return f"{digest}:{int(count)}"
 
     async def _claim(self, identity: str) -> bool:
         return bool(await self.redis.set(self.keys.claim(identity), self.node, nx=True,
