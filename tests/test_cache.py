@@ -17,7 +17,6 @@ from safetensors import safe_open
 
 from tests.models import SAFETENSORS_DTYPES, model_files, write_model
 from tests.servers import Backend
-from warmpool.model import cache as cache_module
 from warmpool.model.cache import MANIFEST, CachedModel, MetadataCache, default_cache
 from warmpool.config import Settings
 from warmpool.errors import (IncompleteModelError, SafetensorsError, StorageError,
@@ -339,12 +338,12 @@ async def test_invalid_cache_entry_is_ignored_and_rebuilt(cache: MetadataCache,
     assert cache.load("../" + model.content_hash) is None
 
 
-async def test_legacy_and_oversized_files_are_skipped(tmp_path: Path, cache: MetadataCache,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_legacy_and_oversized_files_are_skipped(tmp_path: Path,
+                                                      cache: MetadataCache) -> None:
     write_model(tmp_path / "src", shards=1)
     (tmp_path / "src/pytorch_model.bin").write_bytes(b"\0" * 64)
     (tmp_path / "src/big.json").write_bytes(b" " * 4096)
-    monkeypatch.setattr(cache_module, "MAX_FILE_BYTES", 1024)
+    cache = MetadataCache(cache.root, max_file_bytes=1024)
     uri = ModelURI("file", "", f"{tmp_path}/src/")
     store = counting(uri)
     model = await cache.fetch(uri, store)

@@ -14,7 +14,7 @@ from warmpool.config import Settings
 from warmpool.controller import remote
 from warmpool.controller.events import Request
 from warmpool.controller.loop import Controller, redis_run_id
-from warmpool.model.uri import parse_uri
+from warmpool.model.uri import ModelURI, parse_uri
 from warmpool.pool.attachment import attach
 from warmpool.pool.registry.base import State
 
@@ -99,22 +99,33 @@ async def _settled(ctl: Controller) -> bool:
     return not ctl.pubsub.tasks and not ctl.dispatcher.busy
 
 
-async def test_deploys_of_missing_models_back_off_are_given_up_and_stay_bounded(
+def broken_models(root: Path, count: int) -> list[ModelURI]:
+    """Directories that exist but cannot be listed (a dangling link in each): accepted,
+    since the store cannot say that nothing is there, then failing on every try."""
+    uris = []
+    for i in range(count):
+        path = root / f"missing-{i}"
+        path.mkdir(parents=True)
+        (path / "config.json").symlink_to(root / "nowhere")
+        uris.append(parse_uri(str(path)))
+    return uris
+
+
+async def test_deploys_of_broken_models_back_off_are_given_up_and_stay_bounded(
         harness: Harness, settings: Settings, tmp_path: Path) -> None:
-    """60 deploys of distinct models that do not exist, on a node that may want 20: the
-    desired state and the failure records stay at 20; each wanted model is tried
+    """60 deploys of distinct models that cannot be warmed, on a node that may want 20:
+    the desired state and the failure records stay at 20; each wanted model is tried
     ``give_up_after`` times with backoff, then given up with its reason (listed for
     ``warmpool status``) and no convergence pass starts work for it; an evict removes one."""
     options = replace(FAST, max_desired=20, failure_backoff_s=0.1, failure_backoff_cap_s=0.2,
                       give_up_after=2, recheck_s=0.2)
     ctl = await harness.start(options=options)
-    missing = [parse_uri(str(tmp_path / f"missing-{i}")) for i in range(60)]
+    missing = broken_models(tmp_path, 60)
     replies = []
     for i, uri in enumerate(missing):
         await harness.xadd(ask("deploy", uri, request_id=f"r{i}"))
         replies.append(await harness.reply(f"r{i}"))
     assert all(r["state"] == "failed" for r in replies)
-    assert any("max_desired" in (r["error"] or "") for r in replies)  # refused while full
 
     async def all_given_up() -> bool:
         records = await ctl.failures.all()
@@ -226,3 +237,28 @@ async def test_an_identical_deploy_after_a_controller_restart_is_acted_on(
     await harness.publish(ask("deploy", uri))
     await harness.wait_entry(uri)
     assert await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{uri}")
+
+
+async def test_bogus_deploys_never_lock_out_a_real_one(harness: Harness,
+                                                      tmp_path: Path) -> None:
+    """Deploys of paths where nothing is are refused on arrival and take no room; deploys
+    of models that fail fill the desired state, yet a real deploy still gets in (a
+    failing model does not hold room against it). 1,100 bogus deploys once filled
+    max_desired and a real deploy was refused for minutes."""
+    options = replace(FAST, max_desired=10, failure_backoff_s=30.0, give_up_after=5)
+    ctl = await harness.start(options=options)
+    for i in range(40):
+        await harness.xadd(ask("deploy", parse_uri(str(tmp_path / f"nothing-{i}")),
+                               request_id=f"n{i}"))
+        reply = await harness.reply(f"n{i}")
+        assert reply["state"] == "failed" and "holds nothing there" in reply["error"]
+    assert await harness.redis.hlen(KEYS.desired(ctl.node)) == 0
+    for i, uri in enumerate(broken_models(tmp_path / "broken", 10)):
+        await harness.xadd(ask("deploy", uri, request_id=f"b{i}"))
+        assert (await harness.reply(f"b{i}"))["state"] == "failed"
+    assert await harness.redis.hlen(KEYS.desired(ctl.node)) == 10  # full of failing ones
+    real = tmp_path / "real"
+    write_model(real, shards=1, seed=9)
+    await harness.xadd(ask("deploy", parse_uri(str(real)), request_id="real"))
+    assert (await harness.reply("real"))["state"] == "warm"
+    assert await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{parse_uri(str(real))}")

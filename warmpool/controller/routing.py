@@ -26,7 +26,9 @@ from dataclasses import replace
 
 from redis.asyncio import Redis
 
-from warmpool.controller.desired import DesiredState, DesiredStateFull
+from warmpool.controller.desired import DesiredState, DesiredStateFull, NoSuchModel
+from warmpool.errors import ObjectNotFoundError, StorageError
+from warmpool.storage import open_store
 from warmpool.controller.dispatch import Dispatcher, Outcome
 from warmpool.controller.failures import Failures
 from warmpool.controller.events import Request
@@ -82,7 +84,7 @@ class Router:
                         await self.forward(replace(req, request_id=None), other)
             try:
                 wanted = await self.record(req)
-            except DesiredStateFull as exc:
+            except (DesiredStateFull, NoSuchModel) as exc:
                 await self.reply(req, Outcome(str(req.uri), req.device, "failed",
                                               error=str(exc)))
                 return
@@ -119,10 +121,15 @@ class Router:
         desired for a deploy or pin."""
         uri, device = str(req.uri), req.device
         if req.action in ("deploy", "pin"):
+            if source == "request" and await self.desired.get(uri, device) is None \
+                    and not await model_exists(req.uri):
+                log.warning("refused a %s of %s: the store holds nothing there", req.action,
+                            uri, extra={"event": "no_such_model", "uri": uri})
+                raise NoSuchModel(f"{uri}: the store holds nothing there (nothing to warm)")
             try:
                 wanted = await self.desired.add(req, source)
             except DesiredStateFull:
-                if not await self._drop_given_up():
+                if not await self._make_room():
                     raise
                 wanted = await self.desired.add(req, source)
             await self.failures.clear(uri, device)  # asked (again): tried at once
@@ -185,16 +192,20 @@ class Router:
         return replace(outcome, state=State.FAILED.value,
                        error=f"engine layout: {done.error}"), done.permanent
 
-    async def _drop_given_up(self) -> bool:
-        """Make room in a full desired state: the model given up longest ago goes (its
-        failure was reported, and nothing tries it any more). False when none is."""
-        given_up = [f for f in (await self.failures.all()).values() if f.given_up]
-        if not given_up:
+    async def _make_room(self) -> bool:
+        """Make room in a full desired state: failing models do not hold room against a
+        new one. The model given up longest ago goes first (its failure was reported, and
+        nothing tries it any more), else the one that failed most often. False when no
+        desired model is failing."""
+        failing = list((await self.failures.all()).values())
+        if not failing:
             return False
-        oldest = min(given_up, key=lambda f: f.retry_at)
+        given_up = [f for f in failing if f.given_up]
+        oldest = (min(given_up, key=lambda f: f.retry_at) if given_up
+                  else max(failing, key=lambda f: (f.failures, -f.retry_at)))
         await self.desired.remove(oldest.uri, oldest.device)
         await self.failures.clear(oldest.uri, oldest.device)
-        log.warning("desired state full: dropped %s on %s, given up after %d failures (%s)",
+        log.warning("desired state full: dropped %s on %s, failing after %d failures (%s)",
                     oldest.uri, oldest.device, oldest.failures, oldest.error,
                     extra={"event": "desired_dropped", "uri": oldest.uri})
         return True
@@ -256,3 +267,22 @@ class Router:
 
     async def _other_live_nodes(self) -> list[str]:
         return [n.node for n in await self.nodes.live() if n.node != self.node]
+
+
+#: A deploy's existence check: one listing, bounded.
+EXISTS_TIMEOUT_S = 10.0
+
+
+async def model_exists(uri: ModelURI) -> bool:
+    """False only when the store answers that nothing is at ``uri`` (an empty prefix, a
+    missing directory). An error or a timeout cannot tell, and lets the deploy in: it
+    then fails and backs off as any failing model does."""
+    try:
+        async with open_store(uri) as store:
+            objects = await asyncio.wait_for(store.list(), EXISTS_TIMEOUT_S)
+    except ObjectNotFoundError:
+        return False
+    except (StorageError, OSError, TimeoutError) as exc:
+        log.info("could not list %s before accepting it (%s): accepted", uri, exc)
+        return True
+    return bool(objects)
