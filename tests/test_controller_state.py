@@ -4,14 +4,18 @@ requests, desired models that keep failing. Real Redis, real controllers."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from tests.models import model_files, write_model
 from tests.servers import Backend
 from tests.test_controller import FAST, KEYS, Harness, ask, harness, wait_until
 from warmpool.config import Settings
 from warmpool.controller import remote
+from warmpool.controller import uploads as uploads_module
 from warmpool.controller.events import Request
 from warmpool.controller.loop import Controller, redis_run_id
 from warmpool.model.uri import ModelURI, parse_uri
@@ -262,3 +266,47 @@ async def test_bogus_deploys_never_lock_out_a_real_one(harness: Harness,
     await harness.xadd(ask("deploy", parse_uri(str(real)), request_id="real"))
     assert (await harness.reply("real"))["state"] == "warm"
     assert await harness.redis.hexists(KEYS.desired(ctl.node), f"cpu|{parse_uri(str(real))}")
+
+
+def _records(bucket: str, keys: list[str]) -> bytes:
+    return json.dumps({"Records": [
+        {"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+         "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1, "eTag": "e"}}}
+        for key in keys]}).encode()
+
+
+async def test_floods_of_uploads_for_missing_objects_stay_bounded_and_are_forgotten(
+        harness: Harness, s3_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Payloads of many records for objects that do not exist: a payload's records of one
+    model are one event; the pending set is capped; a prefix that lists empty is
+    forgotten; an incomplete model's re-checks back off. (20 payloads of 1,000 records
+    once made 20,000 pending keys and 400 listings per 15 s with no new events.)"""
+    monkeypatch.setattr(uploads_module, "MAX_PENDING", 30)
+    ctl = await harness.start(watch=(str(s3_backend.uri_for("models/")),),
+                              options=replace(FAST, recheck_s=0.2))
+    bucket = s3_backend.bucket
+    # 300 records of one model in one payload: one event, not 300.
+    await harness.xadd(_records(bucket, [f"models/one/f{i}.json" for i in range(300)]))
+    one = s3_backend.uri_for("models/one/")
+    await wait_until(lambda: harness.redis.exists(KEYS.upload_pending(one)), "one pending")
+    assert int(await harness.redis.hget(KEYS.upload_pending(one), "events")) == 1
+    # 100 models in one payload: at most 30 pending at once.
+    await harness.xadd(_records(bucket, [f"models/m{i}/config.json" for i in range(100)]))
+    await asyncio.sleep(0.5)
+    assert await harness.redis.scard(KEYS.uploads_pending) <= 30
+    # Nothing exists under any of them: all forgotten after their check.
+    await wait_until(lambda: _none_pending(harness), "the empty prefixes to be forgotten")
+    assert not [k async for k in harness.redis.scan_iter(match=KEYS.upload_pending("*"))]
+    # An incomplete model (config only) is re-checked, ever more rarely.
+    s3_backend.put("models/half/config.json", b"{}")
+    await harness.xadd(_records(bucket, ["models/half/config.json"]))
+    half = KEYS.upload_pending(s3_backend.uri_for("models/half/"))
+    await wait_until(lambda: harness.redis.hexists(half, "missing"), "an incomplete check")
+    await asyncio.sleep(4.0)  # 20 sweeps of 0.2 s: backoff 0.2, 0.4, 0.8, 1.6, 3.2 s
+    checks = int(await harness.redis.hget(half, "checks"))
+    assert 2 <= checks <= 6, checks
+    assert ctl.uploads.dropped > 0
+
+
+async def _none_pending(harness: Harness) -> bool:
+    return await harness.redis.scard(KEYS.uploads_pending) == 0

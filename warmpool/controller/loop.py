@@ -175,7 +175,8 @@ class Controller:
                              registry=self.registry, desired=self.desired,
                              dispatcher=self.dispatcher, failures=self.failures)
         self.uploads = Uploads(redis, keys, cache=self.dispatcher.cache,
-                               debounce_s=options.debounce_s, on_ready=self.router.upload_ready)
+                               debounce_s=options.debounce_s, on_ready=self.router.upload_ready,
+                               recheck_s=options.recheck_s)
         self.stopping = asyncio.Event()
         self._hurry = asyncio.Event()  # a second signal: abandon in-flight work now
         self.ready = asyncio.Event()
@@ -313,10 +314,12 @@ class Controller:
         except BadEvent as exc:
             await self.dead_letter(payload, exc.reason, exc.detail, source)
             return
+        seen: set[ModelURI] = set()  # a payload's records of one model: one event
         for event, model in zip(events, models, strict=True):
             if isinstance(event, Request):
                 await self.router.request(event, source)
-            elif model is not None:
+            elif model is not None and model not in seen:
+                seen.add(model)
                 await self.uploads.seen(model)
 
     def _model_of(self, event: Event) -> ModelURI | None:
