@@ -69,8 +69,8 @@ class Router:
             if source != "pubsub":
                 await self.forward(req, req.node)
             return
-        identity = await self._identity(req) if source == "pubsub" else ""
-        async with self._turn(req):
+        async with self._turn(req):  # before any await: the turn keeps arrival order
+            identity = await self._identity(req) if source == "pubsub" else ""
             if identity and not await self._claim(identity):
                 return  # every controller hears a broadcast: another one took this
             if req.node is None:

@@ -19,7 +19,7 @@ _ALIASES = {"gcs": "gs", "azure": "az", "abfs": "az"}
 
 
 #: Characters a file:// URI keeps as they are; everything else is percent-encoded.
-_PATH_SAFE = "/-._~!$&'()*+,;=:@"
+_PATH_SAFE = "/-._~!$&'()*+,;=:@[]"
 
 
 @dataclass(frozen=True, order=True)
