@@ -175,6 +175,45 @@ def test_checkpoint_and_layout_of_one_uri_stay_apart(settings: Settings, tmp_pat
     assert states == {checkpoint.content_hash: State.WARM, key.content_hash: State.WARM}
 
 
+def test_evicting_the_checkpoint_evicts_its_layouts(settings: Settings, tmp_path: Path) -> None:
+    """A layout is made of its checkpoint's bytes: evicting the checkpoint (by its URI)
+    takes the layout with it, so no engine attaches weights of a model that was evicted.
+    A leased layout stays until its lease ends, and the checkpoint goes regardless."""
+    model_dir = tmp_path / "model"
+    write_model(model_dir, shards=2)
+    checkpoint = run(prefetch(str(model_dir), settings=settings)).entry
+    key = replace(KEY, checkpoint=checkpoint.content_hash)
+    other = replace(key, rank=0)
+    for k in (key, other):
+        export_sync(k, processed_params().items(), checkpoint_uri=checkpoint.uri,
+                    settings=settings)
+    held = attach_engine_layout(other, settings, holder="engine")
+    assert held is not None
+    run(Pool(settings).evict(str(model_dir)))
+    states = {e.content_hash: e.state for e in run(Pool(settings).entries())}
+    assert states[checkpoint.content_hash] == State.EVICTED
+    assert states[key.content_hash] == State.EVICTED
+    assert attach_engine_layout(key, settings) is None
+    assert states[other.content_hash] == State.WARM  # leased: kept while the engine runs
+    held.close()
+
+
+def test_a_new_version_retires_the_old_versions_layouts(settings: Settings,
+                                                        tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    write_model(model_dir, shards=1)
+    old = run(prefetch(str(model_dir), settings=settings)).entry
+    key = replace(KEY, checkpoint=old.content_hash)
+    export_sync(key, processed_params().items(), checkpoint_uri=old.uri, settings=settings)
+    write_model(model_dir, shards=1, seed=11)  # a new version under the same URI
+    new = run(prefetch(str(model_dir), settings=settings)).entry
+    assert new.content_hash != old.content_hash
+    states = {e.content_hash: e.state for e in run(Pool(settings).entries())}
+    assert states[old.content_hash] == State.EVICTED
+    assert states[key.content_hash] == State.EVICTED
+    assert attach_engine_layout(key, settings) is None
+
+
 def test_a_registry_that_lost_the_entry_adopts_it_with_its_key(settings: Settings) -> None:
     export_sync(KEY, processed_params().items(), checkpoint_uri=URI, settings=settings)
     pool = Pool(settings)

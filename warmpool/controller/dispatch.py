@@ -30,7 +30,7 @@ from warmpool.controller.exports import EngineExports
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.metrics import Metrics
 from warmpool.pool.entries import HOST_DEVICE, Pool
-from warmpool.pool.eviction import inherits_pin, superseded
+from warmpool.pool.eviction import inherits_pin, layouts_of, superseded
 from warmpool.controller.redis_client import CONNECTION_ERRORS
 from warmpool.controller.redis_lock import RedisLock
 from warmpool.pool.registry.base import PoolEntry, State
@@ -230,11 +230,15 @@ class Dispatcher:
                 await task
         evicted: list[PoolEntry] = []
         retiring: list[PoolEntry] = []
-        for entry in await self._entries(uri, device):
+        entries = await self.pool.entries()
+        for entry in [e for e in entries if uri in e.uris and e.device == device]:
             if entry.state in (State.WARM, State.FAILED, State.LOST):
                 renamed = await self.pool.drop_name(entry, uri)  # another URI keeps it
                 done = renamed is not None or await self.retire(entry, force=force)
                 (evicted if done else retiring).append(entry)
+                if renamed is None:  # the checkpoint goes: its engine layouts go with it
+                    for layout in layouts_of(entries, entry):
+                        await self.retire(layout, force=force)
         state = "retiring" if retiring else State.EVICTED.value
         error = (f"{len(retiring)} version(s) still leased; evicted when the leases end"
                  if retiring else None)
@@ -288,6 +292,8 @@ class Dispatcher:
                      extra={"event": "new_version", "uri": entry.uri,
                             "old": entry.content_hash, "new": current.content_hash})
             await self.retire(entry)
+            for layout in layouts_of(await self.pool.entries(), entry):
+                await self.retire(layout)
 
     async def _evict_entry(self, entry: PoolEntry, *, force: bool = False) -> None:
         if entry.device == HOST_DEVICE:

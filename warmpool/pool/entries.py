@@ -11,12 +11,14 @@ needed bytes — never half-way through.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
 from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
-from warmpool.pool.eviction import choose_victims, entry_candidate, inherits_pin, superseded
+from warmpool.pool.eviction import (choose_victims, entry_candidate, inherits_pin, layouts_of,
+                                    superseded)
 from warmpool.pool.leases import Leases
 from warmpool.locks import async_file_lock, is_locked
 from warmpool.pool.registry.base import PoolEntry, Registry, State
@@ -25,6 +27,8 @@ from warmpool.pool.host import HostTier, WritableSegment
 from warmpool.pool.refs import ModelRef
 
 HOST_DEVICE = "cpu"
+
+log = logging.getLogger(__name__)
 
 
 class Pool:
@@ -124,7 +128,20 @@ class Pool:
             renamed = await self.drop_name(entry, wanted.text)
             if renamed is not None:
                 return renamed
-        return await self._evict_one(entry, force=force, reason="requested")
+        evicted = await self._evict_one(entry, force=force, reason="requested")
+        await self._evict_layouts_of(entry, force=force)
+        return evicted
+
+    async def _evict_layouts_of(self, checkpoint: PoolEntry, *, force: bool) -> None:
+        """Evict the engine layouts of ``checkpoint`` (gone or superseded); a leased one
+        stays until its leases end, logged (a controller retires it then)."""
+        for layout in layouts_of(await self.entries(), checkpoint):
+            try:
+                await self._evict_one(layout, force=force, reason="checkpoint evicted")
+            except LeaseHeldError:
+                log.info("engine layout %s of %s is leased: it goes when its leases end",
+                         layout.uri, checkpoint.content_hash[:12],
+                         extra={"event": "layout_leased", "uri": layout.uri})
 
     # --- names ---------------------------------------------------------------------
     async def add_name(self, entry: PoolEntry, uri: str) -> PoolEntry:
@@ -193,6 +210,7 @@ class Pool:
                 retired.append(await self._evict_one(entry, force=False, reason="superseded"))
             except LeaseHeldError:
                 continue  # attached between the listing and the lock: keep it
+            await self._evict_layouts_of(entry, force=False)
         return retired
 
     async def forget_history(self, older_than_s: float) -> list[PoolEntry]:

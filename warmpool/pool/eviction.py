@@ -77,6 +77,18 @@ def superseded(entries: Sequence[PoolEntry], current: PoolEntry,
             and e.state == State.WARM and (uri or current.uri) in e.uris]
 
 
+def layouts_of(entries: Sequence[PoolEntry], checkpoint: PoolEntry) -> list[PoolEntry]:
+    """The engine layouts made from ``checkpoint``'s bytes on its device: they go with
+    it (evicted, or retired when leased), so that no layout of an evicted or superseded
+    checkpoint stays attachable under its URI."""
+    if checkpoint.engine is not None:
+        return []
+    return [e for e in entries
+            if e.engine is not None and e.engine.get("checkpoint") == checkpoint.content_hash
+            and e.device == checkpoint.device
+            and e.state in (State.WARM, State.FAILED, State.LOST)]
+
+
 def inherits_pin(retired: Iterable[PoolEntry]) -> bool:
     """Whether the new version takes over a pin from the versions it retires."""
     return any(e.pinned for e in retired)
