@@ -239,6 +239,26 @@ async def test_prefetch_keeps_the_cache_bounded_sparing_leased_versions(
 
 # --- the same content under two URIs ----------------------------------------------------
 
+def test_prefetch_reports_the_uri_asked_for_and_its_aliases(tmp_path: Path,
+                                                            settings: Settings) -> None:
+    """`prefetch b --json` of bytes already warm as a reports b (what was asked), and a
+    as the alias it shares them with; not a, as if b had not been asked for."""
+    from tests.pool_env import run_cli
+
+    write_model(tmp_path / "a", shards=1, seed=5)
+    # Hard links: a local file's etag is its inode and times, so only a link is the
+    # "same upload" under two names here (an object store compares its etags).
+    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=os.link)
+    a, b = (f"file://{tmp_path / m}/" for m in "ab")
+    for path, uri, aliases, warm in ((tmp_path / "a", a, [], False),
+                                     (tmp_path / "b", b, [a], True),
+                                     (tmp_path / "a", a, [b], True)):
+        proc = run_cli("prefetch", str(path), "--json")
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert (report["uri"], report["aliases"], report["already_warm"]) == (uri, aliases, warm)
+
+
 async def test_identical_files_under_two_uris_are_resident_once_and_named_by_both(
         tmp_path: Path, settings: Settings, s3_backend: Backend) -> None:
     """Upload the same checkpoint under models/a/ and models/b/: one content hash, one

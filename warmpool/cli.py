@@ -170,7 +170,8 @@ def prefetch(uri: str,
     out.print(f"{'already warm' if result.already_warm else 'warm'}: {result.uri} on "
               f"{','.join(result.devices)}  {result.bytes / 1e9:.3f} GB, {result.tensors} "
               f"tensors in {result.seconds:.2f} s"
-              + (f" ({rate:.2f} GB/s, {result.loader})" if rate is not None else ""))
+              + (f" ({rate:.2f} GB/s, {result.loader})" if rate is not None else "")
+              + (f"; the same bytes as {', '.join(result.aliases)}" if result.aliases else ""))
 
 
 def progress_bar(console: Console, *, enabled: bool) -> Progress:

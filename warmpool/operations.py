@@ -55,6 +55,7 @@ class Prefetched:
     loader: str  # what streamed it: "runai", "native", "pread"; "" when already warm
     already_warm: bool
     via: str  # "controller", "workers" or "process": who did the work
+    aliases: tuple[str, ...] = ()  # other URIs of the same bytes (uploaded twice)
 
     @property
     def gb_per_s(self) -> float | None:
@@ -64,7 +65,8 @@ class Prefetched:
 
     def to_json(self) -> dict[str, Any]:
         rate = self.gb_per_s
-        return {"uri": self.uri, "content_hash": self.content_hash, "state": "warm",
+        return {"uri": self.uri, "aliases": list(self.aliases),
+                "content_hash": self.content_hash, "state": "warm",
                 "node": self.node, "device": self.device, "devices": list(self.devices),
                 "bytes": self.bytes, "tensors": self.tensors, "seconds": round(self.seconds, 4),
                 "loader": self.loader, "already_warm": self.already_warm, "via": self.via,
@@ -283,7 +285,8 @@ def _prefetched(data: dict[str, Any], *, node: str, via: str) -> Prefetched:
                       bytes=int(data["bytes"]), tensors=int(data["tensors"]),
                       seconds=float(data.get("seconds") or 0.0),
                       loader=str(data.get("loader") or ""),
-                      already_warm=bool(data.get("already_warm")), via=via)
+                      already_warm=bool(data.get("already_warm")), via=via,
+                      aliases=tuple(str(a) for a in data.get("aliases") or ()))
 
 
 def _evicted(data: dict[str, Any], *, via: str) -> Evicted:

@@ -37,10 +37,20 @@ class PrefetchResult:
     seconds: float
     loader: str  # "runai", "native", "pread", or "" when it was already warm
     already_warm: bool
+    asked: str = ""  # the URI the caller named (an entry may answer to several)
+
+    @property
+    def uri(self) -> str:
+        return self.asked or self.entry.uri
+
+    @property
+    def aliases(self) -> list[str]:
+        """The other URIs that name the same bytes (identical files uploaded twice)."""
+        return [u for u in self.entry.uris if u != self.uri]
 
     def to_json(self) -> dict[str, Any]:
         e = self.entry
-        return {"uri": e.uri, "content_hash": e.content_hash, "state": e.state.value,
+        return {"uri": self.uri, "aliases": self.aliases, "content_hash": e.content_hash, "state": e.state.value,
                 "device": e.device, "bytes": e.bytes, "tensors": e.tensors,
                 "seconds": round(self.seconds, 4), "loader": self.loader,
                 "already_warm": self.already_warm,
@@ -85,7 +95,7 @@ async def _prefetch_once(model: ModelURI, settings: Settings, pool: Pool, loader
                                         loader, progress, settings)
     if warm is not None:
         if str(model) in warm.uris:
-            return PrefetchResult(warm, time.perf_counter() - started, "", True)
+            return PrefetchResult(warm, time.perf_counter() - started, "", True, str(model))
         # The same bytes under another URI (identical files uploaded twice): resident
         # once, and this URI names them too.
         entry = await pool.add_name(warm, str(model))
@@ -101,13 +111,14 @@ async def _prefetch_once(model: ModelURI, settings: Settings, pool: Pool, loader
         log.warning("%s is warm, but retiring its older versions failed: %s", model, exc,
                     extra={"event": "retire_failed", "uri": str(model)})
     if warm is not None:
-        return PrefetchResult(entry, time.perf_counter() - started, "", True)
+        return PrefetchResult(entry, time.perf_counter() - started, "", True, str(model))
     try:
         await cache.bound(await pool.in_use(), settings)
     except Exception as exc:  # noqa: BLE001 - the model IS warm; the next prefetch prunes
         log.warning("pruning the metadata cache failed: %s", exc,
                     extra={"event": "prune_failed"})
-    return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False)
+    return PrefetchResult(entry, time.perf_counter() - started, entry.loader, False,
+                          str(model))
 
 
 
