@@ -259,3 +259,31 @@ def test_a_plain_path_is_the_path_byte_for_byte(settings: Settings, tmp_path: Pa
     evicted = run_cli("evict", str(model))
     assert evicted.returncode == 0, evicted.stderr
     assert json.loads(run_cli("status", "--json").stdout) == []
+
+
+def test_escape_sequences_in_names_never_reach_the_terminal(settings: Settings,
+                                                           tmp_path: Path) -> None:
+    """Whoever can write the registry (Redis, or the runtime directory) chooses the text
+    `status` prints, and a directory name is chosen by whoever made it: an escape sequence
+    there (retitle the terminal, clear the screen) once printed raw. Every line shows it
+    escaped: ``%1B`` inside a URI, ``\\x1b`` elsewhere."""
+    import time
+
+    from warmpool.pool.registry.base import PoolEntry
+    from warmpool.pool.registry.files import FileRegistry
+
+    hostile = "\x1b]0;owned\x07\x1b[2J"
+    FileRegistry(settings.runtime_dir).put_sync(PoolEntry(
+        uri=f"file:///planted{hostile}/", content_hash="ab" * 32, device=f"cpu{hostile}",
+        node="n", transport="shm", created_at=time.time(), history=[], state=State.FAILED,
+        error=f"failed{hostile}"))
+    model = tmp_path / f"a{hostile}"
+    write_model(model, shards=1)
+    for args in (("status", "--history"), ("prefetch", str(model)), ("status", "--history"),
+                 ("evict", str(model)),
+                 ("attach", str(model))):
+        proc = run_cli(*args)
+        assert proc.returncode == (1 if args[0] == "attach" else 0), proc.stderr
+        text = proc.stdout + proc.stderr
+        assert "\x1b" not in text and "\x07" not in text, (args, text)
+        assert "%1B]0;owned%07%1B[2J" in text or "\\x1b]0;owned\\x07\\x1b[2J" in text, (args, text)

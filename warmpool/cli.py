@@ -32,8 +32,23 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 # Hashes, paths and tables stay whole on one line in pipes and logs.
 # No console markup by default: URIs, object keys and error messages are outside text, and
 # "[s3]" in "pip install 'warmpool[s3]'" must print as it is. Styled lines opt in.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240, markup=False)
-err = Console(stderr=True, markup=False)
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL_IN_LINES = {c: v for c, v in _CONTROL.items() if c not in (0x09, 0x0A)}
+
+
+class _Console(Console):
+    """rich prints control characters as they are, and our lines carry paths, object keys
+    and error messages from outside: an escape sequence in a directory name would move the
+    cursor, recolour or retitle the terminal. Text is shown with them as ``\\xNN`` (tabs
+    and line breaks kept: they move nothing but the line)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(o.translate(_CONTROL_IN_LINES) if isinstance(o, str) else o
+                        for o in objects), **kwargs)
+
+
+out = _Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240, markup=False)
+err = _Console(stderr=True, markup=False)
 T = TypeVar("T")
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts.")
@@ -226,9 +241,6 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
     empty = "nothing is warm" + ("" if history else " (--history shows what was)")
     out.print(table if entries else empty)
-
-
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 
 
 def _shown(text: str) -> str:
