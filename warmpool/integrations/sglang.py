@@ -67,6 +67,19 @@ def _verify_load_format(original: Any, config: Any, *args: Any, **kwargs: Any) -
 _LOADER: type | None = None
 
 
+def tp_rank() -> int:
+    """This process's tensor-parallel rank. SGLang 0.5.23 keeps it in its runtime context
+    (``sglang.srt.distributed`` no longer exports the getter that earlier 0.5 releases
+    had); both are asked, the newer first."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+    except ImportError:
+        from sglang.srt.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    return int(get_parallel().tp_rank)
+
+
 def loader_class() -> type:
     """The loader class, defined on first use: its base class is SGLang's."""
     global _LOADER
@@ -79,7 +92,6 @@ def _define_loader() -> type:
     import logging
 
     import torch
-    from sglang.srt.distributed import get_tensor_model_parallel_rank
     from sglang.srt.model_loader import loader as sgl_loader
     from sglang.srt.model_loader.utils import set_default_torch_dtype
 
@@ -104,7 +116,7 @@ def _define_loader() -> type:
             index = getattr(device_config, "gpu_id", None)
             if target.type == "cuda" and torch.cuda.is_initialized():
                 index = torch.cuda.current_device()
-            rank = get_tensor_model_parallel_rank()
+            rank = tp_rank()
             ref = weights.resolve_model(model_config.model_path, self.options.uri)
             attached, source = weights.open_weights(
                 ref.uri, rank_device(target.type, index), on_cold=self.options.on_cold,
