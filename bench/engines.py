@@ -145,7 +145,7 @@ def child_sglang(spec: dict[str, Any]) -> None:
     start = time.perf_counter()
     engine = sglang.Engine(device="cpu", dtype="bfloat16", attention_backend="torch_native",
                            disable_cuda_graph=True, context_length=128,
-                           mem_fraction_static=0.05, random_seed=0, log_level="info", **spec)
+                           mem_fraction_static=0.2, random_seed=0, log_level="info", **spec)
     llm_s = time.perf_counter() - start
     outs = engine.generate(prompt=PROMPTS, sampling_params={
         "temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True})
