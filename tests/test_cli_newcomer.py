@@ -99,19 +99,24 @@ def test_make_clean_evicts_the_demo_segment(tmp_path: Path, settings: Settings) 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_test_installs_the_package_once_and_only_when_it_changed(tmp_path: Path) -> None:
-    for name in ("pyproject.toml", "constraints.txt", "package.json"):
+    for name in ("pyproject.toml", "constraints.txt", "constraints-sglang.txt",
+                 "package.json"):
         shutil.copy(REPO / name, tmp_path / name)
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
     (venv / ".torch").touch()
-    vllm_venv = tmp_path / "venv-vllm"
-    args = ("-n", "test", f"VENV={venv}", f"VLLM_VENV={vllm_venv}")
+    vllm_venv, sglang_venv = tmp_path / "venv-vllm", tmp_path / "venv-sglang"
+    args = ("-n", "test", f"VENV={venv}", f"VLLM_VENV={vllm_venv}",
+            f"SGLANG_VENV={sglang_venv}")
     fresh = _make(tmp_path, *args)
     assert fresh.returncode == 0, fresh.stderr
     assert fresh.stdout.count(f"{venv}/bin/pip install -q -e") == 1
+    assert fresh.stdout.count(f"{sglang_venv}/bin/pip install -q --no-deps") == 1
     vllm_venv.mkdir()
-    for stamp in (venv / ".installed", venv / ".installed-dev", vllm_venv / ".installed"):
+    sglang_venv.mkdir()
+    for stamp in (venv / ".installed", venv / ".installed-dev", vllm_venv / ".installed",
+                  sglang_venv / ".installed"):
         stamp.touch()
     again = _make(tmp_path, *args)
     assert "pip install" not in again.stdout and "pytest" in again.stdout
