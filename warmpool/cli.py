@@ -94,8 +94,19 @@ def _emit(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from warmpool import __version__
+
+        out.print(f"warmpool {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Log debug lines.")) -> None:
+def _main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Log debug lines."),
+          version: bool = typer.Option(False, "--version", callback=_print_version,
+                                       is_eager=True, help="Print the version and exit.")
+          ) -> None:
     # runai-model-streamer sets its own logger's level from this variable at import.
     os.environ.setdefault("RUNAI_STREAMER_LOG_LEVEL", "DEBUG" if verbose else "WARNING")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
