@@ -15,7 +15,8 @@ import torch
 from tests.models import write_model
 from warmpool.config import Settings
 from warmpool.errors import ConfigError
-from warmpool.integrations.vllm_export import ExportError, ExportOptions, _warm_first
+from warmpool.integrations.vllm_export import ExportOptions, _warm_first
+from warmpool.errors import ExportError
 from warmpool.model.uri import parse_uri
 from warmpool.operations import metadata
 from warmpool.pool.host import HostTier

@@ -13,18 +13,10 @@ import redis.exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from warmpool.errors import InvalidURIError, WarmpoolError
-from warmpool.controller.events import (
-    MAX_PAYLOAD_BYTES,
-    MAX_TP,
-    BadEvent,
-    EngineLayoutWant,
-    ObjectRemoved,
-    ObjectUploaded,
-    Request,
-    Watchlist,
-    parse_event,
-)
+from warmpool.errors import BadEvent, InvalidURIError, WarmpoolError
+from warmpool.controller.events import (MAX_PAYLOAD_BYTES, MAX_TP, EngineLayoutWant,
+                                        ObjectRemoved, ObjectUploaded, Request,
+                                        Watchlist, parse_event)
 from warmpool.controller.keys import RedisKeys
 from warmpool.model.uri import ModelURI, parse_uri
 

@@ -113,6 +113,10 @@ class LeaseHeldError(PoolError):
     """Eviction refused because a serving process holds a lease."""
 
 
+class ForeignSegmentError(PoolError):
+    """A shared-memory name of ours holds something we did not create: refused."""
+
+
 class StreamError(WarmpoolError):
     """Streaming weights into a resident buffer failed; nothing partial stays."""
 
@@ -127,3 +131,39 @@ class ControllerError(WarmpoolError):
 
 class ProtocolError(WarmpoolError):
     """A message on a local socket was malformed, oversized or from a foreign uid."""
+
+
+class ExportError(WarmpoolError):
+    """The engine could not load the model, so no engine layout was written."""
+
+
+class NotConfigured(WarmpoolError):
+    """No program is configured for the engine: retrying cannot help until it is."""
+
+
+class DesiredStateFull(WarmpoolError):
+    """The node already wants as many models as it may; evict some first."""
+
+
+class NoSuchModel(WarmpoolError):
+    """A deploy or pin of a location where the store says nothing is: refused when it
+    arrives, so it never takes room in the desired state (1,100 deploys of missing paths
+    once filled it and locked real deploys out)."""
+
+
+class BadEvent(WarmpoolError, ValueError):
+    """A payload the controller cannot act on.
+
+    ``reason`` is a stable code. Parsing gives ``oversized``, ``not_json``,
+    ``unknown_shape``, ``bad_action``, ``bad_uri``, ``bad_device``, ``bad_field``,
+    ``unsafe_key`` or ``not_accepted`` (a shape the endpoint does not take); a relay adds
+    its policy's refusals (:mod:`warmpool.relay.policy`); the controller adds
+    ``not_watched`` (an upload under no watched prefix), and the dead-letter stream also
+    holds ``poison`` entries (a stream entry delivered too often without being done).
+    ``detail`` says what was wrong, for a human reading the dead-letter stream.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

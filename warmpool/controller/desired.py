@@ -23,19 +23,9 @@ from redis.asyncio import Redis
 
 from warmpool.controller.events import Request, parse_request
 from warmpool.controller.keys import RedisKeys
-from warmpool.errors import WarmpoolError
+from warmpool.errors import DesiredStateFull
 
 log = logging.getLogger(__name__)
-
-class DesiredStateFull(WarmpoolError):
-    """The node already wants as many models as it may; evict some first."""
-
-
-class NoSuchModel(WarmpoolError):
-    """A deploy or pin of a location where the store says nothing is: refused when it
-    arrives, so it never takes room in the desired state (1,100 deploys of missing paths
-    once filled it and locked real deploys out)."""
-
 
 def want_field(uri: str, device: str) -> str:
     # Devices never hold '|' (events.py checks them); URIs may, so the device goes first.

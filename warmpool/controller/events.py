@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 from urllib.parse import unquote_plus
 
-from warmpool.errors import InvalidURIError, UnsafeKeyError, WarmpoolError
+from warmpool.errors import BadEvent, InvalidURIError, UnsafeKeyError
 from warmpool.storage.base import validate_relative_key
 from warmpool.model.uri import ModelURI, parse_uri
 
@@ -69,24 +69,6 @@ LAYOUT_ENGINES: tuple[str, ...] = ("vllm",)
 LAYOUT_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32", "half", "float")
 _LAYOUT_FIELDS = frozenset({"engine", "dtype", "tp", "max_model_len"})
 MAX_MODEL_LEN = 1 << 24
-
-
-class BadEvent(WarmpoolError, ValueError):
-    """A payload the controller cannot act on.
-
-    ``reason`` is a stable code. Parsing gives ``oversized``, ``not_json``,
-    ``unknown_shape``, ``bad_action``, ``bad_uri``, ``bad_device``, ``bad_field``,
-    ``unsafe_key`` or ``not_accepted`` (a shape the endpoint does not take); a relay adds
-    its policy's refusals (:mod:`warmpool.relay.policy`); the controller adds ``not_watched`` (an upload under no watched
-    prefix), and the dead-letter stream also holds ``poison`` entries (a stream entry
-    delivered too often without being done). ``detail`` says what was wrong, for a human
-    reading the dead-letter stream.
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

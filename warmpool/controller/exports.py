@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from warmpool.errors import NotConfigured
 from warmpool.config import Settings
 from warmpool.controller.events import EngineLayoutWant
 from warmpool.pool.entries import Pool
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 ERROR_TAIL = 1500
 #: dtype names vLLM takes for the same thing: the key records the torch name.
 _DTYPE_NAMES = {"half": "float16", "float": "float32"}
-
-
-class NotConfigured(Exception):
-    """No program is configured for the engine: retrying cannot help until it is."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from warmpool.controller.desired import DesiredState, want_field
 from warmpool.controller.dispatch import Dispatcher
 from warmpool.controller.failures import Failures, RetrySchedule
 from warmpool.errors import ConfigError
-from warmpool.controller.events import BadEvent, Event, ObjectRemoved, Request, Watchlist, parse_event
+from warmpool.controller.events import Event, ObjectRemoved, Request, Watchlist, parse_event
+from warmpool.errors import BadEvent
 from warmpool.controller.keys import RedisKeys
 from warmpool.controller.metrics import Metrics
 from warmpool.controller.nodes import DeviceRoom, NodeInfo, Nodes

@@ -26,7 +26,8 @@ from dataclasses import replace
 
 from redis.asyncio import Redis
 
-from warmpool.controller.desired import DesiredState, DesiredStateFull, NoSuchModel
+from warmpool.controller.desired import DesiredState
+from warmpool.errors import DesiredStateFull, NoSuchModel
 from warmpool.errors import ObjectNotFoundError, StorageError
 from warmpool.storage import open_store
 from warmpool.controller.dispatch import Dispatcher, Outcome

@@ -26,15 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmpool.config import Settings
-from warmpool.errors import ConfigError, WarmpoolError
+from warmpool.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("vllm",)
-
-
-class ExportError(WarmpoolError):
-    """The engine could not load the model, so no engine layout was written."""
 
 
 @dataclass(frozen=True)

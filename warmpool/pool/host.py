@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from warmpool.config import private_dir
-from warmpool.errors import CapacityError, PoolError
+from warmpool.errors import CapacityError, ForeignSegmentError
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex, encode
 from warmpool.locks import try_lock
@@ -123,10 +123,6 @@ class WritableSegment:
         """
         self.buffer = None  # type: ignore[assignment]
         self._mmap = None  # type: ignore[assignment]
-
-
-class ForeignSegmentError(PoolError):
-    """A shared-memory name of ours holds something we did not create: refused."""
 
 
 def check_segment_name(segment: str) -> str:

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from warmpool.controller.events import (NOTIFICATION_SHAPES, S3_SHAPES, BadEvent, Event,
+from warmpool.controller.events import (NOTIFICATION_SHAPES, S3_SHAPES, Event,
                                         ObjectEvent, Request, Watchlist)
-from warmpool.errors import InvalidURIError
+from warmpool.errors import BadEvent, InvalidURIError
 from warmpool.model.uri import ModelURI, parse_uri
 
 #: Reasons a policy gives (beside the parser's), each with the HTTP status a webhook
