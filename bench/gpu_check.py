@@ -110,15 +110,6 @@ def _logits(model: Any, device: str) -> Any:
         return model(torch.tensor(PROMPT, device=_torch_device(device))).logits.float().cpu()
 
 
-def _same_bits(a: Any, b: Any) -> bool:
-    import torch
-
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return bool(torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8),
-                            b.detach().cpu().reshape(-1).view(torch.uint8)))
-
-
 def step_cuda_tests(device: str, work: Path) -> dict[str, Any]:
     files = ["tests/test_gpu_tier.py", "tests/test_engine_layout_worker.py"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs",
@@ -143,6 +134,7 @@ def step_engine_layout(device: str, work: Path) -> dict[str, Any]:
     import transformers
     from transformers import LlamaForCausalLM
 
+    from tests.workers_env import same_bits  # the suite's own bit-for-bit comparison
     from warmpool.config import Settings
     from warmpool.pool.engine_layout import EngineKey, attach_engine_layout, export_sync
 
@@ -170,7 +162,7 @@ def step_engine_layout(device: str, work: Path) -> dict[str, Any]:
         end = start + attached.layout.total_bytes
         for name, tensor in params.items():
             view = attached[name]
-            if not _same_bits(view, tensor):
+            if not same_bits(view, tensor):
                 raise RuntimeError(f"{name}: the exported bytes differ from the model's")
             if view.numel() and not start <= view.data_ptr() < end:
                 raise RuntimeError(f"{name}: not a view of the worker's allocation")
