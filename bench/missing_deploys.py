@@ -20,9 +20,9 @@ sys.path.insert(0, os.getcwd())
 
 from tests.redis_server import RedisServer, redis_executable
 from warmpool.config import Settings
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 from warmpool.controller.loop import Controller, ControllerOptions
-from warmpool.controller.redis_client import connect
+from warmpool.contract.redis_client import connect
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 

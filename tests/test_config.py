@@ -9,7 +9,7 @@ import pytest
 
 from warmpool.config import Settings, StreamerOptions, parse_bytes
 from warmpool.errors import ConfigError, InvalidURIError
-from warmpool.controller.redis_client import redact
+from warmpool.contract.redis_client import redact
 from warmpool.model.uri import parse_uri
 
 
@@ -118,7 +118,7 @@ def test_redis_passwords_are_redacted() -> None:
 
 
 def test_sentinel_urls() -> None:
-    from warmpool.controller.redis_client import SentinelURL
+    from warmpool.contract.redis_client import SentinelURL
 
     url = SentinelURL.parse("redis+sentinel://:m4ster@a:26380,b,[::1]:5/svc/2"
                             "?sentinel_password=s3nt")

@@ -29,10 +29,10 @@ from tests.servers import Backend
 from warmpool.pool.attachment import attach
 from warmpool.config import Settings
 from warmpool.controller.desired import DesiredState
-from warmpool.controller.events import Request
+from warmpool.contract.requests import Request
 from warmpool.controller.loop import Controller, ControllerOptions
-from warmpool.controller.keys import RedisKeys
-from warmpool.controller.redis_client import CONNECTION_ERRORS, connect
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.redis_client import CONNECTION_ERRORS, connect
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.pool.host import HostTier

@@ -18,7 +18,7 @@ import pytest
 from tests.models import write_model
 from tests.test_controller import FAST, Harness, ask, harness, wait_until
 from warmpool.config import Settings
-from warmpool.controller.events import EngineLayoutWant
+from warmpool.contract.requests import EngineLayoutWant
 from warmpool.errors import ConfigError
 from warmpool.model.uri import parse_uri
 

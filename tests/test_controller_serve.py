@@ -22,7 +22,7 @@ from tests.pool_env import run_cli
 from tests.redis_server import RedisServer
 from tests.servers import Backend
 from warmpool.config import Settings
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 from warmpool.pool.host import HostTier
 
 KEYS = RedisKeys()

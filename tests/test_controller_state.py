@@ -16,7 +16,7 @@ from tests.test_controller import FAST, KEYS, Harness, ask, harness, wait_until
 from warmpool.config import Settings
 from warmpool.controller import remote
 from warmpool.controller import uploads as uploads_module
-from warmpool.controller.events import Request
+from warmpool.contract.requests import Request
 from warmpool.controller.loop import Controller, redis_run_id
 from warmpool.model.uri import ModelURI, parse_uri
 from warmpool.pool.attachment import attach

@@ -8,8 +8,8 @@ import os
 import signal
 
 from tests.redis_server import RedisServer
-from warmpool.controller.redis_client import connect
-from warmpool.controller.redis_lock import RedisLock
+from warmpool.contract.redis_client import connect
+from warmpool.contract.redis_lock import RedisLock
 
 
 async def test_leaving_a_renewed_lock_does_not_wait_for_a_paused_redis(
@@ -56,7 +56,7 @@ async def test_a_heartbeat_lost_to_a_redis_pause_is_not_a_missing_controller(
     """After a pause longer than the heartbeat's TTL the heartbeat has expired, but the
     controller's stream consumer was active: the CLI waits for the next beat."""
     from warmpool.controller import remote
-    from warmpool.controller.keys import RedisKeys
+    from warmpool.contract.keys import RedisKeys
     from warmpool.errors import WarmpoolError
 
     keys = RedisKeys()

@@ -17,7 +17,7 @@ from tests.models import write_model
 from tests.pool_env import run_cli
 from tests.redis_server import RedisServer
 from warmpool.config import Settings
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.files import FileRegistry
 

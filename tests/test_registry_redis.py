@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.redis_server import RedisServer
-from warmpool.controller.keys import RedisKeys
-from warmpool.controller.redis_client import connect
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.redis_client import connect
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.redis import RedisRegistry
 

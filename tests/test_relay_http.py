@@ -22,8 +22,9 @@ from tests.models import write_model
 from tests.redis_server import RedisServer, free_port
 from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
 from warmpool.config import Settings
-from warmpool.controller.events import ObjectUploaded, Request, parse_event
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.notifications import ObjectUploaded, parse_event
+from warmpool.contract.requests import Request
+from warmpool.contract.keys import RedisKeys
 
 KEYS = RedisKeys()
 TOKEN = "s3cr3t-relay-token"

@@ -23,7 +23,7 @@ from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
 from tests.servers import S3Backend, Server
 from tests.test_controller_serve import NODE, Serve, serving  # noqa: F401 - the fixture
 from warmpool.config import Settings
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 from warmpool.pool.attachment import attach
 
 KEYS = RedisKeys()

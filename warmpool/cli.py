@@ -8,6 +8,7 @@ and exit code 1 (2 for a bad argument), never a traceback.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -25,30 +26,11 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
 from rich.table import Table
 
 from warmpool.config import Settings
-from warmpool.errors import ConfigError, InvalidURIError, WarmpoolError
+from warmpool.console import err, guard, out, shown
+from warmpool.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Keep LLM weights warm: prefetch, stream, attach in milliseconds.")
-# Hashes, paths and tables stay whole on one line in pipes and logs.
-# No console markup by default: URIs, object keys and error messages are outside text, and
-# "[s3]" in "pip install 'warmpool[s3]'" must print as it is. Styled lines opt in.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_CONTROL_IN_LINES = {c: v for c, v in _CONTROL.items() if c not in (0x09, 0x0A)}
-
-
-class _Console(Console):
-    """rich prints control characters as they are, and our lines carry paths, object keys
-    and error messages from outside: an escape sequence in a directory name would move the
-    cursor, recolour or retitle the terminal. Text is shown with them as ``\\xNN`` (tabs
-    and line breaks kept: they move nothing but the line)."""
-
-    def print(self, *objects: Any, **kwargs: Any) -> None:
-        super().print(*(o.translate(_CONTROL_IN_LINES) if isinstance(o, str) else o
-                        for o in objects), **kwargs)
-
-
-out = _Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240, markup=False)
-err = _Console(stderr=True, markup=False)
 T = TypeVar("T")
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts.")
@@ -63,31 +45,6 @@ def _settings(config: Optional[Path], **overrides: Any) -> Settings:
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def _fail(exc: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False,
-              soft_wrap=True)
-    code = 2 if isinstance(exc, (InvalidURIError, ConfigError)) else 1
-    raise typer.Exit(code)
-
-
-def _guard(fn: Callable[..., T]) -> Callable[..., T]:
-    """Turn our errors into one line and an exit code, keeping typer's signature."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except WarmpoolError as exc:
-            _fail(exc)
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/]", markup=True)
-            raise typer.Exit(130) from None
-        raise AssertionError("unreachable")
-
-    return wrapper
 
 
 def _emit(data: Any) -> None:
@@ -114,7 +71,7 @@ def _main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Log debug
 
 
 @app.command()
-@_guard
+@guard
 def generate(directory: Path = typer.Argument(..., help="Where to write the model."),
              preset: str = typer.Option("tiny", help="tiny | small | llama-3-8b"),
              layers: Optional[int] = typer.Option(None, help="Override the layer count."),
@@ -138,7 +95,7 @@ def generate(directory: Path = typer.Argument(..., help="Where to write the mode
 
 
 @app.command()
-@_guard
+@guard
 def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
              files_dir: bool = typer.Option(
                  False, "--files-dir", help="Print only the cached files directory (config "
@@ -163,7 +120,7 @@ def metadata(uri: str, as_json: bool = JsonOpt, config: Optional[Path] = ConfigO
 
 
 @app.command()
-@_guard
+@guard
 def prefetch(uri: str,
              device: str = typer.Option("cpu", help="cpu, or cuda:N (needs running workers)."),
              tp: int = typer.Option(1, help="Tensor-parallel group size (GPU workers)."),
@@ -218,7 +175,7 @@ def progress_factory(progress: Progress) -> Callable[[int], Callable[[int], None
 
 
 @app.command()
-@_guard
+@guard
 def status(history: bool = typer.Option(False, "--history", help="Also the evicted, failed "
                                         "and lost entries of the last days."),
            as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
@@ -238,27 +195,20 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
     if failing:
         rows = Table("desired", "device", "failures", "next try", "uri", "error")
         for f in failing:
-            rows.add_row("given up" if f.given_up else "backing off", _shown(f.device),
+            rows.add_row("given up" if f.given_up else "backing off", shown(f.device),
                          str(f.failures), "when asked again" if f.given_up else
                          time.strftime("%H:%M:%S", time.localtime(f.retry_at)),
-                         _shown(f.uri), _shown(f.error))
+                         shown(f.uri), shown(f.error))
         out.print(rows)
     table = Table("state", "device", "GB", "tensors", "leases", "hash", "engine", "uri",
                   "updated")
     for e in entries:
-        table.add_row(e.state.value, _shown(e.device), f"{e.bytes / 1e9:.3f}", str(e.tensors),
-                      str(e.leases), _shown(e.content_hash[:12]), _shown(_engine_label(e)),
-                      "\n".join(_shown(uri) for uri in _checkpoint_uris(e)),
+        table.add_row(e.state.value, shown(e.device), f"{e.bytes / 1e9:.3f}", str(e.tensors),
+                      str(e.leases), shown(e.content_hash[:12]), shown(_engine_label(e)),
+                      "\n".join(shown(uri) for uri in _checkpoint_uris(e)),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
     empty = "nothing is warm" + ("" if history else " (--history shows what was)")
     out.print(table if entries else empty)
-
-
-def _shown(text: str) -> str:
-    """A value from the registry (anyone who can write Redis wrote it) as a terminal
-    may print it: control characters (an escape sequence would move the cursor, recolour
-    or retitle the terminal) shown as ``\\xNN``."""
-    return text.translate(_CONTROL)
 
 
 def _engine_label(entry: Any) -> str:
@@ -284,7 +234,7 @@ def _checkpoint_uris(entry: Any) -> list[str]:
 
 
 @app.command()
-@_guard
+@guard
 def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
           device: str = typer.Option("cpu"),
           force: bool = typer.Option(False, "--force", help="Evict even while leased."),
@@ -309,7 +259,7 @@ def evict(ref: str = typer.Argument(..., help="Model URI or content hash."),
 
 
 @app.command("attach")
-@_guard
+@guard
 def attach_cmd(ref: str, device: str = typer.Option("cpu"),
                verify: bool = typer.Option(False, help="Compare every tensor with the source "
                                            "files (reads them: slow)."),
@@ -362,7 +312,7 @@ def _same_bytes(a: Any, b: Any) -> bool:
 
 
 @app.command("export")
-@_guard
+@guard
 def export_cmd(uri: str,
                engine: str = typer.Option("vllm", "--engine", help="The engine whose layout "
                                           "to write (vllm)."),
@@ -402,7 +352,7 @@ def export_cmd(uri: str,
 
 
 @app.command()
-@_guard
+@guard
 def serve(redis: Optional[str] = typer.Option(
               None, "--redis", help="Redis URL (default: WARMPOOL_REDIS_URL or the config's "
               "redis_url; without one, an embedded Redis is started)."),
@@ -412,8 +362,8 @@ def serve(redis: Optional[str] = typer.Option(
           node: Optional[str] = typer.Option(None, "--node", help="Node name (default: host name)."),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run this node's controller: Redis events in, warm models out (SIGTERM stops it)."""
-    from warmpool.controller.serve import configure_logging
-    from warmpool.controller.serve import serve as run_controller
+    from warmpool.logs import configure_logging
+    from warmpool.node import serve as run_controller
 
     settings = _settings(config, redis_url=redis, metrics_port=metrics_port, node=node)
     configure_logging(log_level)
@@ -421,8 +371,11 @@ def serve(redis: Optional[str] = typer.Option(
 
 
 def _mount_optional(name: str, module: str) -> None:
+    """A sub-app whose extra may be missing (``relay`` needs aiohttp, ``workers`` the
+    worker package): without it, the command is not offered. The sub-apps import
+    :mod:`warmpool.console`, never this module."""
     try:
-        sub = __import__(module, fromlist=["app"]).app
+        sub = importlib.import_module(module).app
     except ImportError:
         return
     app.add_typer(sub, name=name)

@@ -14,8 +14,8 @@ import math
 import os
 import stat
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +349,105 @@ def private_dir(path: Path, *, repair: bool = True) -> Path:
                               "(someone may have replaced a socket in it: check, then chmod 700)")
         os.chmod(path, 0o700)
     return path
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    """Tunables: the config file's ``controller:`` section, then ``WARMPOOL_<NAME>`` in
+    the environment, override the defaults (see load)."""
+
+    debounce_s: float = 2.0  # quiet time after an upload event before checking the model
+    recheck_s: float = 30.0  # sweep of incomplete uploads and leased old versions
+    heartbeat_s: float = 5.0
+    claim_idle_s: float = 60.0  # a stream entry idle this long belongs to a dead consumer
+    max_deliveries: int = 5
+    max_inflight: int = 32
+    max_desired: int = 1024  # models one node may be asked to keep warm
+    failure_backoff_s: float = 30.0  # a wanted model that failed waits this, doubling...
+    failure_backoff_cap_s: float = 3600.0  # ... up to this, between attempts
+    give_up_after: int = 5  # failures before a wanted model is given up until asked again
+    history_keep_s: float = 7 * 24 * 3600.0  # evicted/failed/lost entries, then forgotten
+    lock_ttl_s: float = 30.0
+    shutdown_grace_s: float = 10.0  # in-flight work may finish; then it is abandoned
+    loader: str = "auto"
+    key_prefix: str = "warmpool"
+    events_channel: str = ""  # default: <key_prefix>:events
+
+    @classmethod
+    def load(cls, file_values: Mapping[str, Any] | None = None, environ: Any = None,
+             **overrides: Any) -> ControllerOptions:
+        """Defaults ← ``file_values`` (the config file's section) ← environment ←
+        ``overrides``. An unknown name or a value of the wrong type is a ConfigError
+        naming where it came from, so a typo never silently keeps a default."""
+        env = os.environ if environ is None else environ
+        file_values = file_values or {}
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise ConfigError(f"unknown controller setting(s) {', '.join(map(repr, unknown))} "
+                              f"in the config file; known: {', '.join(sorted(known))}")
+        values: dict[str, Any] = {}
+        for name in sorted(known):
+            kind = type(getattr(defaults, name))
+            sources = [(f"controller.{name} in the config file", file_values.get(name)),
+                       (f"WARMPOOL_{name.upper()}", env.get(f"WARMPOOL_{name.upper()}") or None)]
+            for where, raw in sources:
+                if raw is None:
+                    continue
+                values[name] = _option(name, kind, raw, where)
+        for name, raw in overrides.items():
+            if raw is not None:
+                if name not in known:
+                    raise ConfigError(f"unknown controller option {name!r}")
+                kind = type(getattr(defaults, name))
+                values[name] = _option(name, kind, raw, f"controller option {name}")
+        return cls(**values)
+
+
+#: The smallest usable value of each numeric option: a heartbeat of 0 s floods the log,
+#: a max_inflight of 0 never takes a message, a TTL of 0 is a lock that never holds.
+_MINIMUM: dict[str, float] = {
+    "debounce_s": 0.0, "recheck_s": 0.1, "heartbeat_s": 0.1, "claim_idle_s": 0.1,
+    "max_deliveries": 1, "max_inflight": 1, "lock_ttl_s": 0.3, "shutdown_grace_s": 0.0,
+}
+DAY = 86400.0
+#: The largest sensible value of each numeric option. Past these, a value is a typo (or
+#: an attack on the config): ``lock_ttl_s=1e308`` overflowed Redis's PX argument, and
+#: ``max_inflight=1e20`` was accepted, then refused by Redis 8 times a second.
+_MAXIMUM: dict[str, float] = {
+    "debounce_s": 3600, "recheck_s": DAY, "heartbeat_s": 3600, "claim_idle_s": DAY,
+    "max_deliveries": 1000, "max_inflight": 4096, "max_desired": 1_000_000,
+    "failure_backoff_s": DAY, "failure_backoff_cap_s": 30 * DAY, "give_up_after": 1000,
+    "history_keep_s": 366 * DAY, "lock_ttl_s": 3600, "shutdown_grace_s": 3600,
+}
+
+
+def _option(name: str, kind: type, raw: Any, where: str) -> Any:
+    """``raw`` converted to ``kind`` and checked, or a one-line ConfigError naming ``where``."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{where}: {raw!r} is not usable: {why}")
+
+    try:
+        if kind is not str and isinstance(raw, bool):
+            raise ValueError
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        value = kind(raw.strip() if isinstance(raw, str) and kind is not str else raw)
+    except (TypeError, ValueError, OverflowError):
+        raise bad(f"not a valid {kind.__name__}") from None
+    if kind in (int, float):
+        if not math.isfinite(value):
+            raise bad("not a finite number")
+        if value < _MINIMUM.get(name, 0):
+            raise bad(f"must be at least {_MINIMUM.get(name, 0):g}")
+        if value > _MAXIMUM.get(name, math.inf):
+            raise bad(f"must be at most {_MAXIMUM[name]:g}")
+    if name == "loader":
+        from warmpool.loading.streaming import LOADERS  # torch: only when one is named
+
+        if value not in LOADERS:
+            raise bad(f"choose one of {', '.join(LOADERS)}")
+    if name == "key_prefix" and (not value or any(c.isspace() for c in value)):
+        raise bad("must be a non-empty prefix without spaces")
+    return value

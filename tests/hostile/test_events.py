@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import warmpool.controller.deadletter as deadletter
+import warmpool.contract.deadletter as deadletter
 from tests.models import write_model
 from tests.test_controller import KEYS, Harness, ask, wait_until
 

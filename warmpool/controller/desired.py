@@ -2,7 +2,7 @@
 
 It is what a controller that restarts reconciles from — the pool registry says what *is*
 warm, this says what *should be*. A deploy or a pin is kept as the
-:class:`~warmpool.controller.events.Request` itself (a pin that is still in force wins over
+:class:`~warmpool.contract.requests.Request` itself (a pin that is still in force wins over
 a later deploy), an evict removes it, an unpin turns it back into a deploy. Requests are
 keyed by model URI and device, not by content hash: after a re-upload the same request
 warms the new version.
@@ -21,14 +21,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from warmpool.controller.events import Request, parse_request
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.requests import Request, parse_request
+from warmpool.contract.keys import RedisKeys
 from warmpool.errors import DesiredStateFull
 
 log = logging.getLogger(__name__)
 
 def want_field(uri: str, device: str) -> str:
-    # Devices never hold '|' (events.py checks them); URIs may, so the device goes first.
+    # Devices never hold '|' (contract/requests.py checks them); URIs may, so the device goes first.
     return f"{device}|{uri}"
 
 

@@ -1,6 +1,6 @@
 """Engine layouts a deploy asked for: run the engine's loader once, in its own Python.
 
-A deploy or pin may carry ``engine_layout`` (:class:`~warmpool.controller.events.
+A deploy or pin may carry ``engine_layout`` (:class:`~warmpool.contract.requests.
 EngineLayoutWant`). Once the checkpoint is warm on the host tier, the controller runs
 ``<python> -m warmpool export URI --engine vllm --json ...`` as a child process
 (:mod:`warmpool.integrations.vllm_export`): the engine lives in an environment of its own,
@@ -30,7 +30,7 @@ from typing import Any
 
 from warmpool.errors import NotConfigured
 from warmpool.config import Settings
-from warmpool.controller.events import EngineLayoutWant
+from warmpool.contract.requests import EngineLayoutWant
 from warmpool.pool.entries import Pool
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.controller.desired import want_field
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 
 
 @dataclass(frozen=True)

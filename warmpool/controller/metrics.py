@@ -1,22 +1,18 @@
-"""Prometheus metrics of one controller, and the HTTP endpoint that serves them.
+"""Prometheus metrics of one controller (served by :class:`warmpool.metrics_http.Endpoint`).
 
 Each :class:`Metrics` has its own ``CollectorRegistry`` rather than the global one, so
-that two controllers in one process (the tests run several) never collide. The endpoint
-binds to loopback unless told otherwise: metrics name models and buckets, which is
-nobody's business off the node without a deliberate choice (``WARMPOOL_METRICS_ADDR``).
+that two controllers in one process (the tests run several) never collide.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from warmpool.metrics_http import Endpoint
 from warmpool.pool.registry.base import PoolEntry, State
 
 log = logging.getLogger(__name__)
@@ -24,38 +20,6 @@ log = logging.getLogger(__name__)
 #: Seconds from "start warming" to "warm": small models take well under a second, a 70B
 #: checkpoint from object storage minutes.
 WARM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-
-
-class Endpoint:
-    """The ``/metrics`` HTTP endpoint of one registry (the controller's, or a standalone
-    relay's)."""
-
-    registry: CollectorRegistry
-    _server: Any = None
-
-    def serve(self, port: int, addr: str | None = None) -> int | None:
-        """Serve ``/metrics`` on ``addr:port`` (port 0: any free port; < 0: off).
-
-        Returns the port bound, or None when off."""
-        if port < 0:
-            return None
-        addr = addr or os.environ.get("WARMPOOL_METRICS_ADDR", "127.0.0.1")
-        server, thread = start_http_server(port, addr=addr, registry=self.registry)
-        self._server = (server, thread)
-        bound = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", addr, bound,
-                 extra={"event": "metrics_listening", "port": bound, "addr": addr})
-        return bound
-
-    def close(self) -> None:
-        if self._server is None:
-            return
-        server, thread = self._server
-        self._server = None
-        server.shutdown()
-        server.server_close()
-        if isinstance(thread, threading.Thread):
-            thread.join(timeout=5)
 
 
 class Metrics(Endpoint):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from redis.asyncio import Redis
 
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 from warmpool.pool.registry.base import PoolEntry, State
 
 

@@ -23,10 +23,10 @@ from warmpool.config import Settings
 from warmpool.controller.embedded_redis import running_url
 from warmpool.controller.failures import Failing, Failures
 from warmpool.errors import ControllerError, NotWarmError
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 from warmpool.pool.leases import Leases
 from warmpool.pool.refs import ModelRef
-from warmpool.controller.redis_client import CONNECTION_ERRORS, connect, redact
+from warmpool.contract.redis_client import CONNECTION_ERRORS, connect, redact
 from warmpool.pool.registry.base import PoolEntry
 from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.model.uri import parse_uri

@@ -32,8 +32,8 @@ from warmpool.errors import ObjectNotFoundError, StorageError
 from warmpool.storage import open_store
 from warmpool.controller.dispatch import Dispatcher, Outcome
 from warmpool.controller.failures import Failures
-from warmpool.controller.events import Request
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.requests import Request
+from warmpool.contract.keys import RedisKeys
 from warmpool.controller.nodes import Nodes, place
 from warmpool.pool.registry.base import State
 from warmpool.pool.registry.redis import RedisRegistry
@@ -63,9 +63,10 @@ class Router:
         """Route one request heard on ``source`` (``pubsub``, ``shared`` or ``node``).
 
         Requests for one model are taken in the order they arrived: each holds the
-        model's turn through its claim, its routing and its desired-state update, and
-        until its dispatch has taken its first step (joined, started or cancelled the
-        warm-up in flight); only the long wait for the outcome runs outside it."""
+        model's turn through its claim, its routing and its desired-state update; an
+        evict or unpin holds it until done, a deploy or pin until its warm-up is joined
+        or started, so that only the long wait for a warm-up runs outside it (and a
+        later evict can still cancel that)."""
         if req.node is not None and req.node != self.node:
             if source != "pubsub":
                 await self.forward(req, req.node)
@@ -89,10 +90,17 @@ class Router:
                 await self.reply(req, Outcome(str(req.uri), req.device, "failed",
                                               error=str(exc)))
                 return
+            if wanted is None:
+                # An evict or unpin is done whole in its turn: were only its first step
+                # (cancelling the warm-up in flight) in it, a deploy after it could find
+                # the old entry still warm, answer "already warm", and then see the
+                # evict's later steps remove it (deploy, evict, deploy ended evicted).
+                await self.reply(req, await self.act(req, None))
+                return
             acting = asyncio.ensure_future(self.act(req, wanted))
-            # One turn of the loop: the task takes its first step (the dispatcher joins,
-            # starts or cancels the warm-up in flight before it first waits) while the
-            # next request for this model still waits for its turn.
+            # One turn of the loop: the task takes its first step (the dispatcher joins
+            # or starts the warm-up, synchronously, before it first waits) while the next
+            # request for this model still waits for its turn.
             await asyncio.sleep(0)
         await self.reply(req, await acting)
 

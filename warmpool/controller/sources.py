@@ -3,7 +3,7 @@
 Both readers hand each payload to the same handler, in its own task, up to a bound of
 payloads in flight (the reader stops reading while the bound is reached, which is the
 backpressure). A reader's ``run_once`` lives for one connection: it (re-)subscribes or
-(re-)creates its consumer group first, so :func:`warmpool.controller.redis_client.keep_running`
+(re-)creates its consumer group first, so :func:`warmpool.contract.redis_client.keep_running`
 resumes it after a Redis restart by simply calling it again.
 
 Stream entries are acknowledged only after their handler finished. An entry whose
@@ -24,7 +24,7 @@ from typing import Any
 from redis import exceptions as rexc
 from redis.asyncio import Redis
 
-from warmpool.controller.redis_client import CONNECTION_ERRORS
+from warmpool.contract.redis_client import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 

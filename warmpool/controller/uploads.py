@@ -30,9 +30,9 @@ from redis.asyncio import Redis
 
 from warmpool.controller.dispatch import list_model
 from warmpool.errors import ObjectNotFoundError, WarmpoolError
-from warmpool.controller.keys import RedisKeys
-from warmpool.controller.redis_client import CONNECTION_ERRORS
-from warmpool.controller.redis_lock import RedisLock
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.redis_client import CONNECTION_ERRORS
+from warmpool.contract.redis_lock import RedisLock
 from warmpool.model.uri import ModelURI, parse_uri
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,14 @@ from typing import Optional
 
 import typer
 
-from warmpool.config import Settings
-from warmpool.controller.keys import RedisKeys
-from warmpool.controller.loop import ControllerOptions
-from warmpool.controller.redis_client import connect
+from warmpool.config import ControllerOptions, Settings
+from warmpool.console import guard
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.redis_client import connect
 from warmpool.controller.remote import controller_url
-from warmpool.controller.events import Watchlist
+from warmpool.contract.watchlist import Watchlist
 from warmpool.errors import ConfigError, InvalidURIError
+from warmpool.logs import configure_logging
 from warmpool.relay.metrics import RelayMetrics
 from warmpool.relay.spec import RelaySpec
 
@@ -39,11 +40,9 @@ def sqs(queue_url: str = typer.Argument(..., help="The queue's URL."),
             "(default: the queue's setting)."),
         metrics_port: int = MetricsOpt, log_level: str = LogOpt) -> None:
     """Long-poll an SQS queue of S3 notifications (plain or via SNS) into the stream."""
-    from warmpool.cli import _guard
-
     spec = RelaySpec("sqs", queue_url=queue_url, wait_s=wait_s,
                      visibility_timeout_s=visibility_timeout)
-    _guard(_run)(spec, redis, config, metrics_port, log_level)
+    guard(_run)(spec, redis, config, metrics_port, log_level)
 
 
 @app.command("http")
@@ -80,8 +79,6 @@ def http(listen: str = typer.Option("127.0.0.1:8080", "--listen", help="HOST:POR
          metrics_port: int = MetricsOpt, log_level: str = LogOpt) -> None:
     """A webhook for MinIO, Ceph RGW and GCS Pub/Sub push (POST /), and, with a requests
     token, deploy / evict / pin / unpin requests (POST /requests)."""
-    from warmpool.cli import _guard
-
     spec = RelaySpec("http", listen=listen, token_file=str(token_file or ""),
                      insecure=insecure, max_body=max_body, rate=rate, burst=burst,
                      requests_token_file=str(requests_token_file or ""),
@@ -89,13 +86,11 @@ def http(listen: str = typer.Option("127.0.0.1:8080", "--listen", help="HOST:POR
                      request_prefixes=tuple(request_prefix),
                      allowed_origins=tuple(allowed_origin), allowed_hosts=tuple(allowed_host),
                      header_timeout_s=header_timeout, max_connections=max_connections)
-    _guard(_run)(spec, redis, config, metrics_port, log_level)
+    guard(_run)(spec, redis, config, metrics_port, log_level)
 
 
 def _run(spec: RelaySpec, redis: str | None, config: Path | None, metrics_port: int,
          log_level: str) -> None:
-    from warmpool.controller.serve import configure_logging
-
     spec.check()
     if not -1 <= metrics_port <= 65535:
         raise ConfigError(f"--metrics-port {metrics_port}: use 0 to 65535 (0: any free "

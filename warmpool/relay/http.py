@@ -45,9 +45,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from warmpool.controller.deadletter import DEAD_PAYLOAD_BYTES
-from warmpool.controller.events import MAX_PAYLOAD_BYTES, Watchlist
-from warmpool.controller.redis_client import CONNECTION_ERRORS
+from warmpool.contract.deadletter import DEAD_PAYLOAD_BYTES
+from warmpool.contract.notifications import MAX_PAYLOAD_BYTES
+from warmpool.contract.watchlist import Watchlist
+from warmpool.contract.redis_client import CONNECTION_ERRORS
 from warmpool.errors import ConfigError
 from warmpool.relay.logs import RateLimitedLog, quiet_aiohttp_errors
 from warmpool.relay.policy import POLICY_REASONS, RelayPolicy

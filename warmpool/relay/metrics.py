@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from warmpool.controller.metrics import Endpoint
+from warmpool.metrics_http import Endpoint
 
 #: Seconds from the store's notification to the stream: SQS long polls answer at once,
 #: a relay that was down (or waited out a Redis outage) catches up minutes later.

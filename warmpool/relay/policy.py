@@ -16,7 +16,7 @@ controller would act on. Each endpoint has a :class:`RelayPolicy`:
 - **Keys and URIs** with control characters are refused: no store needs them, and they
   forge log lines and terminal output.
 
-A refusal is a :class:`~warmpool.controller.events.BadEvent` with a stable reason, so it is
+A refusal is a :class:`~warmpool.errors.BadEvent` with a stable reason, so it is
 dead-lettered and counted like any payload the controller could not act on.
 """
 
@@ -24,8 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from warmpool.controller.events import (NOTIFICATION_SHAPES, S3_SHAPES, Event,
-                                        ObjectEvent, Request, Watchlist)
+from warmpool.contract.notifications import NOTIFICATION_SHAPES, S3_SHAPES, Event, ObjectEvent
+
+from warmpool.contract.requests import Request
+
+from warmpool.contract.watchlist import Watchlist
 from warmpool.errors import BadEvent, InvalidURIError
 from warmpool.model.uri import ModelURI, parse_uri
 
@@ -36,7 +39,7 @@ POLICY_REASONS = ("force_refused", "local_path_refused", "prefix_refused", "cont
 
 @dataclass(frozen=True)
 class RelayPolicy:
-    """``accept``: the payload shapes taken (:data:`~warmpool.controller.events.SHAPES`);
+    """``accept``: the payload shapes taken (:data:`~warmpool.contract.notifications.SHAPES`);
     ``watch``: the node's watch list (uploads outside it are dropped; empty drops all);
     ``allow_force``, ``allow_local_paths``, ``request_prefixes``: what requests may do."""
 

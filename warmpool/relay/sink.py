@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
-from warmpool.controller.deadletter import dead_record, write_dead_letter
-from warmpool.controller.events import parse_event
+from warmpool.contract.deadletter import dead_record, write_dead_letter
+from warmpool.contract.notifications import parse_event
 from warmpool.errors import BadEvent
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 from warmpool.relay.metrics import RelayMetrics
 from warmpool.relay.policy import RelayPolicy
 

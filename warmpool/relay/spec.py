@@ -33,8 +33,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.config import parse_bytes
-from warmpool.controller.events import Watchlist
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.watchlist import Watchlist
+from warmpool.contract.keys import RedisKeys
 from warmpool.errors import ConfigError
 from warmpool.relay.http import HttpOptions, HttpRelay, parse_listen
 from warmpool.relay.metrics import RelayMetrics

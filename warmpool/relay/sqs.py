@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import botocore.exceptions as bce
 
-from warmpool.controller.redis_client import keep_running
+from warmpool.contract.redis_client import keep_running
 from warmpool.relay.policy import RelayPolicy
 from warmpool.relay.sink import StreamSink
 from warmpool.retry import Backoff

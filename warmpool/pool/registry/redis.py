@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from redis.asyncio import Redis
 
-from warmpool.controller.keys import RedisKeys
+from warmpool.contract.keys import RedisKeys
 from warmpool.pool.registry.base import PoolEntry, Registry, parse_entry
 
 

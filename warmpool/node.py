@@ -1,4 +1,6 @@
-"""``warmpool serve``: one controller per node, wired and supervised.
+"""``warmpool serve``: the node — its controller, GPU workers, relays and metrics, wired
+and supervised. It sits above :mod:`warmpool.controller` and :mod:`warmpool.relay`, which
+know nothing of each other's processes.
 
 Order of things: settings → Redis (configured, or embedded and announced as such) →
 metrics endpoint → relays (the config's ``relays:``) → GPU workers (where there are
@@ -7,57 +9,29 @@ a grace period and abandons the rest (streams are cancelled, partial segments
 discarded, unacknowledged stream entries left for the next controller), then exits 0.
 A second signal skips the grace period.
 
-Logs are JSON lines on stderr: ``ts``, ``level``, ``logger``, ``msg`` and the structured
-fields each call passes in ``extra`` (``event``, ``uri``, ``device``, ...).
+Logs are JSON lines on stderr (:mod:`warmpool.logs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import sys
-import time
 from typing import Any
 
 from warmpool.config import Settings
-from warmpool.controller.loop import Controller, ControllerOptions
+from warmpool.config import ControllerOptions
+from warmpool.controller.loop import Controller
 from warmpool.controller.embedded_redis import EmbeddedRedis
 from warmpool.errors import ConfigError
 from warmpool.controller.metrics import Metrics
-from warmpool.controller.redis_client import connect
+from warmpool.contract.redis_client import connect
 from warmpool.relay.metrics import RelayMetrics
 from warmpool.relay.spec import RelaySpec, parse_specs, start_relays
 
-log = logging.getLogger("warmpool.controller.serve")
-_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-
-
-class JsonLines(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(), "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        line.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-def configure_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+log = logging.getLogger("warmpool.node")
 
 
 async def serve(settings: Settings, *, options: ControllerOptions | None = None) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from warmpool.controller.redis_client import CONNECTION_ERRORS
+from warmpool.contract.redis_client import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 

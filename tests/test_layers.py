@@ -1,0 +1,81 @@
+"""The packages' layers, read off their imports (lazy ones inside functions included).
+
+The data flow of DESIGN.md goes one way: the contract (Redis keys, payloads) sits below
+the pool's Redis registry, the relays and the controller; the controller and the relays
+know nothing of each other; the node (``warmpool serve``) and the commands sit on top.
+An import against that direction is a cycle in waiting, and a newcomer reading the
+lower package would have to read the upper one too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "warmpool"
+
+#: package (or module) → the warmpool packages and modules it must never import.
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "contract": ("controller", "relay", "pool", "node", "cli", "console", "operations",
+                 "integrations", "loading", "workers"),
+    "pool": ("controller", "relay", "node", "cli", "console", "operations"),
+    "controller": ("relay", "node", "cli", "console"),
+    "relay": ("controller", "node", "cli"),
+    "model": ("controller", "relay", "pool", "node", "cli", "loading", "contract"),
+    "storage": ("controller", "relay", "pool", "node", "cli", "loading", "contract"),
+}
+#: The relay's command module composes a relay process: it may find the controller's
+#: Redis (``controller.remote``), as ``warmpool serve`` composes the node.
+ALLOWED = {("relay/cli.py", "warmpool.controller.remote")}
+
+
+def imported(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n == "warmpool" or n.startswith("warmpool.")}
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_no_module_imports_against_the_data_flow(layer: str) -> None:
+    root = PACKAGE / layer
+    modules = sorted(root.rglob("*.py")) if root.is_dir() else [root.with_suffix(".py")]
+    assert modules, layer
+    wrong = []
+    for module in modules:
+        where = module.relative_to(PACKAGE).as_posix()
+        for name in sorted(imported(module)):
+            for upper in FORBIDDEN[layer]:
+                target = f"warmpool.{upper}"
+                if _under(name, target) and not any(
+                        w == where and _under(name, a) for w, a in ALLOWED):
+                    wrong.append(f"{where} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def _under(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_the_contract_package_holds_the_shared_parts() -> None:
+    """What the registry, the relays and the controller share lives in ``contract/``
+    alone: the old homes are gone, so nothing can import the contract from above."""
+    for gone in ("controller/keys.py", "controller/events.py", "controller/deadletter.py",
+                 "controller/redis_client.py", "controller/redis_lock.py",
+                 "controller/serve.py"):
+        assert not (PACKAGE / gone).exists(), gone
+    for here in ("keys", "requests", "notifications", "watchlist", "deadletter",
+                 "redis_client", "redis_lock"):
+        assert (PACKAGE / "contract" / f"{here}.py").is_file(), here
+
+
+def test_the_checker_sees_lazy_imports(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from warmpool.controller.loop import Controller\n")
+    assert "warmpool.controller.loop" in imported(module)
