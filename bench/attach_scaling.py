@@ -5,7 +5,7 @@ view per tensor, so its cost should follow the number of tensors, not the bytes.
 script measures both axes on the host tier, each attach in a fresh process (torch already
 imported, as in a serving engine), and prints a table:
 
-    python bench/attach_scaling.py                      # 0.25, 1, 4 GB x 128 tensors; 1 GB x 32..100,000
+    python bench/attach_scaling.py  # 0.25, 1, 4 GB x 128 tensors; 1 GB x 32..100,000
     python bench/attach_scaling.py --sizes 0.5,2 --counts 64,512 --reps 7
     python bench/attach_scaling.py --baseline /work/main  # the same rows with another checkout
 
@@ -152,7 +152,8 @@ def main() -> None:
             for code in envs:
                 row = {"code": code, "gb": warm[code]["bytes"] / 1e9,
                        "tensors": int(warm[code]["tensors"]),
-                       **{k: summary(samples[code], k) for k in ("ms", "cpu_ms", "first_ms", "all_ms", "floor_ms")},
+                       **{k: summary(samples[code], k)
+                          for k in ("ms", "cpu_ms", "first_ms", "all_ms", "floor_ms")},
                        "samples": samples[code]}
                 results.append(row)
                 print(f"{code:8s} {row['gb']:6.2f} GB {row['tensors']:6d} tensors: attach "

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Engines' weight step and start-up: their ``runai_streamer`` from S3 vs ``load_format="warmpool"``.
+"""Engines' weight step and start-up: their ``runai_streamer`` from S3 against
+``load_format="warmpool"``.
 
 A Llama-shaped checkpoint (random weights, a real config and an offline tokenizer, about
 1 GB by default) is uploaded to SeaweedFS on loopback. Then, in fresh vLLM processes,
@@ -111,13 +112,12 @@ def child_make_model(out: Path, layers: int, hidden: int) -> None:
 def child_llm(spec: dict[str, Any]) -> None:
     """One LLM() start-up, its loader's load_weights timed, a few greedy tokens."""
     from vllm import LLM, SamplingParams
-    from vllm.model_executor.model_loader.runai_streamer_loader import (
-        RunaiModelStreamerLoader)
+    from vllm.model_executor.model_loader.runai_streamer_loader import RunaiModelStreamerLoader
 
-    from warmpool.integrations import vllm as wp_vllm
+    from warmpool.integrations.vllm_loader import WarmpoolLoader
 
     timings: dict[str, float] = {}
-    for cls in (RunaiModelStreamerLoader, wp_vllm._loader_class()):
+    for cls in (RunaiModelStreamerLoader, WarmpoolLoader):
         original = cls.load_weights
 
         def timed(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
@@ -272,7 +272,8 @@ def render(runs: dict[str, list[dict[str, Any]]], nbytes: int, warm: dict[str, A
         f"row. Warming the entry once before (not in the table): "
         f"{warm.get('seconds', 0):.1f} s ({warm.get('loader', '')}).",
         "",
-        "| method | weight step (s) | × faster | engine start (s) | × faster | runs (weight step) |",
+        "| method | weight step (s) | × faster | engine start (s) | × faster "
+        "| runs (weight step) |",
         "|---|---|---|---|---|---|",
     ]
     for method, (w, llm) in med.items():

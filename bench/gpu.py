@@ -119,7 +119,8 @@ def main() -> None:
 
     def row(name: str, seconds: float, nbytes: int, note: str = "") -> None:
         rows.append((name, seconds, nbytes, note))
-        print(f"{name:<52} {seconds:8.3f} s  {nbytes / seconds / 1e9 if seconds else 0:7.2f} GB/s  {note}",
+        rate = nbytes / seconds / 1e9 if seconds else 0
+        print(f"{name:<52} {seconds:8.3f} s  {rate:7.2f} GB/s  {note}",
               flush=True)
 
     r = child(CHILD_LOAD_FILE, str(model))
@@ -163,7 +164,8 @@ def main() -> None:
                 a["attach_s"], a["bytes"], a["transport"])
             return
         host = cli("prefetch", str(model))
-        row("warmpool prefetch (host tier, shm)", host["seconds"], host["bytes"], host.get("loader", ""))
+        row("warmpool prefetch (host tier, shm)", host["seconds"], host["bytes"],
+            host.get("loader", ""))
         for label in ("first: page-locks the segment", "again: segment stays locked"):
             cli("evict", str(model), "--device", "cuda:0", "--force")
             promo = cli("prefetch", str(model), "--device", "cuda:0")

@@ -102,6 +102,7 @@ class Fill:
     def loader(self, fd: int, m: mmap.mmap) -> None:
         """warmpool's pread loader, unchanged."""
         import torch
+
         from warmpool.loading.pread import stream_pread
 
         stream_pread(self.model, self.layout, torch.frombuffer(m, dtype=torch.uint8),
@@ -258,6 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from s3_rate import write_model  # type: ignore[import-not-found]
+
     from warmpool.loading.pread import THREADS
 
     threads = args.threads or THREADS

@@ -127,6 +127,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         import asyncio
 
         import torch  # noqa: F401
+
         from warmpool.config import Settings
         from warmpool.pool.prefetch import prefetch
 
@@ -139,6 +140,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         checksum, tensors = None, result.entry.tensors
     elif method == "attach":
         import torch  # noqa: F401
+
         from warmpool import attach
 
         imported = time.perf_counter()
@@ -202,7 +204,8 @@ class Bench:
         self.base_env["PYTHONUNBUFFERED"] = "1"
         ignored = sorted(k for k in os.environ if k.startswith("RUNAI_STREAMER_"))
         if ignored:
-            self.notes.append(f"Ignored from the calling shell (defaults measured): {', '.join(ignored)}")
+            self.notes.append("Ignored from the calling shell (defaults measured): "
+                              + ", ".join(ignored))
         self.seaweed: Any = None
         self.drop_ok: bool | None = None
         self.drop_error = ""
@@ -554,7 +557,8 @@ class Bench:
         if self.drop_ok is False:
             self.notes.append(f"Cold rows skipped: writing {DROP_CACHES} is not permitted here "
                               f"({self.drop_error}); try --cold-method fadvise.")
-        drop_permitted = self.drop_ok if self.drop_ok is not None else os.access(DROP_CACHES, os.W_OK)
+        drop_permitted = (self.drop_ok if self.drop_ok is not None
+                          else os.access(DROP_CACHES, os.W_OK))
         return {
             "bench": "host_tier",
             "host": _host_name(self.args),
@@ -745,7 +749,8 @@ def markdown(report: dict[str, Any]) -> str:
               "defaults except where the row says otherwise.", "",
               "Setup: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["setup_s"].items()) + ".",
               "", f"Load average (1 min) at start {report['loadavg']['start'][0]:.2f}, at end "
-              f"{report['loadavg']['end'][0]:.2f} on {mach['cpus']} CPUs: anything above ~0.5 means "
+              f"{report['loadavg']['end'][0]:.2f} on {mach['cpus']} CPUs: anything above ~0.5 "
+              "means "
               "other processes shared the CPUs and the timings carry their noise. CPU seconds "
               "per child (user + system, median) are in the JSON (`cpu_s`)."]
     for note in report["notes"]:
@@ -816,7 +821,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-preset", default="small", choices=["tiny", "small", "llama-3-8b"],
-                   help="shape of the generated model (warmpool.model.generate.PRESETS; default small)")
+                   help="shape of the generated model (warmpool.model.generate.PRESETS; "
+                   "default small)")
     p.add_argument("--layers", type=int, default=None,
                    help="number of layers (default: enough for --target-gb)")
     p.add_argument("--target-gb", type=float, default=2.0,

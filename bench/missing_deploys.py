@@ -19,10 +19,10 @@ from pathlib import Path
 sys.path.insert(0, os.getcwd())
 
 from tests.redis_server import RedisServer, redis_executable
-from warmpool.config import Settings
+from warmpool.config import ControllerOptions, Settings
 from warmpool.contract.keys import RedisKeys
-from warmpool.controller.loop import Controller, ControllerOptions
 from warmpool.contract.redis_client import connect
+from warmpool.controller.loop import Controller
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 

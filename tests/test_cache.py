@@ -17,13 +17,12 @@ from safetensors import safe_open
 
 from tests.models import SAFETENSORS_DTYPES, model_files, write_model
 from tests.servers import Backend
-from warmpool.model.cache import MANIFEST, CachedModel, MetadataCache, default_cache
 from warmpool.config import Settings
-from warmpool.errors import (IncompleteModelError, SafetensorsError, StorageError,
-                             UnsafeKeyError)
+from warmpool.errors import IncompleteModelError, SafetensorsError, StorageError, UnsafeKeyError
+from warmpool.model.cache import MANIFEST, CachedModel, MetadataCache, default_cache
 from warmpool.model.identity import INDEX_FILE
-from warmpool.storage import ObjectInfo, Store, open_store
 from warmpool.model.uri import ModelURI
+from warmpool.storage import ObjectInfo, Store, open_store
 
 REPO = Path(__file__).resolve().parent.parent
 

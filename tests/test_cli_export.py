@@ -14,13 +14,12 @@ import torch
 
 from tests.models import write_model
 from warmpool.config import Settings
-from warmpool.errors import ConfigError
+from warmpool.errors import ConfigError, ExportError
 from warmpool.integrations.vllm_export import ExportOptions, _warm_first
-from warmpool.errors import ExportError
 from warmpool.model.uri import parse_uri
 from warmpool.operations import metadata
-from warmpool.pool.host import HostTier
 from warmpool.pool.engine_layout import EngineKey, export_sync
+from warmpool.pool.host import HostTier
 
 KEY = EngineKey(checkpoint="cd" * 32, engine="vllm", engine_version="0.32.0",
                 dtype="bfloat16", tp_size=2, rank=1)

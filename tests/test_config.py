@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from warmpool.config import Settings, StreamerOptions, parse_bytes
-from warmpool.errors import ConfigError, InvalidURIError
 from warmpool.contract.redis_client import redact
+from warmpool.errors import ConfigError, InvalidURIError
 from warmpool.model.uri import parse_uri
 
 
@@ -50,7 +50,7 @@ def test_unknown_setting_is_refused(tmp_path: Path) -> None:
 
 
 def test_controller_section_of_the_config_file_under_the_environment(tmp_path: Path) -> None:
-    from warmpool.controller.loop import ControllerOptions
+    from warmpool.config import ControllerOptions
 
     config = tmp_path / "warmpool.toml"
     config.write_text('[controller]\ndebounce_s = 0.5\nmax_inflight = 8\nkey_prefix = "wp"\n')
@@ -123,7 +123,8 @@ def test_sentinel_urls() -> None:
     url = SentinelURL.parse("redis+sentinel://:m4ster@a:26380,b,[::1]:5/svc/2"
                             "?sentinel_password=s3nt")
     assert url.sentinels == (("a", 26380), ("b", 26379), ("::1", 5))
-    assert (url.service, url.db, url.password, url.sentinel_password) == ("svc", 2, "m4ster", "s3nt")
+    assert (url.service, url.db, url.password, url.sentinel_password) == (
+        "svc", 2, "m4ster", "s3nt")
     assert SentinelURL.parse("redis+sentinel://h/mymaster").db == 0
     for bad in ("redis+sentinel://h", "redis+sentinel:///svc", "redis+sentinel://h:x/svc",
                 "redis+sentinel://h/svc/zero"):
@@ -152,7 +153,7 @@ def test_loader_choice() -> None:
 
 def test_the_example_deployment_config_is_valid() -> None:
     """deploy/warmpool.yaml is what operators copy: every key in it must load."""
-    from warmpool.controller.loop import ControllerOptions
+    from warmpool.config import ControllerOptions
 
     example = Path(__file__).resolve().parent.parent / "deploy" / "warmpool.yaml"
     settings = Settings.load(example)

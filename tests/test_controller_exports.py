@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.controller_harness import FAST, Harness, ask, wait_until
 from tests.models import write_model
-from tests.test_controller import FAST, Harness, ask, harness, wait_until
 from warmpool.config import Settings
 from warmpool.contract.requests import EngineLayoutWant
 from warmpool.errors import ConfigError
 from warmpool.model.uri import parse_uri
-
-__all__ = ["harness"]  # the fixture, imported for pytest
 
 LAYOUT = {"engine": "vllm", "tp": 1, "dtype": "bfloat16"}
 

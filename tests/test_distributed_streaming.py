@@ -10,14 +10,19 @@ from pathlib import Path
 import pytest
 
 from tests.models import write_model
-from tests.workers_env import (assert_bit_exact, direct_workers, settings_for,
-                                        write_even_model, write_sharded_model)
+from tests.workers_env import (
+    assert_bit_exact,
+    direct_workers,
+    settings_for,
+    write_even_model,
+    write_sharded_model,
+)
 from warmpool.config import Settings
 from warmpool.errors import CapacityError, ConfigError
 from warmpool.pool.registry.base import State
 from warmpool.pool.registry.files import FileRegistry
-from warmpool.workers.gpu_attach import attach_gpu
 from warmpool.workers.client import prefetch_via_workers, workers_status
+from warmpool.workers.gpu_attach import attach_gpu
 
 MiB = 1 << 20
 

@@ -28,8 +28,15 @@ from tests.workers_env import ROOT, InProcessWorkers, same_bits, settings_for, w
 from warmpool.config import Settings
 from warmpool.errors import CapacityError, WorkerError
 from warmpool.pool.attachment import AttachedModel
-from warmpool.pool.engine_layout import (EngineKey, ExportResult, attach_engine_layout, export,
-                                         export_sync, layout_uri, plan_engine_layout)
+from warmpool.pool.engine_layout import (
+    EngineKey,
+    ExportResult,
+    attach_engine_layout,
+    export,
+    export_sync,
+    layout_uri,
+    plan_engine_layout,
+)
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.pool.views import tensor_views

@@ -20,9 +20,14 @@ from tests.test_host_tier import assert_bit_exact, reference
 from warmpool.config import Settings
 from warmpool.errors import CheckpointMismatchError, ConfigError, NotWarmError
 from warmpool.integrations import sglang as sgl_plugin
-from warmpool.integrations.weights import (LoaderOptions, NameTracker,
-                                           check_same_model, missing_parameters, open_weights,
-                                           resolve_model)
+from warmpool.integrations.weights import (
+    LoaderOptions,
+    NameTracker,
+    check_same_model,
+    missing_parameters,
+    open_weights,
+    resolve_model,
+)
 from warmpool.model.cache import MetadataCache
 from warmpool.model.uri import parse_uri
 from warmpool.pool.entries import Pool
@@ -163,7 +168,7 @@ def test_sglang_load_format_swap_and_device_names(monkeypatch: pytest.MonkeyPatc
     """SGLang does not install without CUDA: its hook is checked against a stand-in
     config and a stand-in loader class."""
     class Loader:
-        pass
+        LOAD_FORMAT = "warmpool"
 
     class Config:
         def __init__(self, load_format: Any) -> None:
@@ -173,7 +178,7 @@ def test_sglang_load_format_swap_and_device_names(monkeypatch: pytest.MonkeyPatc
     other = Config("safetensors")
     assert sgl_plugin._verify_load_format(lambda c: calls.append(c), other) is None
     assert calls == [other] and other.load_format == "safetensors"
-    monkeypatch.setattr(sgl_plugin, "_LOADER", Loader)
+    monkeypatch.setattr(sgl_plugin, "loader_class", lambda: Loader)
     ours = Config("WarmPool")
     assert sgl_plugin._verify_load_format(lambda c: calls.append(c), ours) is None
     assert ours.load_format is Loader

@@ -13,11 +13,16 @@ import redis.exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from warmpool.errors import BadEvent, InvalidURIError, WarmpoolError
-from warmpool.contract.notifications import MAX_PAYLOAD_BYTES, ObjectRemoved, ObjectUploaded, parse_event
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.notifications import (
+    MAX_PAYLOAD_BYTES,
+    ObjectRemoved,
+    ObjectUploaded,
+    parse_event,
+)
 from warmpool.contract.requests import MAX_TP, EngineLayoutWant, Request
 from warmpool.contract.watchlist import Watchlist
-from warmpool.contract.keys import RedisKeys
+from warmpool.errors import BadEvent, InvalidURIError, WarmpoolError
 from warmpool.model.uri import ModelURI, parse_uri
 
 

@@ -20,14 +20,20 @@ import pytest
 import torch
 
 from tests.models import write_model
-from tests.workers_env import (ROOT, assert_bit_exact, direct_workers,
-                                        publish_host_copy, reference, settings_for,
-                                        write_even_model)
+from tests.workers_env import (
+    ROOT,
+    assert_bit_exact,
+    direct_workers,
+    publish_host_copy,
+    reference,
+    settings_for,
+    write_even_model,
+)
 from warmpool.errors import CapacityError
-from warmpool.workers.gpu_attach import attach_gpu
 from warmpool.pool.host import HostTier
 from warmpool.workers.client import prefetch_via_workers
 from warmpool.workers.devices import DeviceSpec, device_uuid
+from warmpool.workers.gpu_attach import attach_gpu
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

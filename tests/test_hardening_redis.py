@@ -55,8 +55,8 @@ async def test_a_heartbeat_lost_to_a_redis_pause_is_not_a_missing_controller(
         redis_server: RedisServer) -> None:
     """After a pause longer than the heartbeat's TTL the heartbeat has expired, but the
     controller's stream consumer was active: the CLI waits for the next beat."""
-    from warmpool.controller import remote
     from warmpool.contract.keys import RedisKeys
+    from warmpool.controller import remote
     from warmpool.errors import WarmpoolError
 
     keys = RedisKeys()

@@ -20,10 +20,16 @@ from safetensors.torch import load_file, save_file
 
 from tests.models import write_model
 from tests.pool_env import run_cli, run_python, segments_of
-from warmpool.pool.attachment import attach
 from warmpool.config import Settings
-from warmpool.errors import (CapacityError, LeaseHeldError, NotWarmError, SafetensorsError,
-                             StorageError, StreamError)
+from warmpool.errors import (
+    CapacityError,
+    LeaseHeldError,
+    NotWarmError,
+    SafetensorsError,
+    StorageError,
+    StreamError,
+)
+from warmpool.pool.attachment import attach
 from warmpool.pool.entries import Pool
 from warmpool.pool.prefetch import prefetch
 from warmpool.pool.refs import ModelRef
@@ -510,13 +516,14 @@ async def test_second_object_store_in_one_process_falls_back_to_native(
 
 def test_pread_jobs_cover_every_byte_once() -> None:
     """The pread loader's plan: each tensor byte read exactly once, reads within a chunk."""
-    from warmpool.pool.layout import plan_layout
     from warmpool.loading.pread import plan_jobs
     from warmpool.model.safetensors import parse_header
+    from warmpool.pool.layout import plan_layout
 
     data = __import__("safetensors.torch", fromlist=["save"]).save(
         {f"t{i}": torch.zeros(1000 + 37 * i, dtype=torch.int8) for i in range(50)})
-    layout = plan_layout("h", [("a.safetensors", parse_header(data, file="a", file_size=len(data)))])
+    header = parse_header(data, file="a", file_size=len(data))
+    layout = plan_layout("h", [("a.safetensors", header)])
     jobs = plan_jobs(layout, chunk=4096)
     covered = sorted((p.src, p.src + p.nbytes) for j in jobs for p in j.pieces)
     flat = [b for a, z in covered for b in range(a, z)]

@@ -18,13 +18,13 @@ import psutil
 import pytest
 import redis
 
+from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
 from tests.models import write_model
 from tests.redis_server import RedisServer, free_port
-from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
 from warmpool.config import Settings
+from warmpool.contract.keys import RedisKeys
 from warmpool.contract.notifications import ObjectUploaded, parse_event
 from warmpool.contract.requests import Request
-from warmpool.contract.keys import RedisKeys
 
 KEYS = RedisKeys()
 TOKEN = "s3cr3t-relay-token"

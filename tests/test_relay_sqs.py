@@ -17,9 +17,9 @@ import pytest
 import redis
 from safetensors.torch import load_file
 
+from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
 from tests.models import write_model
 from tests.redis_server import RedisServer
-from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
 from tests.servers import S3Backend, Server
 from tests.test_controller_serve import NODE, Serve, serving  # noqa: F401 - the fixture
 from warmpool.config import Settings

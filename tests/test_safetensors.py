@@ -17,10 +17,14 @@ from safetensors.torch import load, save
 
 from tests.models import SAFETENSORS_DTYPES
 from warmpool.errors import SafetensorsError
-from warmpool.model.safetensors import (MAX_HEADER_BYTES, SafetensorsHeader, parse_header,
-                                  read_header)
-from warmpool.storage.local import LocalStore
+from warmpool.model.safetensors import (
+    MAX_HEADER_BYTES,
+    SafetensorsHeader,
+    parse_header,
+    read_header,
+)
 from warmpool.model.uri import parse_uri
+from warmpool.storage.local import LocalStore
 
 FILE = "model-00001-of-00002.safetensors"
 

@@ -25,9 +25,9 @@ from warmpool.errors import (
     TransientStorageError,
     UnsafeKeyError,
 )
+from warmpool.model.uri import ModelURI, parse_uri
 from warmpool.retry import Backoff
 from warmpool.storage import Store, open_store
-from warmpool.model.uri import ModelURI, parse_uri
 
 #: Short enough that a test never waits, long enough to count the attempts.
 FAST = Backoff(attempts=4, base=0.001, cap=0.002)
@@ -184,8 +184,12 @@ def _sdk_failures() -> list[tuple[str, BaseException, str, type[StorageError], s
     """(scheme, the client library's exception, key, the warmpool error, its wording)."""
     import aiohttp
     import botocore.exceptions as bce
-    from azure.core.exceptions import (ClientAuthenticationError, HttpResponseError,
-                                       ResourceNotFoundError, ServiceRequestError)
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+    )
 
     def s3(code: str, status: int) -> BaseException:
         return bce.ClientError({"Error": {"Code": code, "Message": "m"},

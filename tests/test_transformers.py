@@ -61,7 +61,8 @@ for line in open("/proc/self/maps"):
         ranges.append((lo, hi))
 params = dict(model.named_parameters(remove_duplicate=False))
 in_segment = sum(any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in params.values())
-same_as_views = sum(p.data_ptr() == weights[n].data_ptr() for n, p in params.items() if n in weights)
+same_as_views = sum(p.data_ptr() == weights[n].data_ptr()
+                    for n, p in params.items() if n in weights)
 tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 buffers_on_meta = [n for n, b in model.named_buffers() if b.device.type == "meta"]
 evict = lambda: subprocess.run([sys.executable, "-m", "warmpool.cli", "evict", uri],
@@ -71,7 +72,9 @@ del model, params
 gc.collect()
 after = evict()
 print(json.dumps({
-    "equal": bool(torch.equal(got, want)), "params": len(dict(LlamaForCausalLM.from_pretrained(src).named_parameters(remove_duplicate=False))),
+    "equal": bool(torch.equal(got, want)),
+    "params": len(dict(LlamaForCausalLM.from_pretrained(src).named_parameters(
+        remove_duplicate=False))),
     "in_segment": in_segment, "same_as_views": same_as_views, "views": len(weights),
     "tied": tied, "buffers_on_meta": buffers_on_meta,
     "evict_alive": [while_alive.returncode, while_alive.stderr + while_alive.stdout],

@@ -15,16 +15,22 @@ from typing import Any
 
 import pytest
 
+from tests.controller_harness import KEYS, Harness, ask, wait_until
 from tests.servers import S3Backend, Server
-from tests.test_controller import KEYS, Harness, ask, harness, wait_until
-from tests.test_vllm import (CHILD, Served, _engine_log, _engines, _run, _upload, _vllm_env,
-                             _vllm_python)
+from tests.test_vllm import (
+    CHILD,
+    Served,
+    _engine_log,
+    _engines,
+    _run,
+    _upload,
+    _vllm_env,
+    _vllm_python,
+)
 from tests.test_vllm_zero_copy import VIEWS
 from warmpool.model.uri import parse_uri
 from warmpool.pool.engine_layout import EngineKey
 from warmpool.pool.host import HostTier
-
-__all__ = ["harness"]  # the fixture, imported for pytest
 
 
 def _report(output: str) -> dict[str, Any]:

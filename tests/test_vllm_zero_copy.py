@@ -18,8 +18,16 @@ from pathlib import Path
 import pytest
 
 from tests.servers import S3Backend, Server
-from tests.test_vllm import (CHILD, Served, _engine_log, _engines, _run, _upload, _vllm_env,
-                              _vllm_python)
+from tests.test_vllm import (
+    CHILD,
+    Served,
+    _engine_log,
+    _engines,
+    _run,
+    _upload,
+    _vllm_env,
+    _vllm_python,
+)
 from warmpool.pool.engine_layout import EngineKey
 from warmpool.pool.host import HostTier
 

@@ -19,21 +19,25 @@ import pytest
 import torch
 
 from tests.models import write_model
-from tests.workers_env import (InProcessWorkers, assert_bit_exact, publish_host_copy,
-                               settings_for, write_even_model)
+from tests.workers_env import (
+    InProcessWorkers,
+    assert_bit_exact,
+    publish_host_copy,
+    settings_for,
+    write_even_model,
+)
 from warmpool.config import Settings
-from warmpool.errors import (CapacityError, LeaseHeldError, NotWarmError, StorageError,
-                             WorkerError)
+from warmpool.errors import CapacityError, LeaseHeldError, NotWarmError, StorageError, WorkerError
+from warmpool.model.uri import parse_uri
+from warmpool.pool.host import HostTier
 from warmpool.pool.layout import Layout, plan_layout
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.files import FileRegistry
-from warmpool.workers.gpu_attach import attach_gpu
-from warmpool.pool.host import HostTier
-from warmpool.model.uri import parse_uri
 from warmpool.workers import protocol
 from warmpool.workers.buffers import ShmFdBuffer
 from warmpool.workers.client import evict_via_workers, prefetch_via_workers, workers_status
 from warmpool.workers.devices import parse_device
+from warmpool.workers.gpu_attach import attach_gpu
 from warmpool.workers.plan import plan_model
 from warmpool.workers.promote import copy_by_layout
 from warmpool.workers.residents import DeviceResident, choose_victims

@@ -16,18 +16,23 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.models import write_model
-from tests.workers_env import (assert_bit_exact, run_client, settings_for,
-                                        supervised_workers, wait_for, write_even_model)
-from warmpool.pool.attachment import attach
+from tests.workers_env import (
+    assert_bit_exact,
+    run_client,
+    settings_for,
+    supervised_workers,
+    wait_for,
+    write_even_model,
+)
 from warmpool.config import Settings
 from warmpool.errors import LeaseHeldError, WarmpoolError
+from warmpool.pool.attachment import attach
 from warmpool.pool.registry.base import State
 from warmpool.pool.registry.files import FileRegistry
-from warmpool.workers.gpu_attach import attach_gpu
 from warmpool.workers.cli import app
-from warmpool.workers.client import (call, evict_via_workers, prefetch_via_workers,
-                                     workers_status)
+from warmpool.workers.client import call, evict_via_workers, prefetch_via_workers, workers_status
 from warmpool.workers.discovery import read_records
+from warmpool.workers.gpu_attach import attach_gpu
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,16 @@ from warmpool.workers import protocol
 from warmpool.workers.buffers import ShmFdBuffer, open_export
 from warmpool.workers.devices import parse_device
 from warmpool.workers.plan import shard_files
-from warmpool.workers.protocol import (MAX_MESSAGE, Channel, FrameDecoder, check_peer, encode,
-                                       error_reply, raise_for_error, socket_dir)
+from warmpool.workers.protocol import (
+    MAX_MESSAGE,
+    Channel,
+    FrameDecoder,
+    check_peer,
+    encode,
+    error_reply,
+    raise_for_error,
+    socket_dir,
+)
 
 
 def pair() -> tuple[Channel, Channel]:

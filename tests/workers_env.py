@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from warmpool.config import Settings
 from warmpool.loading.streaming import fill_buffer
-from warmpool.pool.host import HostTier
 from warmpool.model.uri import parse_uri
-from warmpool.workers.discovery import read_records
+from warmpool.pool.host import HostTier
 from warmpool.workers.devices import parse_device
+from warmpool.workers.discovery import read_records
 from warmpool.workers.plan import ModelPlan, plan_model
 from warmpool.workers.worker import Worker
 

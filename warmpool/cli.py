@@ -21,13 +21,20 @@ from typing import Any, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from warmpool.config import Settings
 from warmpool.console import err, guard, out, shown
 from warmpool.errors import ConfigError
+from warmpool.loading.loaders import LOADERS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Keep LLM weights warm: prefetch, stream, attach in milliseconds.")
@@ -127,8 +134,8 @@ def prefetch(uri: str,
              sharding: str = typer.Option("replicated", "--sharding", "--layout",
                                           help="replicated | sharded (GPU workers; "
                                                "--layout is its old name)."),
-             loader: str = typer.Option("auto", help="auto | runai | native | pread "
-                                        "(not with a running controller)."),
+             loader: str = typer.Option("auto", help=" | ".join(LOADERS)
+                                        + " (not with a running controller)."),
              concurrency: Optional[int] = typer.Option(
                  None, help="Streamer concurrency (not with a running controller)."),
              memory_limit: Optional[str] = typer.Option(
@@ -315,7 +322,7 @@ def _same_bytes(a: Any, b: Any) -> bool:
 @guard
 def export_cmd(uri: str,
                engine: str = typer.Option("vllm", "--engine", help="The engine whose layout "
-                                          "to write (vllm)."),
+                                          "to write (vllm).", show_default=True),
                tp: int = typer.Option(1, "--tp", help="Tensor-parallel size of the engines "
                                       "that will attach it."),
                dtype: str = typer.Option("auto", "--dtype", help="The engine's model dtype."),
@@ -327,15 +334,16 @@ def export_cmd(uri: str,
     (engine layouts, one per rank): later engines of the same key attach it zero-copy.
 
     Run it with the Python that has the engine installed (with warmpool beside it)."""
-    from warmpool.integrations.vllm_export import ExportOptions, export
+    from warmpool.engines import layout_engine
 
-    options = ExportOptions(engine=engine, tp=tp, dtype=dtype, max_model_len=max_model_len,
-                            on_cold=on_cold)
+    exporter = importlib.import_module(str(layout_engine(engine).export))
+    options = exporter.ExportOptions(engine=engine, tp=tp, dtype=dtype,
+                                     max_model_len=max_model_len, on_cold=on_cold)
     if as_json:  # vLLM logs to stdout by default: keep stdout for the one JSON document
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if config is not None:  # the engine's rank processes load the settings themselves
         os.environ["WARMPOOL_CONFIG"] = str(config)
-    report = export(uri, options, _settings(config))
+    report = exporter.export(uri, options, _settings(config))
     if as_json:
         _emit(report.to_json())
     else:
@@ -359,7 +367,8 @@ def serve(redis: Optional[str] = typer.Option(
           config: Optional[Path] = ConfigOpt,
           metrics_port: Optional[int] = typer.Option(
               None, "--metrics-port", help="Prometheus port on loopback (0: any, -1: off)."),
-          node: Optional[str] = typer.Option(None, "--node", help="Node name (default: host name)."),
+          node: Optional[str] = typer.Option(None, "--node",
+                                             help="Node name (default: host name)."),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run this node's controller: Redis events in, warm models out (SIGTERM stops it)."""
     from warmpool.logs import configure_logging

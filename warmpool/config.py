@@ -444,10 +444,9 @@ def _option(name: str, kind: type, raw: Any, where: str) -> Any:
         if value > _MAXIMUM.get(name, math.inf):
             raise bad(f"must be at most {_MAXIMUM[name]:g}")
     if name == "loader":
-        from warmpool.loading.streaming import LOADERS  # torch: only when one is named
+        from warmpool.loading.loaders import check_loader
 
-        if value not in LOADERS:
-            raise bad(f"choose one of {', '.join(LOADERS)}")
+        check_loader(value, where)
     if name == "key_prefix" and (not value or any(c.isspace() for c in value)):
         raise bad("must be a non-empty prefix without spaces")
     return value

@@ -21,13 +21,12 @@ import os
 import signal
 from typing import Any
 
-from warmpool.config import Settings
-from warmpool.config import ControllerOptions
-from warmpool.controller.loop import Controller
-from warmpool.controller.embedded_redis import EmbeddedRedis
-from warmpool.errors import ConfigError
-from warmpool.controller.metrics import Metrics
+from warmpool.config import ControllerOptions, Settings
 from warmpool.contract.redis_client import connect
+from warmpool.controller.embedded_redis import EmbeddedRedis
+from warmpool.controller.loop import Controller
+from warmpool.controller.metrics import Metrics
+from warmpool.errors import ConfigError
 from warmpool.relay.metrics import RelayMetrics
 from warmpool.relay.spec import RelaySpec, parse_specs, start_relays
 
@@ -109,8 +108,8 @@ def _start_workers(settings: Settings, controller: Controller) -> Any:
     if wanted == "none":
         return None
     try:
-        from warmpool.workers.supervisor import Supervisor, WorkerSpec, parse_devices
         from warmpool.workers.devices import visible_cuda_devices
+        from warmpool.workers.supervisor import Supervisor, WorkerSpec, parse_devices
     except ImportError:
         return None
     devices = visible_cuda_devices() if wanted == "auto" else parse_devices(wanted)

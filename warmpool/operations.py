@@ -102,10 +102,9 @@ def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, sharding: str = "rep
     this process does; a running controller streams with its own configuration, so they
     are refused (:class:`~warmpool.errors.ConfigError`) rather than ignored there.
     """
-    from warmpool.loading.streaming import LOADERS
+    from warmpool.loading.loaders import check_loader
 
-    if loader not in LOADERS:
-        raise ConfigError(f"unknown loader {loader!r}; choose from {', '.join(LOADERS)}")
+    check_loader(loader)
     tuning = {"loader": loader if loader != "auto" else None, "concurrency": concurrency,
               "memory_limit": memory_limit, "distributed": distributed}
     settings = _settings(settings, redis_url, concurrency=concurrency,

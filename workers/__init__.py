@@ -17,6 +17,6 @@ One job per module, in the order data flows:
 - :mod:`.protocol`, :mod:`.discovery`, :mod:`.devices`, :mod:`.process` — the wire,
   finding workers, device identity by GPU UUID, process plumbing.
 
-Serving processes attach through :mod:`warmpool.workers.gpu_attach` (``warmpool.pool.attachment`` calls it
-for any device other than ``cpu``).
+Serving processes attach through :mod:`warmpool.workers.gpu_attach`
+(``warmpool.pool.attachment`` calls it for any device other than ``cpu``).
 """

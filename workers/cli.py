@@ -49,8 +49,7 @@ def start(devices: Optional[str] = typer.Option(
     import logging
 
     from warmpool.workers.process import fast_exit
-    from warmpool.workers.supervisor import (check_devices, describe_choice, parse_devices,
-                                             supervise)
+    from warmpool.workers.supervisor import check_devices, describe_choice, parse_devices, supervise
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

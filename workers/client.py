@@ -17,8 +17,8 @@ from typing import Any
 
 from warmpool.config import Settings
 from warmpool.errors import ConfigError, WarmpoolError, WorkerError
-from warmpool.pool.refs import ModelRef
 from warmpool.model.uri import parse_uri
+from warmpool.pool.refs import ModelRef
 from warmpool.workers.devices import DeviceSpec, device_uuid, parse_device
 from warmpool.workers.discovery import WorkerRecord, find_worker, read_records
 from warmpool.workers.plan import DEFAULT_SHARD_PATTERN, ModelPlan, plan_model

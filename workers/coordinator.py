@@ -20,15 +20,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from warmpool.errors import CapacityError, ProtocolError, WarmpoolError, WorkerError
-from warmpool.locks import async_file_lock
 from warmpool.loading.streaming import choose_loader
+from warmpool.locks import async_file_lock
 from warmpool.model.uri import parse_uri
-from warmpool.workers.group import (DEFAULT_TIMEOUT_S, RankRun, backend_for, master_store,
-                                    stream_rank)
+from warmpool.threads import to_thread_joined
+from warmpool.workers.group import (
+    DEFAULT_TIMEOUT_S,
+    RankRun,
+    backend_for,
+    master_store,
+    stream_rank,
+)
 from warmpool.workers.protocol import AsyncChannel, Message, ok
 from warmpool.workers.requests import Connection, LoadRequest, Reply
 from warmpool.workers.residents import DeviceResident
-from warmpool.threads import to_thread_joined
 
 if TYPE_CHECKING:
     from warmpool.workers.worker import Worker

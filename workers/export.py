@@ -29,8 +29,8 @@ from warmpool.errors import ProtocolError, WarmpoolError, WorkerError
 from warmpool.model.uri import parse_uri
 from warmpool.pool.engine_layout import EngineKey
 from warmpool.pool.layout import Layout
-from warmpool.pool.registry.base import State
 from warmpool.pool.refs import looks_like_hash
+from warmpool.pool.registry.base import State
 from warmpool.workers.buffers import ShmFdBuffer
 from warmpool.workers.protocol import Message, ok
 from warmpool.workers.requests import Connection, LoadRequest, Reply

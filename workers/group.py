@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from warmpool.config import StreamerOptions
-from warmpool.pool.layout import Layout
 from warmpool.loading.runai import stream_runai
 from warmpool.model.uri import ModelURI
+from warmpool.pool.layout import Layout
 from warmpool.workers.devices import DeviceSpec
 
 #: The distributed streamer's device staging buffers (two per rank) default to 1 GiB

@@ -1,11 +1,11 @@
 """What a worker is asked to load: the model's identity, headers, and per-rank layouts.
 
 The client plans, the worker executes: the content hash (sha256 over the listing,
-:func:`warmpool.model.identity.content_hash`), every shard's validated safetensors header, and from them the
-layout each rank receives. A ``replicated`` group gives every rank the whole layout; a
-``sharded`` one gives rank r a layout over its own pre-sharded files only — by default
-``model-rank-{rank}-part-{part}.safetensors``, the names vLLM's sharded-state format
-writes.
+:func:`warmpool.model.identity.content_hash`), every shard's validated safetensors header,
+and from them the layout each rank receives. A ``replicated`` group gives every rank the
+whole layout; a ``sharded`` one gives rank r a layout over its own pre-sharded files only
+— by default ``model-rank-{rank}-part-{part}.safetensors``, the names vLLM's sharded-state
+format writes.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from warmpool.config import Settings
 from warmpool.errors import ConfigError
-from warmpool.pool.layout import Layout, plan_layout
 from warmpool.model.safetensors import SafetensorsHeader
 from warmpool.model.uri import ModelURI
+from warmpool.pool.layout import Layout, plan_layout
 
 DEFAULT_SHARD_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 SHARDINGS = ("replicated", "sharded")

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from warmpool.errors import StreamError
+from warmpool.pool.host import SHM_DIR, HostResident, map_readonly
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex
-from warmpool.pool.host import SHM_DIR, HostResident, map_readonly
 from warmpool.workers.devices import pin_host_memory, unpin_host_memory
 
 log = logging.getLogger(__name__)

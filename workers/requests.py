@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from warmpool.loading.streaming import LOADERS
 from warmpool.config import StreamerOptions
 from warmpool.errors import ProtocolError, WarmpoolError
+from warmpool.loading.loaders import LOADERS
+from warmpool.model.uri import parse_uri
 from warmpool.pool.layout import Layout
 from warmpool.pool.refs import looks_like_hash
-from warmpool.model.uri import parse_uri
 from warmpool.workers.protocol import AsyncChannel, Message
 from warmpool.workers.residents import DeviceResident
 

@@ -29,11 +29,10 @@ from warmpool.errors import WorkerError
 from warmpool.locks import try_lock
 from warmpool.pool.registry.base import Registry, State
 from warmpool.pool.registry.files import FileRegistry
-from warmpool.workers.devices import (DeviceSpec, device_uuid, parse_device,
-                                      visible_cuda_devices)
+from warmpool.workers.devices import DeviceSpec, device_uuid, parse_device, visible_cuda_devices
 from warmpool.workers.discovery import read_records
-from warmpool.workers.protocol import socket_dir
 from warmpool.workers.process import fast_exit
+from warmpool.workers.protocol import socket_dir
 
 log = logging.getLogger("warmpool.supervisor")
 

@@ -37,26 +37,38 @@ from typing import Any
 
 from warmpool.config import Settings, parse_bytes
 from warmpool.errors import LeaseHeldError, NotWarmError, ProtocolError, WarmpoolError, WorkerError
+from warmpool.loading.streaming import fill_buffer
 from warmpool.locks import try_lock
+from warmpool.model.cache import MetadataCache
+from warmpool.model.uri import parse_uri
+from warmpool.pool.host import HostTier
 from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
-from warmpool.loading.streaming import fill_buffer
 from warmpool.threads import to_thread_joined
-from warmpool.model.cache import MetadataCache
-from warmpool.pool.host import HostTier
-from warmpool.model.uri import parse_uri
 from warmpool.workers import discovery
 from warmpool.workers.buffers import allocate
 from warmpool.workers.coordinator import Groups
+from warmpool.workers.devices import (
+    DeviceSpec,
+    cuda_free_bytes,
+    device_uuid,
+    normalise_uuid,
+    parse_device,
+)
 from warmpool.workers.export import Exports
-from warmpool.workers.devices import (DeviceSpec, cuda_free_bytes, device_uuid,
-                                      normalise_uuid, parse_device)
 from warmpool.workers.group import staging_bytes
 from warmpool.workers.process import die_with_parent, fast_exit
 from warmpool.workers.promote import PINNED, promote
-from warmpool.workers.protocol import (AsyncChannel, Message, check_peer, check_socket_path,
-                                       error_reply, ok, socket_dir)
+from warmpool.workers.protocol import (
+    AsyncChannel,
+    Message,
+    check_peer,
+    check_socket_path,
+    error_reply,
+    ok,
+    socket_dir,
+)
 from warmpool.workers.requests import Connection, LoadRequest, Reply
 from warmpool.workers.residents import DeviceResident, choose_victims
 

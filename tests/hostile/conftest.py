@@ -1,4 +1,5 @@
-"""Fixtures of the hostile cases: the controller harness, and an S3 server to kill."""
+"""Fixtures of the hostile cases: an S3 server to kill (the controller harness is
+:mod:`tests.controller_harness`, a plugin of the whole suite)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from tests.servers import HOST, Server, _serve, _venv_tool
-from tests.test_controller import harness  # noqa: F401 - a fixture, used by name
 
 
 @pytest.fixture

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.controller_harness import KEYS, Harness, ask, wait_until
 from tests.models import write_model
-from tests.test_controller import KEYS, Harness, ask, wait_until
 from warmpool.config import Settings
-from warmpool.errors import (CapacityError, IncompleteModelError, NotWarmError,
-                             ObjectNotFoundError, SafetensorsError, StorageError, WorkerError)
+from warmpool.errors import (
+    CapacityError,
+    IncompleteModelError,
+    NotWarmError,
+    ObjectNotFoundError,
+    SafetensorsError,
+    StorageError,
+    WorkerError,
+)
 from warmpool.pool.attachment import attach
 from warmpool.workers.protocol import Channel, error_reply, ok, raise_for_error
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import warmpool.contract.deadletter as deadletter
+from tests.controller_harness import KEYS, Harness, ask, wait_until
 from tests.models import write_model
-from tests.test_controller import KEYS, Harness, ask, wait_until
 
 MIB = 1 << 20
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.controller_harness import Harness, ask
 from tests.hostile.conftest import kill_server
 from tests.models import model_files, write_model
 from tests.pool_env import run_python, segments_of
 from tests.redis_server import RedisServer
 from tests.servers import Server, _boto3_client, unique_name
-from tests.test_controller import Harness, ask
 from warmpool.config import Settings
 from warmpool.errors import WarmpoolError
 from warmpool.pool.attachment import attach

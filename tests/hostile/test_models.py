@@ -19,8 +19,13 @@ import torch
 from tests.models import write_model
 from tests.pool_env import segments_of
 from warmpool.config import Settings
-from warmpool.errors import (IncompleteModelError, SafetensorsError, StorageError,
-                             UnsafeKeyError, WarmpoolError)
+from warmpool.errors import (
+    IncompleteModelError,
+    SafetensorsError,
+    StorageError,
+    UnsafeKeyError,
+    WarmpoolError,
+)
 from warmpool.model.identity import INDEX_FILE
 from warmpool.model.safetensors import parse_header
 from warmpool.pool.attachment import attach

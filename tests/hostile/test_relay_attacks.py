@@ -19,8 +19,15 @@ import redis
 
 from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
 from tests.redis_server import RedisServer, free_port
-from tests.test_relay_http import (KEYS, REQUESTS_TOKEN, TOKEN, post, s3_record, start_http,
-                                   stream_payloads)
+from tests.test_relay_http import (
+    KEYS,
+    REQUESTS_TOKEN,
+    TOKEN,
+    post,
+    s3_record,
+    start_http,
+    stream_payloads,
+)
 
 EVICT_FORCE = json.dumps({"action": "evict", "uri": "s3://models/llama/",
                           "force": True}).encode()

@@ -7,10 +7,10 @@ import logging
 import textwrap
 from dataclasses import replace
 
-from tests.pool_env import run_python
 import pytest
 
-from tests.test_controller import FAST, Harness, wait_until
+from tests.controller_harness import FAST, Harness, wait_until
+from tests.pool_env import run_python
 
 STOP_BOUND_S = 30.0  # a hang bound far below the grace period, not a speed assertion
 

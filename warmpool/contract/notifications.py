@@ -205,7 +205,8 @@ def _unquote(raw_key: str) -> str:
     try:
         return unquote_plus(raw_key, errors="strict")
     except UnicodeDecodeError:
-        raise BadEvent("bad_field", f"key {fields.clip(raw_key)} is not URL-encoded UTF-8") from None
+        raise BadEvent("bad_field",
+                       f"key {fields.clip(raw_key)} is not URL-encoded UTF-8") from None
 
 
 # --- GCS -------------------------------------------------------------------------------

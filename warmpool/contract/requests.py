@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from warmpool.contract import fields
+from warmpool.engines import LAYOUT_ENGINES
 from warmpool.errors import BadEvent, InvalidURIError
 from warmpool.model.uri import ModelURI, parse_uri
 
 MAX_TP = 64
-#: Engines a deploy may ask an engine layout of, and what their ``engine_layout`` takes.
-LAYOUT_ENGINES: tuple[str, ...] = ("vllm",)
+#: What an ``engine_layout`` takes (its engines: :data:`warmpool.engines.LAYOUT_ENGINES`).
 LAYOUT_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32", "half", "float")
 MAX_MODEL_LEN = 1 << 24
 
@@ -84,8 +84,9 @@ class Request:
         return self.action == "pin"
 
     def to_doc(self) -> dict[str, Any]:
-        """The payload that :func:`parse_request` (and :func:`~warmpool.contract.notifications.parse_event`) reads back as this request (fields that
-        are unset left out)."""
+        """The payload that :func:`parse_request` (and
+        :func:`~warmpool.contract.notifications.parse_event`) reads back as this request
+        (fields that are unset left out)."""
         doc: dict[str, Any] = {"action": self.action, "uri": str(self.uri),
                                "device": self.device, "tp": self.tp, "sharding": self.sharding,
                                "node": self.node, "request_id": self.request_id,
@@ -179,7 +180,8 @@ def _model_uri(value: object) -> ModelURI:
 
 def _device(value: object) -> str:
     if not isinstance(value, str) or not _DEVICE.fullmatch(value):
-        raise BadEvent("bad_device", f"device {fields.clip(value)}: use cpu, cuda:N or cuda:GPU-<uuid>")
+        raise BadEvent("bad_device",
+                       f"device {fields.clip(value)}: use cpu, cuda:N or cuda:GPU-<uuid>")
     return value
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from warmpool.contract.requests import Request, parse_request
 from warmpool.contract.keys import RedisKeys
+from warmpool.contract.requests import Request, parse_request
 from warmpool.errors import DesiredStateFull
 
 log = logging.getLogger(__name__)

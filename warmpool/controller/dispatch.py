@@ -24,19 +24,19 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.config import Settings
-from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
-from warmpool.contract.requests import Request
-from warmpool.controller.exports import EngineExports
 from warmpool.contract.keys import RedisKeys
-from warmpool.controller.metrics import Metrics
-from warmpool.pool.entries import HOST_DEVICE, Pool
-from warmpool.pool.eviction import inherits_pin, layouts_of, superseded
 from warmpool.contract.redis_client import CONNECTION_ERRORS
 from warmpool.contract.redis_lock import RedisLock
+from warmpool.contract.requests import Request
+from warmpool.controller.exports import EngineExports
+from warmpool.controller.metrics import Metrics
+from warmpool.controller.worker_bridge import WorkerBridge
+from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
+from warmpool.model.uri import ModelURI
+from warmpool.pool.entries import HOST_DEVICE, Pool
+from warmpool.pool.eviction import inherits_pin, layouts_of, superseded
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.redis import RedisRegistry
-from warmpool.model.uri import ModelURI
-from warmpool.controller.worker_bridge import WorkerBridge
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warmpool.errors import NotConfigured
 from warmpool.config import Settings
 from warmpool.contract.requests import EngineLayoutWant
+from warmpool.engines import layout_engine
+from warmpool.errors import NotConfigured
 from warmpool.pool.entries import Pool
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class EngineExports:
 
     def python_for(self, engine: str) -> Path:
         """The configured Python of ``engine``, checked, or :class:`NotConfigured`."""
-        python = self.settings.export_vllm_python if engine == "vllm" else None
+        setting = layout_engine(engine).python_setting
+        python = getattr(self.settings, setting) if setting else None
         if python is None:
             raise NotConfigured(
                 f"a deploy asked for a {engine} engine layout, but node {self.settings.node} "

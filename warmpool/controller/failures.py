@@ -22,8 +22,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from warmpool.controller.desired import want_field
 from warmpool.contract.keys import RedisKeys
+from warmpool.controller.desired import want_field
 
 
 @dataclass(frozen=True)

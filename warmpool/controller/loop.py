@@ -26,24 +26,24 @@ from redis.asyncio import Redis
 
 from warmpool.config import ControllerOptions, Settings
 from warmpool.contract.deadletter import dead_record, write_dead_letter
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.notifications import Event, ObjectRemoved, parse_event
+from warmpool.contract.redis_client import CONNECTION_ERRORS, keep_running, retry_until
+from warmpool.contract.requests import Request
+from warmpool.contract.watchlist import Watchlist
 from warmpool.controller.desired import DesiredState, want_field
 from warmpool.controller.dispatch import Dispatcher
 from warmpool.controller.failures import Failures, RetrySchedule
-from warmpool.contract.notifications import Event, ObjectRemoved, parse_event
-from warmpool.contract.requests import Request
-from warmpool.contract.watchlist import Watchlist
-from warmpool.errors import BadEvent
-from warmpool.contract.keys import RedisKeys
 from warmpool.controller.metrics import Metrics
 from warmpool.controller.nodes import DeviceRoom, NodeInfo, Nodes
-from warmpool.pool.entries import HOST_DEVICE, Pool
-from warmpool.contract.redis_client import CONNECTION_ERRORS, keep_running, retry_until
-from warmpool.pool.registry.base import State
-from warmpool.pool.registry.redis import RedisRegistry
 from warmpool.controller.routing import Router
 from warmpool.controller.sources import PubSubSource, StreamSource
 from warmpool.controller.uploads import Uploads
+from warmpool.errors import BadEvent
 from warmpool.model.uri import ModelURI
+from warmpool.pool.entries import HOST_DEVICE, Pool
+from warmpool.pool.registry.base import State
+from warmpool.pool.registry.redis import RedisRegistry
 
 log = logging.getLogger(__name__)
 

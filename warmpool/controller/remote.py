@@ -20,16 +20,16 @@ from typing import Any
 import redis.exceptions as rexc
 
 from warmpool.config import Settings
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.redis_client import CONNECTION_ERRORS, connect, redact
 from warmpool.controller.embedded_redis import running_url
 from warmpool.controller.failures import Failing, Failures
 from warmpool.errors import ControllerError, NotWarmError
-from warmpool.contract.keys import RedisKeys
+from warmpool.model.uri import parse_uri
 from warmpool.pool.leases import Leases
 from warmpool.pool.refs import ModelRef
-from warmpool.contract.redis_client import CONNECTION_ERRORS, connect, redact
 from warmpool.pool.registry.base import PoolEntry
 from warmpool.pool.registry.redis import RedisRegistry
-from warmpool.model.uri import parse_uri
 
 DEFAULT_TIMEOUT_S = 3600.0
 #: A Sentinel failover or a Redis restart takes seconds: a request already sent rides it

@@ -26,18 +26,17 @@ from dataclasses import replace
 
 from redis.asyncio import Redis
 
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.requests import Request
 from warmpool.controller.desired import DesiredState
-from warmpool.errors import DesiredStateFull, NoSuchModel
-from warmpool.errors import ObjectNotFoundError, StorageError
-from warmpool.storage import open_store
 from warmpool.controller.dispatch import Dispatcher, Outcome
 from warmpool.controller.failures import Failures
-from warmpool.contract.requests import Request
-from warmpool.contract.keys import RedisKeys
 from warmpool.controller.nodes import Nodes, place
+from warmpool.errors import DesiredStateFull, NoSuchModel, ObjectNotFoundError, StorageError
+from warmpool.model.uri import ModelURI
 from warmpool.pool.registry.base import State
 from warmpool.pool.registry.redis import RedisRegistry
-from warmpool.model.uri import ModelURI
+from warmpool.storage import open_store
 
 log = logging.getLogger(__name__)
 REPLY_TTL_S = 600

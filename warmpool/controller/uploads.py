@@ -4,9 +4,10 @@ An upload of a sharded model is a burst of events, one per object, in any order.
 event marks its model *pending* in Redis (``p:upload-pending:<uri>``, with the time of
 the latest event); a model is checked only once no event has arrived for ``debounce_s``,
 and then by one controller at a time (a short Redis lock). The check is one listing plus
-the index (the completeness rule, :func:`warmpool.model.identity.check_complete`). A complete model is handed on and forgotten;
-an incomplete one stays pending — remembered in Redis, so another controller or a
-restarted one picks it up — and is checked again on its next event and periodically.
+the index (the completeness rule, :func:`warmpool.model.identity.check_complete`). A
+complete model is handed on and forgotten; an incomplete one stays pending — remembered
+in Redis, so another controller or a restarted one picks it up — and is checked again on
+its next event and periodically.
 
 Events are cheap to send and each pending model costs a listing per check, so pending
 models are bounded: at most ``MAX_PENDING`` at once (events for new ones past that are
@@ -28,11 +29,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from warmpool.controller.dispatch import list_model
-from warmpool.errors import ObjectNotFoundError, WarmpoolError
 from warmpool.contract.keys import RedisKeys
 from warmpool.contract.redis_client import CONNECTION_ERRORS
 from warmpool.contract.redis_lock import RedisLock
+from warmpool.controller.dispatch import list_model
+from warmpool.errors import ObjectNotFoundError, WarmpoolError
 from warmpool.model.uri import ModelURI, parse_uri
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ class Uploads:
                 listing = await list_model(self.cache, model)
             except ObjectNotFoundError:  # a local directory that is not there
                 listing = None
-            if listing is None or not listing.objects:  # nothing there: the events named objects that do not exist
+            # nothing there: the events named objects that do not exist
+            if listing is None or not listing.objects:
                 await self.redis.delete(key)
                 await self.redis.srem(self.keys.uploads_pending, str(model))
                 log.info("forgot the pending upload of %s: the prefix lists empty", model,

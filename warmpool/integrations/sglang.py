@@ -15,16 +15,12 @@ The loader builds the model as SGLang's default loader does and feeds the pool's
 to the model's own ``load_weights`` (name mapping, fusing, TP slicing), then SGLang's
 post-processing. Which tier the weights come from, warming a cold model and the log line
 are :mod:`warmpool.integrations.weights`, shared with the vLLM loader. SGLang is imported
-only inside :func:`register`.
+only inside :func:`register` and the loader module (:mod:`warmpool.integrations.sglang_loader`).
 """
 
 from __future__ import annotations
 
-import os
-import time
 from typing import Any
-
-from warmpool.integrations.weights import LoaderOptions
 
 LOAD_FORMAT = "warmpool"
 VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
@@ -59,12 +55,9 @@ def _verify_load_format(original: Any, config: Any, *args: Any, **kwargs: Any) -
     if names_warmpool(config.load_format):
         config.load_format = loader_class()
         return None
-    if _LOADER is not None and config.load_format is _LOADER:
-        return None
+    if getattr(config.load_format, "LOAD_FORMAT", None) == LOAD_FORMAT:
+        return None  # our class, resolved by an earlier check of this config
     return original(config, *args, **kwargs)
-
-
-_LOADER: type | None = None
 
 
 def tp_rank() -> int:
@@ -81,62 +74,8 @@ def tp_rank() -> int:
 
 
 def loader_class() -> type:
-    """The loader class, defined on first use: its base class is SGLang's."""
-    global _LOADER
-    if _LOADER is None:
-        _LOADER = _define_loader()
-    return _LOADER
-
-
-def _define_loader() -> type:
-    import logging
-
-    import torch
-    from sglang.srt.model_loader import loader as sgl_loader
-    from sglang.srt.model_loader.utils import set_default_torch_dtype
-
-    from warmpool.integrations import weights
-
-    logger = logging.getLogger("sglang.srt.model_loader.warmpool")
-
-    class WarmpoolLoader(sgl_loader.BaseModelLoader):
-        """Weights from the warmpool pool (GPU tier, host tier, or warmed first)."""
-
-        def __init__(self, load_config: Any) -> None:
-            super().__init__(load_config)
-            self.options = LoaderOptions.parse(load_config.model_loader_extra_config)
-
-        def download_model(self, model_config: Any) -> None:
-            """Nothing to download: load_model warms a cold model (or refuses to)."""
-
-        def load_model(self, *, model_config: Any, device_config: Any,
-                       **_: Any) -> torch.nn.Module:
-            started = time.perf_counter()
-            target = torch.device(device_config.device)
-            index = getattr(device_config, "gpu_id", None)
-            if target.type == "cuda" and torch.cuda.is_initialized():
-                index = torch.cuda.current_device()
-            rank = tp_rank()
-            ref = weights.resolve_model(model_config.model_path, self.options.uri)
-            attached, source = weights.open_weights(
-                ref.uri, rank_device(target.type, index), on_cold=self.options.on_cold,
-                holder=f"sglang rank {rank} pid {os.getpid()}", logger=logger)
-            with attached:
-                weights.check_same_model(ref, attached)
-                quant = sgl_loader._get_quantization_config(model_config, self.load_config)
-                with set_default_torch_dtype(model_config.dtype):
-                    with target:
-                        model = sgl_loader._initialize_model(model_config, self.load_config,
-                                                             quant)
-                    stream = weights.NameTracker(attached)
-                    try:
-                        sgl_loader.DefaultModelLoader.load_weights_and_postprocess(
-                            model, iter(stream), target)
-                    except (KeyError, ValueError, RuntimeError, AssertionError,
-                            IndexError) as exc:
-                        raise stream.mismatch(ref.uri, type(model).__name__, exc) from exc
-            logger.info("Loading weights took %.2f seconds (warmpool, %s, rank %d)",
-                        time.perf_counter() - started, source.tier, rank)
-            return model.eval()
+    """The loader class (:mod:`warmpool.integrations.sglang_loader`), imported on first
+    use: its base class is SGLang's."""
+    from warmpool.integrations.sglang_loader import WarmpoolLoader
 
     return WarmpoolLoader

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmpool.config import Settings
+from warmpool.engines import layout_engine
 from warmpool.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
-
-ENGINES = ("vllm",)
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,7 @@ class ExportOptions:
     on_cold: str = "warm"
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine {self.engine!r} cannot export yet; choose one of "
-                              f"{', '.join(ENGINES)}")
+        layout_engine(self.engine)  # a ConfigError naming those that can
         if self.tp < 1:
             raise ConfigError(f"--tp {self.tp}: a tensor-parallel size is at least 1")
         if self.on_cold not in ("warm", "fail"):

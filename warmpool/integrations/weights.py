@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from warmpool.config import Settings
-from warmpool.errors import (CheckpointMismatchError, ConfigError, NotWarmError,
-                             WorkerError)
+from warmpool.errors import CheckpointMismatchError, ConfigError, NotWarmError, WorkerError
 from warmpool.model.cache import FILES_DIR, MANIFEST
 from warmpool.pool.attachment import AttachedModel, attach
 from warmpool.pool.entries import HOST_DEVICE

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from typing import Literal, get_args
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from warmpool.config import StreamerOptions
 from warmpool.errors import ObjectChangedError, StreamError
+from warmpool.loading.loaders import LOADERS_BY_NAME, Chosen, Loader
 from warmpool.loading.native import stream_native
 from warmpool.loading.pread import stream_pread
 from warmpool.loading.runai import RUNAI_SCHEMES, opened_object_scheme, stream_runai
@@ -29,14 +30,12 @@ from warmpool.storage.base import ObjectInfo, Store
 from warmpool.threads import to_thread_joined
 
 Progress = Callable[[int], None]
-Loader = Literal["auto", "runai", "native", "pread"]
-LOADERS: tuple[str, ...] = get_args(Loader)
 
 log = logging.getLogger(__name__)
 
 
 def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
-                  group: bool = False) -> Literal["runai", "native", "pread"]:
+                  group: bool = False) -> Chosen:
     """The loader for ``uri``. ``auto``: threads of ``preadv`` for local files, which
     were faster than runai-model-streamer on every machine we measured (H100, 16 GB:
     17 GB/s against 5 into a GPU, 4.0 s against 4.6 s into shared memory; the 2-core VM,
@@ -47,10 +46,10 @@ def choose_loader(uri: ModelURI, loader: Loader = "auto", *,
         return "native"
     if loader == "auto" and uri.is_local and not group:
         return "pread"
-    if loader == "pread":
+    if loader != "auto" and LOADERS_BY_NAME[loader].local_only:
         if not uri.is_local:
-            raise StreamError(f"{uri}: the pread loader reads local files only")
-        return "pread"
+            raise StreamError(f"{uri}: the {loader} loader reads local files only")
+        return LOADERS_BY_NAME[loader].name
     bound = opened_object_scheme()
     conflict = uri.scheme != "file" and bound not in (None, uri.scheme)
     if uri.scheme in RUNAI_SCHEMES and not conflict:
@@ -114,29 +113,57 @@ async def _check_unchanged(uri: ModelURI, layout: Layout, pins: Sequence[ObjectI
                 f"{after.etag if after else 'absent'!r}); nothing was published", key=key)
 
 
+@dataclass(frozen=True)
+class Fill:
+    """One fill of ``target`` from the model's files: what every loader is given."""
+
+    uri: ModelURI
+    layout: Layout
+    target: torch.Tensor
+    options: StreamerOptions
+    files: list[str] | None
+    progress: Progress
+    store: Store | None
+
+
+async def _fill_runai(job: Fill) -> None:
+    # A thread cannot be cancelled from outside; the loaders check this flag between
+    # pieces, so Ctrl-C or a controller shutdown stops them within one piece. The thread
+    # is joined before a cancellation propagates: the caller frees the target next, and
+    # a thread still copying into it would crash.
+    stop = threading.Event()
+    await to_thread_joined(stream_runai, job.uri, job.layout, job.target,
+                           options=job.options, files=job.files, progress=job.progress,
+                           stop=stop, on_cancel=stop.set)
+
+
+async def _fill_pread(job: Fill) -> None:
+    stop = threading.Event()  # as in _fill_runai
+    await to_thread_joined(stream_pread, job.uri.path, job.layout, job.target,
+                           files=job.files, progress=job.progress, stop=stop,
+                           on_cancel=stop.set)
+
+
+async def _fill_native(job: Fill) -> None:
+    if job.store is not None:
+        await stream_native(job.store, job.layout, job.target, files=job.files,
+                            progress=job.progress)
+        return
+    async with open_store(job.uri) as opened:
+        await stream_native(opened, job.layout, job.target, files=job.files,
+                            progress=job.progress)
+
+
+#: The loaders' fill functions, by the names of :data:`~warmpool.loading.loaders.LOADERS_BY_NAME`.
+FILLS: dict[str, Callable[[Fill], Awaitable[None]]] = {
+    "runai": _fill_runai, "native": _fill_native, "pread": _fill_pread,
+}
+
+
 async def _stream(uri: ModelURI, layout: Layout, target: torch.Tensor, *,
                   options: StreamerOptions, loader: Loader, files: list[str] | None,
                   progress: Progress | None, store: Store | None) -> str:
     chosen = choose_loader(uri, loader)
-    report = progress or (lambda n: None)
-    if chosen in ("runai", "pread"):
-        # A thread cannot be cancelled from outside; the loaders check this flag
-        # between pieces, so Ctrl-C or a controller shutdown stops them within one
-        # piece. The thread is joined before a cancellation propagates: the caller
-        # frees the target next, and a thread still copying into it would crash.
-        stop = threading.Event()
-        if chosen == "runai":
-            await to_thread_joined(stream_runai, uri, layout, target, options=options,
-                                   files=files, progress=report, stop=stop,
-                                   on_cancel=stop.set)
-        else:
-            await to_thread_joined(stream_pread, uri.path, layout, target, files=files,
-                                   progress=report, stop=stop, on_cancel=stop.set)
-    elif store is not None:
-        await stream_native(store, layout, target, files=files, progress=report)
-    else:
-        async with open_store(uri) as opened:
-            await stream_native(opened, layout, target, files=files, progress=report)
+    await FILLS[chosen](Fill(uri, layout, target, options, files,
+                             progress or (lambda n: None), store))
     return chosen
-
-

@@ -33,15 +33,26 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from warmpool.config import Settings
-from warmpool.errors import (IncompleteModelError, MetadataLimitError, StorageError,
-                             TransientStorageError, UnsafeKeyError)
-from warmpool.model.identity import INDEX_FILE, Completeness, check_complete, content_hash, is_weight_file
+from warmpool.errors import (
+    IncompleteModelError,
+    MetadataLimitError,
+    StorageError,
+    TransientStorageError,
+    UnsafeKeyError,
+)
 from warmpool.locks import async_file_lock, is_locked
+from warmpool.model.identity import (
+    INDEX_FILE,
+    Completeness,
+    check_complete,
+    content_hash,
+    is_weight_file,
+)
 from warmpool.model.safetensors import SafetensorsHeader, read_header
+from warmpool.model.uri import ModelURI, parse_uri
 from warmpool.storage import Store, open_store
 from warmpool.storage.base import ObjectInfo, validate_relative_key
 from warmpool.threads import to_thread_joined
-from warmpool.model.uri import ModelURI, parse_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -224,7 +235,8 @@ class MetadataCache:
 
     async def _completeness(self, store: Store, objects: tuple[ObjectInfo, ...],
                             digest: str) -> tuple[Completeness, bytes | None]:
-        """The completeness rule (:func:`~warmpool.model.identity.check_complete`), reading the index (from the cache when it holds this hash)."""
+        """The completeness rule (:func:`~warmpool.model.identity.check_complete`),
+        reading the index (from the cache when it holds this hash)."""
         index = next((o for o in objects if o.key == INDEX_FILE), None)
         if index is None:
             return check_complete(list(objects), None), None

@@ -29,7 +29,8 @@ class Shape:
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         head_dim = self.hidden // self.heads
         kv = self.kv_heads * head_dim
-        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        out: list[tuple[str, tuple[int, ...]]] = [
+            ("model.embed_tokens.weight", (self.vocab, self.hidden))]
         for i in range(self.layers):
             p = f"model.layers.{i}."
             out += [
@@ -43,7 +44,8 @@ class Shape:
                 (p + "input_layernorm.weight", (self.hidden,)),
                 (p + "post_attention_layernorm.weight", (self.hidden,)),
             ]
-        out += [("model.norm.weight", (self.hidden,)), ("lm_head.weight", (self.vocab, self.hidden))]
+        out += [("model.norm.weight", (self.hidden,)),
+                ("lm_head.weight", (self.vocab, self.hidden))]
         return out
 
     def nbytes(self, element_size: int = 2) -> int:

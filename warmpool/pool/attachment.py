@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 from warmpool.config import Settings
 from warmpool.errors import NotWarmError
+from warmpool.locks import file_lock
+from warmpool.pool.entries import HOST_DEVICE
+from warmpool.pool.host import HostResident, HostTier, map_readonly
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex
 from warmpool.pool.leases import Lease, Leases
-from warmpool.locks import file_lock
-from warmpool.pool.entries import HOST_DEVICE
 from warmpool.pool.refs import ModelRef
-from warmpool.pool.host import HostTier, HostResident, map_readonly
 
 if TYPE_CHECKING:  # torch is imported when a model is attached, not with the package:
-    import torch   # `warmpool status` and friends start in a fraction of a second
+    import torch  # `warmpool status` and friends start in a fraction of a second
 
 
 class AttachedModel(Mapping[str, "torch.Tensor"]):

@@ -13,12 +13,13 @@ own content hash is derived from the checkpoint hash and the key, so a different
 version or configuration looks up a different entry and never attaches wrong bytes: it
 misses, and the caller falls back to its copy path.
 
-Otherwise it is an ordinary pool entry — on the host tier one segment, a layout record
-and a registry entry; on a worker's device (``cuda:N``, ``cpu:N``) one buffer of the
-worker, written device to device (:mod:`warmpool.workers.export_client`) — so eviction,
-leases, capacity, ``status`` and the controller treat it like any other. Its URI is the checkpoint's URI with the key as a fragment: no model URI carries a
-fragment, so it never answers to the checkpoint's name (an attach or evict by URI, the
-controller's bookkeeping) and is named by its content hash instead.
+Otherwise it is an ordinary pool entry — on the host tier one segment, a layout record and
+a registry entry; on a worker's device (``cuda:N``, ``cpu:N``) one buffer of the worker,
+written device to device (:mod:`warmpool.workers.export_client`) — so eviction, leases,
+capacity, ``status`` and the controller treat it like any other. Its URI is the
+checkpoint's URI with the key as a fragment: no model URI carries a fragment, so it never
+answers to the checkpoint's name (an attach or evict by URI, the controller's bookkeeping)
+and is named by its content hash instead.
 """
 
 from __future__ import annotations

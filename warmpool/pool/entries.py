@@ -17,14 +17,19 @@ from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
 from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
-from warmpool.pool.eviction import (choose_victims, entry_candidate, inherits_pin, layouts_of,
-                                    superseded)
-from warmpool.pool.leases import Leases
 from warmpool.locks import async_file_lock, is_locked
+from warmpool.pool.eviction import (
+    choose_victims,
+    entry_candidate,
+    inherits_pin,
+    layouts_of,
+    superseded,
+)
+from warmpool.pool.host import HostTier, WritableSegment
+from warmpool.pool.leases import Leases
+from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import PoolEntry, Registry, State
 from warmpool.pool.registry.files import FileRegistry
-from warmpool.pool.host import HostTier, WritableSegment
-from warmpool.pool.refs import ModelRef
 
 HOST_DEVICE = "cpu"
 

@@ -1,12 +1,13 @@
 """The host tier: one POSIX shared-memory segment per model, and its published record.
 
 A segment is filled under a *partial* name (``…<hash>.<random>.part-<pid>``) and renamed
-to its final name (``…<hash>.<random>``) only when every byte is in place, so a reader can never map half a model and
-a crashed filler leaves a name that :meth:`HostTier.reclaim` recognises. Beside it, in the
-private runtime directory, ``resident/<hash>@cpu.json`` records the URI and
-``resident/<hash>@cpu.layout`` the layout as a binary index (constant cost to open, see
-:mod:`warmpool.pool.layout_index`): the one thing ``attach`` reads — never the source
-files. The index is written before the record, so a record always has its index.
+to its final name (``…<hash>.<random>``) only when every byte is in place, so a reader can
+never map half a model and a crashed filler leaves a name that :meth:`HostTier.reclaim`
+recognises. Beside it, in the private runtime directory, ``resident/<hash>@cpu.json``
+records the URI and ``resident/<hash>@cpu.layout`` the layout as a binary index (constant
+cost to open, see :mod:`warmpool.pool.layout_index`): the one thing ``attach`` reads —
+never the source files. The index is written before the record, so a record always has its
+index.
 
 Segments are created mode 0600: only processes of the same user may map them. Anyone
 may create a name in ``/dev/shm``, so each segment's name has a random part (recorded in
@@ -36,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from warmpool.config import private_dir
 from warmpool.errors import CapacityError, ForeignSegmentError
+from warmpool.locks import try_lock
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex, encode
-from warmpool.locks import try_lock
 from warmpool.pool.registry.files import atomic_write, read_regular
 
 if TYPE_CHECKING:  # imported where a segment is mapped: listing and evicting need no torch
@@ -308,7 +309,8 @@ class HostTier:
         atomic_write(self._index_path(layout.content_hash), index)
         resident = HostResident(uri, layout.content_hash, name, LayoutIndex(index), created_at,
                                 engine=engine)
-        atomic_write(self._record_path(layout.content_hash), json.dumps(resident.to_json()).encode())
+        atomic_write(self._record_path(layout.content_hash),
+                     json.dumps(resident.to_json()).encode())
         if previous is not None and previous.segment != name:
             _remove_ours(SHM_DIR / previous.segment)
         return resident

@@ -14,16 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from warmpool.model.cache import MetadataCache, default_cache
 from warmpool.config import Settings
 from warmpool.errors import ObjectChangedError
-from warmpool.pool.layout import plan_layout
+from warmpool.loading.loaders import Loader
+from warmpool.loading.streaming import Progress, fill_buffer
 from warmpool.locks import async_file_lock
+from warmpool.model.cache import MetadataCache, default_cache
+from warmpool.model.uri import ModelURI, parse_uri
 from warmpool.pool.entries import HOST_DEVICE, Pool
+from warmpool.pool.layout import plan_layout
 from warmpool.pool.registry.base import PoolEntry, State, entry_key
 from warmpool.storage import open_store
-from warmpool.loading.streaming import Loader, Progress, fill_buffer
-from warmpool.model.uri import ModelURI, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class PrefetchResult:
 
     def to_json(self) -> dict[str, Any]:
         e = self.entry
-        return {"uri": self.uri, "aliases": self.aliases, "content_hash": e.content_hash, "state": e.state.value,
+        return {"uri": self.uri, "aliases": self.aliases, "content_hash": e.content_hash,
+                "state": e.state.value,
                 "device": e.device, "bytes": e.bytes, "tensors": e.tensors,
                 "seconds": round(self.seconds, 4), "loader": self.loader,
                 "already_warm": self.already_warm,

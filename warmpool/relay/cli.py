@@ -14,8 +14,8 @@ from warmpool.config import ControllerOptions, Settings
 from warmpool.console import guard
 from warmpool.contract.keys import RedisKeys
 from warmpool.contract.redis_client import connect
-from warmpool.controller.remote import controller_url
 from warmpool.contract.watchlist import Watchlist
+from warmpool.controller.remote import controller_url
 from warmpool.errors import ConfigError, InvalidURIError
 from warmpool.logs import configure_logging
 from warmpool.relay.metrics import RelayMetrics

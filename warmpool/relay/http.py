@@ -47,8 +47,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from warmpool.contract.deadletter import DEAD_PAYLOAD_BYTES
 from warmpool.contract.notifications import MAX_PAYLOAD_BYTES
-from warmpool.contract.watchlist import Watchlist
 from warmpool.contract.redis_client import CONNECTION_ERRORS
+from warmpool.contract.watchlist import Watchlist
 from warmpool.errors import ConfigError
 from warmpool.relay.logs import RateLimitedLog, quiet_aiohttp_errors
 from warmpool.relay.policy import POLICY_REASONS, RelayPolicy

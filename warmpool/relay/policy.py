@@ -25,9 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from warmpool.contract.notifications import NOTIFICATION_SHAPES, S3_SHAPES, Event, ObjectEvent
-
 from warmpool.contract.requests import Request
-
 from warmpool.contract.watchlist import Watchlist
 from warmpool.errors import BadEvent, InvalidURIError
 from warmpool.model.uri import ModelURI, parse_uri

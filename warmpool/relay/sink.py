@@ -24,9 +24,9 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 
 from warmpool.contract.deadletter import dead_record, write_dead_letter
+from warmpool.contract.keys import RedisKeys
 from warmpool.contract.notifications import parse_event
 from warmpool.errors import BadEvent
-from warmpool.contract.keys import RedisKeys
 from warmpool.relay.metrics import RelayMetrics
 from warmpool.relay.policy import RelayPolicy
 

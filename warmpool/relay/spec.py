@@ -33,8 +33,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from warmpool.config import parse_bytes
-from warmpool.contract.watchlist import Watchlist
 from warmpool.contract.keys import RedisKeys
+from warmpool.contract.watchlist import Watchlist
 from warmpool.errors import ConfigError
 from warmpool.relay.http import HttpOptions, HttpRelay, parse_listen
 from warmpool.relay.metrics import RelayMetrics
@@ -95,7 +95,8 @@ class RelaySpec:
                 values[name] = tuple(value)
             if kind in (int, float) and (isinstance(value, bool) or not isinstance(
                     value, (int, float)) or kind is int and isinstance(value, float)):
-                raise ConfigError(f"{where}: {value!r} is not a{'n integer' if kind is int else ' number'}")
+                what = "an integer" if kind is int else "a number"
+                raise ConfigError(f"{where}: {value!r} is not {what}")
             if kind is str and not isinstance(value, str):
                 raise ConfigError(f"{where}: {value!r} is not a string")
         try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 
 from warmpool.errors import ConfigError
-from warmpool.storage.base import ObjectInfo, Store, validate_relative_key
 from warmpool.model.uri import ModelURI
+from warmpool.storage.base import ObjectInfo, Store, validate_relative_key
 
 __all__ = ["ObjectInfo", "Store", "open_store", "validate_relative_key"]
 

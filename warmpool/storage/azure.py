@@ -31,10 +31,9 @@ from azure.core.exceptions import (
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from warmpool.errors import ConfigError, StorageError
+from warmpool.model.uri import ModelURI
 from warmpool.retry import Backoff
 from warmpool.storage.base import DOWNLOAD_CHUNK, Failure, Listed, ObjectStore
-from warmpool.model.uri import ModelURI
-
 
 # Every GET asks for at most this much. The SDK's default first GET is 32 MiB, and while
 # it iterates it holds up to four chunks at once (docs/findings.md), so

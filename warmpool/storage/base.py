@@ -31,8 +31,8 @@ from warmpool.errors import (
     TransientStorageError,
     UnsafeKeyError,
 )
-from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
 from warmpool.model.uri import ModelURI
+from warmpool.retry import DEFAULT_BACKOFF, Backoff, retry_async
 
 T = TypeVar("T")
 

@@ -14,10 +14,9 @@ from typing import Any
 import aiohttp
 from gcloud.aio.storage import Storage
 
+from warmpool.model.uri import ModelURI
 from warmpool.retry import Backoff
 from warmpool.storage.base import Failure, Listed, ObjectStore, stream_to_file
-from warmpool.model.uri import ModelURI
-
 
 # gcloud-aio's default is a 10 s *total* timeout, which would abort any download that
 # takes longer than 10 s; bound connecting and each socket read instead.

@@ -21,10 +21,9 @@ import botocore.exceptions as bce
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
+from warmpool.model.uri import ModelURI
 from warmpool.retry import Backoff
 from warmpool.storage.base import Failure, Listed, ObjectStore, stream_to_file
-from warmpool.model.uri import ModelURI
-
 
 # Network-level failures a retry can cure. SSLError is a ConnectionError subclass but a
 # certificate problem is configuration, so it is excluded below.
