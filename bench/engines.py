@@ -55,58 +55,15 @@ SGLANG_WEIGHTS = re.compile(r"Load weight end\. elapsed=([0-9.]+) s")
 MARK = "BENCH-RESULT "
 BUCKET = "warmpool-bench-engines"
 PROMPTS = ["the quick brown fox", "warm weights load fast"]
-TEXT = ["the quick brown fox jumps over the lazy dog", "warm weights load fast from the pool",
-        "hello world, this is a model", "serving engines read safetensors shards"] * 4
-
 
 # ---------------------------------------------------------------- children (vLLM's venv)
 
 def child_make_model(out: Path, layers: int, hidden: int) -> None:
     """A Llama checkpoint of random bf16 tensors (no module init: fast at any size)."""
-    import torch
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    sys.path.insert(0, str(REPO))  # this runs in the engine's environment
+    from tests.tiny_llama import LlamaShape, write_random_llama
 
-    out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(out)
-    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=max(1, hidden // 256),
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
-    config.architectures = ["LlamaForCausalLM"]  # SGLang picks its model class by it
-    config.save_pretrained(out)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-    shard: dict[str, Any] = {}
-    shard_bytes, files, weight_map = 0, [], {}
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        files.append(name)
-        weight_map.update(dict.fromkeys(shard, name))
-        shard, shard_bytes = {}, 0
-
-    for name, shape in shapes.items():
-        shard[name] = (torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
-        shard_bytes += shard[name].numel() * 2
-        if shard_bytes >= 256 << 20:
-            flush()
-    if shard:
-        flush()
-    total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    write_random_llama(out, LlamaShape.scaled(hidden, layers))
 
 
 def child_llm(spec: dict[str, Any]) -> None:

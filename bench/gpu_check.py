@@ -90,16 +90,11 @@ def _torch_device(device: str) -> str:
 
 def _tiny_llama(work: Path) -> Path:
     """A random 2-layer bf16 Llama saved by transformers (written once per check)."""
+    from tests.tiny_llama import write_tiny_llama
+
     path = work / "tiny-llama"
     if not (path / "config.json").exists():
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(1234)
-        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=64)
-        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
+        write_tiny_llama(path, seed=1234)
     return path
 
 

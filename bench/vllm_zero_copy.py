@@ -42,25 +42,11 @@ CHILD = r'''
 import json, os, sys, time
 from pathlib import Path
 
-def make(out, hidden, layers):
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    text = ["the quick brown fox jumps over the lazy dog", "warm weights load fast"] * 8
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=max(1, hidden // 256), max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         torch_dtype="bfloat16")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out, max_shard_size="200MB")
+def make(out, hidden, layers, repo):
+    sys.path.insert(0, repo)  # tests.tiny_llama: the one tiny-Llama builder
+    from tests.tiny_llama import LlamaShape, write_tiny_llama
+    shape = LlamaShape.scaled(hidden, layers, vocab=4096, intermediate=hidden * 11 // 4)
+    write_tiny_llama(Path(out), shape, seed=0, shard_size="200MB", tokenizer=True)
 
 def start(kwargs):
     from vllm import LLM, SamplingParams
@@ -75,7 +61,7 @@ def start(kwargs):
 
 if __name__ == "__main__":
     if sys.argv[1] == "make":
-        make(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        make(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     else:
         start(json.loads(sys.argv[2]))
     sys.stdout.flush()
@@ -141,7 +127,8 @@ def main() -> None:
     child = work / "child.py"
     child.write_text(CHILD)
     model = work / "model"
-    run([str(VLLM_PYTHON), str(child), "make", str(model), str(args.hidden), str(args.layers)], env)
+    run([str(VLLM_PYTHON), str(child), "make", str(model), str(args.hidden), str(args.layers),
+         str(REPO)], env)
     cli = [sys.executable, "-m", "warmpool.cli"]
     run([*cli, "prefetch", str(model)], env)
     files_dir = run([*cli, "metadata", str(model), "--files-dir"], env).strip().splitlines()[-1]

@@ -22,57 +22,32 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from safetensors import safe_open
 
+from tests.engine_harness import SGLANG_CHILD, Served, log_lines, run, sglang_engines, sglang_python
 from tests.servers import REPO
-from tests.vllm_child import make_model
+from tests.tiny_llama import ENGINE_TEST, write_tiny_llama
 from warmpool.pool.host import HostTier
-
-SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
-CHILD = REPO / "tests" / "sglang_child.py"
-
-
-@dataclass(frozen=True)
-class Served:
-    env: dict[str, str]
-    uris: dict[str, str]  # name -> file:// URI
-    files_dirs: dict[str, str]  # name -> metadata cache files directory
-    local: dict[str, Path]  # name -> the model as written, weights included
-
-
-def _sglang_python() -> Path:
-    if not SGLANG_PYTHON.exists():
-        pytest.fail(f"{SGLANG_PYTHON} is missing: build SGLang's test virtualenv with "
-                    "`make sglang-venv` (make test does it first)", pytrace=False)
-    return SGLANG_PYTHON
-
-
-def _run(argv: list[str], env: dict[str, str], timeout: float) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=REPO)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{argv[:4]} exited {done.returncode}:\n{output[-6000:]}"
-    return output
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """``a`` and ``b`` (other weights) warm on the host tier; ``cold`` and ``colder`` (a's
     weights beside a README of their own: other contents) only in the metadata cache."""
-    _sglang_python()
+    sglang_python()
     root = tmp_path_factory.mktemp("sglang")
     env = {**os.environ, "WARMPOOL_RUNTIME_DIR": str(root / "runtime"),
            "WARMPOOL_CACHE_DIR": str(root / "cache"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "SGLANG_DISABLE_REQUEST_LOGGING": "1"}
     env.pop("WARMPOOL_REDIS_URL", None)
     local = {name: root / name for name in ("a", "b", "cold", "colder")}
-    make_model(local["a"], 1, None)
-    make_model(local["b"], 2, None)
+    for name, seed in (("a", 1), ("b", 2)):
+        write_tiny_llama(local[name], ENGINE_TEST, seed=seed, std=0.2, shard_size="1MB",
+                         tokenizer=True)
     for name in ("cold", "colder"):
         shutil.copytree(local["a"], local[name])
         (local[name] / "README.md").write_text(f"a's weights, {name}: another content hash\n")
@@ -81,32 +56,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     files_dirs = {}
     for name, uri in uris.items():
         if name in ("a", "b"):
-            _run([*cli, "prefetch", uri], env, 300)
-        files_dirs[name] = _run([*cli, "metadata", uri, "--files-dir"], env, 120).strip()
+            run([*cli, "prefetch", uri], env, 300)
+        files_dirs[name] = run([*cli, "metadata", uri, "--files-dir"], env, 120).strip()
     yield Served(env, uris, files_dirs, local)
     HostTier(root / "runtime").remove_all()
-
-
-def _engines(served: Served, spec: list[dict[str, Any]], timeout: float) -> tuple[
-        dict[str, dict[str, Any]], str]:
-    """Start one ``Engine()`` per spec entry in one SGLang process: results by name, and
-    the process's whole output (SGLang's and the loader's log lines)."""
-    output = _run([str(_sglang_python()), str(CHILD), "run", json.dumps(spec)], served.env,
-                  timeout)
-    results = {}
-    for line in output.splitlines():
-        if line.startswith("RESULT "):
-            item = json.loads(line[len("RESULT "):])
-            results[item.pop("name")] = item
-    assert set(results) == {s["name"] for s in spec}, output[-6000:]
-    return results, output
 
 
 def _refused(served: Served, engine: dict[str, Any], timeout: float) -> str:
     """Start one ``Engine()`` that must not start: SGLang's scheduler prints the loader's
     error and takes the whole process tree down (SIGQUIT to the parent, then SIGKILL), so
     it runs alone. Returns the output; asserts that no tokens came out."""
-    done = subprocess.run([str(_sglang_python()), str(CHILD), "run",
+    done = subprocess.run([str(sglang_python()), str(SGLANG_CHILD), "run",
                            json.dumps([{"name": "refused", "engine": engine}])],
                           capture_output=True, text=True, env=served.env, timeout=timeout,
                           cwd=REPO)
@@ -114,10 +74,6 @@ def _refused(served: Served, engine: dict[str, Any], timeout: float) -> str:
     assert '"tokens"' not in output, output[-6000:]
     assert done.returncode != 0 or '"error"' in output, output[-6000:]
     return output
-
-
-def _log(output: str, pattern: str) -> list[str]:
-    return [line for line in output.splitlines() if re.search(pattern, line)]
 
 
 def _file_digests(model: Path) -> dict[str, str]:
@@ -143,7 +99,7 @@ def test_sglang_serves_from_the_pool_like_from_the_files(served: Served) -> None
     expected_digests = _file_digests(served.local["a"])
     names = sorted(expected_digests)
     pool = {"load_format": "warmpool"}
-    results, output = _engines(served, [
+    results, output = sglang_engines(served, [
         {"name": "files", "engine": {"model_path": str(served.local["a"])}, "weights": names},
         {"name": "pool", "engine": {"model_path": served.files_dirs["a"], **pool},
          "weights": names},
@@ -153,14 +109,14 @@ def test_sglang_serves_from_the_pool_like_from_the_files(served: Served) -> None
     assert len({tuple(t) for t in expected}) > 1, "prompts must give different tokens"
     assert results["files"]["digests"] == expected_digests  # the baseline reads the files
     assert results["pool"] == {"tokens": expected, "digests": expected_digests}
-    assert _log(output, r"Loading weights took .* \(warmpool, host tier, rank 0\)"), \
+    assert log_lines(output, r"Loading weights took .* \(warmpool, host tier, rank 0\)"), \
         output[-6000:]
     assert results["cold_warm"] == {"tokens": expected, "digests": {}}
-    assert _log(output, re.escape(f"{served.uris['cold']} is cold; warming it now"))
+    assert log_lines(output, re.escape(f"{served.uris['cold']} is cold; warming it now"))
     output = _refused(served, {"model_path": served.files_dirs["colder"], **pool,
                                "model_loader_extra_config": json.dumps({"on_cold": "fail"})},
                       timeout=150)
-    refused = _log(output, "NotWarmError: " + re.escape(f"{served.uris['colder']} is not warm")
+    refused = log_lines(output, "NotWarmError: " + re.escape(f"{served.uris['colder']} is not warm")
                    + ".*on_cold is 'fail'")
     assert refused, output[-6000:]
 
@@ -172,5 +128,5 @@ def test_sglang_refuses_weights_that_are_not_the_models(served: Served) -> None:
     output = _refused(served, {
         "model_path": served.files_dirs["a"], "load_format": "warmpool",
         "model_loader_extra_config": json.dumps({"uri": served.uris["b"]})}, timeout=150)
-    assert _log(output, re.escape(f"the pool's entry for {served.uris['b']} is content")), \
+    assert log_lines(output, re.escape(f"the pool's entry for {served.uris['b']} is content")), \
         output[-6000:]

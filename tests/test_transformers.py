@@ -14,23 +14,10 @@ import pytest
 
 from tests.pool_env import run_cli, run_python
 from tests.servers import Backend
+from tests.tiny_llama import LlamaShape, write_tiny_llama
 from warmpool.config import Settings
 
 PROMPT = [[1, 17, 42, 99, 5, 250, 3, 77]]
-
-
-def write_tiny_llama(path: Path, *, tied: bool, dtype: str = "bfloat16") -> int:
-    """A random 2-layer Llama saved in several shards; returns the number of shards."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234 + tied)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=tied)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(path, max_shard_size="60KB")
-    return len(list(path.glob("*.safetensors")))
 
 
 def upload(backend: Backend, src: Path, prefix: str) -> str:
@@ -86,7 +73,7 @@ print(json.dumps({
 def test_load_model_gives_from_pretrained_logits_on_views_and_holds_its_lease(
         s3_backend: Backend, settings: Settings, tmp_path: Path, tied: bool) -> None:
     src = tmp_path / "llama"
-    assert write_tiny_llama(src, tied=tied) > 1
+    assert write_tiny_llama(src, LlamaShape(tied=tied), seed=1234) > 1
     uri = upload(s3_backend, src, "llama/")
     proc = run_cli("prefetch", uri)
     assert proc.returncode == 0, proc.stderr
@@ -109,7 +96,7 @@ def test_load_model_gives_from_pretrained_logits_on_views_and_holds_its_lease(
 def test_release_ends_the_lease_before_the_model_is_collected(
         settings: Settings, tmp_path: Path) -> None:
     src = tmp_path / "llama"
-    write_tiny_llama(src, tied=False)
+    write_tiny_llama(src, LlamaShape(tied=False), seed=1234)
     assert run_cli("prefetch", str(src)).returncode == 0
     code = r"""
 import subprocess, sys
@@ -142,7 +129,7 @@ def rename_tensor(src: Path, old: str, new: str) -> None:
 def test_a_checkpoint_whose_names_do_not_match_the_module_is_refused_naming_the_tensor(
         settings: Settings, tmp_path: Path) -> None:
     src = tmp_path / "llama"
-    write_tiny_llama(src, tied=False)
+    write_tiny_llama(src, LlamaShape(tied=False), seed=1234)
     rename_tensor(src, "model.norm.weight", "model.final_norm.weight")
     assert run_cli("prefetch", str(src)).returncode == 0
     code = r"""
@@ -178,7 +165,7 @@ except NotWarmError as exc:
 def test_another_dtype_gives_private_copies_and_holds_no_lease(
         settings: Settings, tmp_path: Path) -> None:
     src = tmp_path / "llama"
-    write_tiny_llama(src, tied=True)
+    write_tiny_llama(src, LlamaShape(tied=True), seed=1234)
     assert run_cli("prefetch", str(src)).returncode == 0
     code = r"""
 import subprocess, sys, torch

@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 
 from tests.controller_harness import KEYS, Harness, ask, wait_until
-from tests.servers import S3Backend, Server
-from tests.test_vllm import (
-    CHILD,
+from tests.engine_harness import (
+    VLLM_CHILD,
     Served,
-    _engine_log,
-    _engines,
-    _run,
-    _upload,
-    _vllm_env,
-    _vllm_python,
+    log_lines,
+    run,
+    upload,
+    vllm_engines,
+    vllm_env,
+    vllm_python,
 )
+from tests.servers import S3Backend, Server
 from tests.test_vllm_zero_copy import VIEWS
 from warmpool.model.uri import parse_uri
 from warmpool.pool.engine_layout import EngineKey
@@ -44,14 +44,14 @@ def _report(output: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cold_one(moto_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One tiny Llama in S3, not warm anywhere: the export must warm it first."""
-    python = _vllm_python()
+    python = vllm_python()
     root = tmp_path_factory.mktemp("vllm_export")
-    env = _vllm_env(moto_server, root)
+    env = vllm_env(moto_server, root)
     local = root / "a"
-    _run([str(python), str(CHILD), "make-models", json.dumps([{"out": str(local), "seed": 1}])],
+    run([str(python), str(VLLM_CHILD), "make-models", json.dumps([{"out": str(local), "seed": 1}])],
          env, 300)
     backend = S3Backend(moto_server)
-    _upload(backend, local, "models/a/")
+    upload(backend, local, "models/a/")
     uri = str(backend.uri_for("models/a/"))
     yield Served(env, {"a": uri}, {}, {"a": local})
     HostTier(root / "runtime").remove_all()
@@ -64,7 +64,7 @@ def test_export_step_then_a_fresh_engine_attaches_and_serves_the_same_tokens(
     checkpoint, writes one layout per rank and reports them; a fresh engine of the same
     key then starts from them (no export, views of the pool) with vLLM's own tokens."""
     uri = cold_one.uris["a"]
-    output = _run([str(_vllm_python()), "-m", "warmpool", "export", uri, "--engine", "vllm",
+    output = run([str(vllm_python()), "-m", "warmpool", "export", uri, "--engine", "vllm",
                    "--tp", "2", "--dtype", "bfloat16", "--max-model-len", "128", "--json"],
                   cold_one.env, 1200)
     report = _report(output)
@@ -79,19 +79,19 @@ def test_export_step_then_a_fresh_engine_attaches_and_serves_the_same_tokens(
         assert layout["content_hash"] == key.content_hash and layout["label"] == key.label()
         assert layout["bytes"] == resident.layout.total_bytes > 0
 
-    files_dir = _run([str(_vllm_python()), "-m", "warmpool", "metadata", uri, "--files-dir"],
+    files_dir = run([str(vllm_python()), "-m", "warmpool", "metadata", uri, "--files-dir"],
                      cold_one.env, 120).strip().splitlines()[-1]
     tp2 = {"tensor_parallel_size": 2}
-    results, run = _engines(replace(cold_one, files_dirs={"a": files_dir}), [
+    results, started = vllm_engines(replace(cold_one, files_dirs={"a": files_dir}), [
         {"name": "files", "llm": {"model": str(cold_one.local["a"]), **tp2}},
         {"name": "attach", "llm": {"model": files_dir, "load_format": "warmpool", **tp2}},
     ], timeout=1200)
     expected = results["files"]["tokens"]
     assert len({tuple(t) for t in expected}) > 1, "prompts must give different tokens"
-    assert results["attach"] == {"tokens": expected}, run[-6000:]
-    found = {m.group(2) for m in map(VIEWS.search, run.splitlines()) if m}
-    assert found == {"0", "1"}, run[-6000:]
-    assert not _engine_log(run, "exported to the pool")
+    assert results["attach"] == {"tokens": expected}, started[-6000:]
+    found = {m.group(2) for m in map(VIEWS.search, started.splitlines()) if m}
+    assert found == {"0", "1"}, started[-6000:]
+    assert not log_lines(started, "exported to the pool")
 
 
 @pytest.mark.timeout(1800)
@@ -101,13 +101,13 @@ async def test_a_controller_exports_the_layout_a_deploy_asks_for(
     """With the vLLM venv's Python configured, a deploy with ``engine_layout`` ends with
     the checkpoint and the engine layout of its key warm, both in the registry."""
     caplog.set_level(logging.INFO, logger="warmpool.controller.routing")
-    python = _vllm_python()
+    python = vllm_python()
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     model = tmp_path / "m"
-    _run([str(python), str(CHILD), "make-models", json.dumps([{"out": str(model), "seed": 2}])],
+    run([str(python), str(VLLM_CHILD), "make-models", json.dumps([{"out": str(model), "seed": 2}])],
          dict(os.environ), 300)
     uri = parse_uri(str(model))
     ctl = await harness.start(export_vllm_python=python, export_timeout_s=1200.0)

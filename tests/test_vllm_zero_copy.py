@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import S3Backend, Server
-from tests.test_vllm import (
-    CHILD,
+from tests.engine_harness import (
+    VLLM_CHILD,
     Served,
-    _engine_log,
-    _engines,
-    _run,
-    _upload,
-    _vllm_env,
-    _vllm_python,
+    log_lines,
+    run,
+    upload,
+    vllm_engines,
+    vllm_env,
+    vllm_python,
 )
+from tests.servers import S3Backend, Server
 from warmpool.pool.engine_layout import EngineKey
 from warmpool.pool.host import HostTier
 
@@ -38,18 +38,18 @@ VIEWS = re.compile(r"\(warmpool, engine layout (\S+), rank (\d)\); (\d+) of (\d+
 @pytest.fixture(scope="module")
 def served_one(moto_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One tiny Llama in S3, warm on the host tier, and its metadata-cache directory."""
-    python = _vllm_python()
+    python = vllm_python()
     root = tmp_path_factory.mktemp("vllm_zero_copy")
-    env = _vllm_env(moto_server, root)
+    env = vllm_env(moto_server, root)
     local = root / "a"
-    _run([str(python), str(CHILD), "make-models", json.dumps([{"out": str(local), "seed": 1}])],
+    run([str(python), str(VLLM_CHILD), "make-models", json.dumps([{"out": str(local), "seed": 1}])],
          env, 300)
     backend = S3Backend(moto_server)
-    _upload(backend, local, "models/a/")
+    upload(backend, local, "models/a/")
     uri = str(backend.uri_for("models/a/"))
     cli = [sys.executable, "-m", "warmpool.cli"]
-    _run([*cli, "prefetch", uri], env, 300)
-    files_dir = _run([*cli, "metadata", uri, "--files-dir"], env, 120).strip()
+    run([*cli, "prefetch", uri], env, 300)
+    files_dir = run([*cli, "metadata", uri, "--files-dir"], env, 120).strip()
     yield Served(env, {"a": uri}, {"a": files_dir}, {"a": local})
     HostTier(root / "runtime").remove_all()
 
@@ -60,7 +60,7 @@ def test_vllm_attaches_its_exported_layout_and_serves_the_same_tokens(
     """TP=2 throughout (bf16 sums in another order would give other tokens at TP=1)."""
     tp2 = {"tensor_parallel_size": 2}
     pool = {"model": served_one.files_dirs["a"], "load_format": "warmpool"}
-    results, output = _engines(served_one, [
+    results, output = vllm_engines(served_one, [
         {"name": "files", "llm": {"model": str(served_one.local["a"]), **tp2}},
         {"name": "export", "llm": {**pool, **tp2, "model_loader_extra_config": {"export": True}}},
         {"name": "attach", "llm": {**pool, **tp2}},
@@ -78,7 +78,7 @@ def test_vllm_attaches_its_exported_layout_and_serves_the_same_tokens(
                    if r.engine), key=lambda k: k.rank)
     assert [(k.engine, k.dtype, k.tp_size, k.rank) for k in keys] == [
         ("vllm", "bfloat16", 2, 0), ("vllm", "bfloat16", 2, 1)]
-    exported = _engine_log(output, r"engine layout vllm-\S+ of .* exported to the pool")
+    exported = log_lines(output, r"engine layout vllm-\S+ of .* exported to the pool")
     assert len(exported) == 2, output[-6000:]
 
     # The attaching engine took both ranks from the entries, zero-copy where vLLM lets it.
@@ -92,8 +92,8 @@ def test_vllm_attaches_its_exported_layout_and_serves_the_same_tokens(
 
     # Another dtype or TP size: a miss that names the difference, then the copy path.
     assert "tokens" in results["float16"] and "tokens" in results["tp1"], results
-    assert _engine_log(output, r"no engine layout for vllm-\S+,float16,.*tp=2.*"
+    assert log_lines(output, r"no engine layout for vllm-\S+,float16,.*tp=2.*"
                        r"dtype 'float16' != 'bfloat16'")
-    assert _engine_log(output, r"no engine layout for vllm-\S+,bfloat16,.*tp=1,rank=0.*"
+    assert log_lines(output, r"no engine layout for vllm-\S+,bfloat16,.*tp=1,rank=0.*"
                        r"tp_size 1 != 2")
-    assert _engine_log(output, r"Loading weights took .* \(warmpool, host tier, rank 0\)")
+    assert log_lines(output, r"Loading weights took .* \(warmpool, host tier, rank 0\)")

@@ -16,44 +16,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+# The repository, for tests.tiny_llama: this script runs in vLLM's environment.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.tiny_llama import ENGINE_TEST, write_tiny_llama  # noqa: E402
+
 PROMPTS = ["the quick brown fox", "warm weights load fast", "hello world"]
-TEXT = ["the quick brown fox jumps over the lazy dog", "warm weights load fast from the pool",
-        "hello world, this is a tiny model", "serving engines read safetensors shards"] * 4
-
-
-def make_model(out: Path, seed: int, rename: str | None) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.save_pretrained(out)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    with torch.no_grad():  # larger weights than the default init: distinct greedy tokens
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    model.save_pretrained(out, max_shard_size="1MB")
-    if rename:  # a checkpoint whose names do not match the module
-        old, new = rename.split("=")
-        index = json.loads((out / "model.safetensors.index.json").read_text())
-        shard = index["weight_map"].pop(old)
-        index["weight_map"][new] = shard
-        tensors = load_file(out / shard)
-        tensors[new] = tensors.pop(old)
-        save_file(tensors, out / shard, metadata={"format": "pt"})
-        (out / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def run(spec: list[dict[str, Any]]) -> None:
@@ -84,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "make-models":
         for item in json.loads(args.spec):
-            make_model(Path(item["out"]), item.get("seed", 0), item.get("rename"))
+            write_tiny_llama(Path(item["out"]), ENGINE_TEST, seed=item.get("seed", 0), std=0.2,
+                             shard_size="1MB", tokenizer=True, rename=item.get("rename"))
     else:
         run(json.loads(args.spec))
     sys.stdout.flush()

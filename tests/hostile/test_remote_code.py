@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.pool_env import run_cli, run_python
-from tests.test_transformers import write_tiny_llama
+from tests.tiny_llama import write_tiny_llama
 from warmpool.config import Settings
 from warmpool.errors import CheckpointMismatchError, UntrustedCodeError
 from warmpool.integrations.transformers import load_model
@@ -30,7 +30,7 @@ class EvilConfig(LlamaConfig):
 
 def hostile_model(root: Path, marker: Path, **config_changes: object) -> Path:
     model = root / "model"
-    write_tiny_llama(model, tied=False)
+    write_tiny_llama(model, seed=1234)
     config = json.loads((model / "config.json").read_text())
     config.update(config_changes)
     (model / "config.json").write_text(json.dumps(config))
