@@ -15,7 +15,7 @@ then building every view, so a lazy attach cannot hide a slow first access. With
 runtime directory, fresh processes interleaved with ours), for ratios from one run.
 
 Models are generated (zeros: attach never reads the bytes, and the pool is private to
-the run), warmed with ``warmpool.pool.prefetch`` and evicted afterwards. Results go to
+the run), warmed with ``warmpool.tiers.prefetch`` and evicted afterwards. Results go to
 ``bench/results/attach_scaling-<name>.md``.
 """
 
@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report import write_report  # bench/report.py: bench/ is first on sys.path
 
 CHILD = """
 import json, sys, time
@@ -66,7 +68,7 @@ print(json.dumps({"ms": (t1 - t0) * 1e3, "cpu_ms": (c1 - c0) * 1e3, "first_ms": 
 WARM = """
 import asyncio, json, sys
 from warmpool.config import Settings
-from warmpool.pool.prefetch import prefetch
+from warmpool.tiers.prefetch import prefetch
 warm = asyncio.run(prefetch(sys.argv[1], settings=Settings.load(), loader="native"))
 print(json.dumps({"hash": warm.entry.content_hash, "bytes": warm.entry.bytes,
                   "tensors": warm.entry.tensors}))
@@ -76,6 +78,7 @@ EVICT = """
 import asyncio, sys
 from warmpool.config import Settings
 from warmpool.pool.entries import Pool
+
 asyncio.run(Pool(Settings.load()).evict(sys.argv[1], force=True))
 print("{}")
 """
@@ -187,10 +190,7 @@ def main() -> None:
                      f" {r['first_ms']['median']:.2f} ms | {r['all_ms']['median']:.1f} ms |"
                      f" {r['all_ms']['median'] * 1e3 / max(r['tensors'], 1):.2f} µs |"
                      f" {r['floor_ms']['median'] * 1e3 / max(r['tensors'], 1):.2f} µs |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"attach_scaling-{args.name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"attach_scaling-{args.name}.json").write_text(json.dumps(results, indent=1))
+    write_report(args.out, f"attach_scaling-{args.name}", lines, results)
     print("\n".join(lines))
 
 

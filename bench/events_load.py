@@ -39,7 +39,10 @@ from urllib.parse import quote_plus
 import psutil
 import redis
 
+from warmpool.contract.keys import RedisKeys
+
 HOST = "127.0.0.1"
+KEYS = RedisKeys()
 BUCKET = "bench-bucket"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,9 +117,9 @@ def run_path(path: str, client: redis.Redis, metrics_url: str, events: list[byte
         pipe = client.pipeline(transaction=False)
         for payload in events[i:i + 500]:
             if path == "stream":
-                pipe.xadd("warmpool:requests", {"payload": payload})
+                pipe.xadd(KEYS.requests_stream, {"payload": payload})
             else:
-                pipe.publish("warmpool:events", payload)
+                pipe.publish(KEYS.events_channel, payload)
         pipe.execute()
     sent_s = time.monotonic() - start
     done = base[path]
@@ -192,7 +195,7 @@ def wait_for_controller(client: redis.Redis, controller: subprocess.Popen[bytes]
         if controller.poll() is not None:
             raise SystemExit(f"warmpool serve exited with {controller.returncode}")
         try:
-            if client.exists("warmpool:node:bench") and counted(metrics_url) is not None:
+            if client.exists(KEYS.node("bench")) and counted(metrics_url) is not None:
                 return
         except (redis.ConnectionError, OSError):
             pass

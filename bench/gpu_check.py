@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from report import write_report  # bench/report.py: bench/ is first on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 8 * 60  # the whole check, installs excluded
 #: The requirements of the steps, installed from the carried wheels (the device's own
@@ -131,7 +133,8 @@ def step_engine_layout(device: str, work: Path) -> dict[str, Any]:
 
     from tests.workers_env import same_bits  # the suite's own bit-for-bit comparison
     from warmpool.config import Settings
-    from warmpool.pool.engine_layout import EngineKey, attach_engine_layout, export_sync
+    from warmpool.engine_layouts import attach_engine_layout, export_sync
+    from warmpool.pool.engine_key import EngineKey
 
     settings = Settings.load()
     src = _tiny_llama(work)
@@ -251,6 +254,7 @@ PROFILE = """
 import cProfile, io, json, pstats, statistics, sys, time
 import torch
 from warmpool import attach
+
 if sys.argv[2].startswith("cuda"):
     torch.empty(1, device=sys.argv[2])  # a serving process has its CUDA context already
 times = []
@@ -480,12 +484,7 @@ def report(outcomes: list[Outcome], *, dry: bool, device: str, out: Path) -> Pat
                             ("table", o.figures.get("table"))):
             if text and o.status != "skipped":
                 lines += ["", f"## {o.step}: {label}", "", "```", str(text).rstrip(), "```"]
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / f"{name}.md"
-    md.write_text("\n".join(lines) + "\n")
-    (out / f"{name}.json").write_text(json.dumps(
-        {**meta, "steps": [asdict(o) for o in outcomes]}, indent=2) + "\n")
-    return md
+    return write_report(out, name, lines, {**meta, "steps": [asdict(o) for o in outcomes]})
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ few cores that others share, that is what decides whether more threads can help.
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import resource
@@ -40,6 +39,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from report import write_report  # bench/report.py: bench/ is first on sys.path
 
 HERE = Path(__file__).resolve().parent
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not named by Python's mmap module
@@ -325,10 +326,7 @@ def report(args: argparse.Namespace, samples: dict[str, list[dict[str, Any]]], s
         lines.append(f"| {r['label']} | {r['median_s']:.3f} s | {r['min_s']:.3f}-"
                      f"{r['max_s']:.3f} s | {r['gbps']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['cpu_s']:.2f} ({r['sys_s']:.2f}) | {ok} | {r['shmem_huge_kb']} kB |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"host_fill-{args.name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"host_fill-{args.name}.json").write_text(json.dumps(rows, indent=1))
+    write_report(args.out, f"host_fill-{args.name}", lines, rows)
     print("\n".join(lines))
 
 

@@ -8,8 +8,8 @@ a FRESH PROCESS (one subprocess per measurement, several repetitions, medians):
 * ``safetensors.torch.load_file`` + touch           (the obvious alternative, the baseline)
 * runai-model-streamer alone + touch                 (local directory: its default O_DIRECT
                                                       reads and buffered io_uring; S3)
-* ``warmpool.pool.prefetch``                              (time to warm, local and S3)
-* ``warmpool.pool.attachment`` of the warm entry, alone and + touch
+* ``warmpool.tiers.prefetch``                              (time to warm, local and S3)
+* ``warmpool.attachment`` of the warm entry, alone and + touch
 
 "Touch" is the same for every method: a sum over an int64 view of each tensor's bytes
 (the < 8-byte tail as uint8), so every byte is read once; the sums double as a checksum
@@ -129,7 +129,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         import torch  # noqa: F401
 
         from warmpool.config import Settings
-        from warmpool.pool.prefetch import prefetch
+        from warmpool.tiers.prefetch import prefetch
 
         imported = time.perf_counter()
         result = asyncio.run(prefetch(spec["uri"], settings=Settings.load()))
@@ -428,10 +428,10 @@ class Bench:
                             prepare="evict"))
             if cache == "cold":
                 continue  # the warm entry is shared memory, not page cache: nothing to make cold
-            rows.append(Row("attach" + c, "warmpool.pool.attachment (views only)", "shm", cache,
+            rows.append(Row("attach" + c, "warmpool.attachment (views only)", "shm", cache,
                             {"method": "attach", "uri": self.local_uri}, self.pool_env(),
                             prepare="warm"))
-            rows.append(Row("attach-touch" + c, "warmpool.pool.attachment + touch", "shm", cache,
+            rows.append(Row("attach-touch" + c, "warmpool.attachment + touch", "shm", cache,
                             {"method": "attach", "uri": self.local_uri, "touch": True},
                             self.pool_env(), prepare="warm"))
         wanted = set(self.args.only.split(",")) if self.args.only else None
@@ -583,7 +583,7 @@ class Bench:
 
 _REWARM = """
 import torch, safetensors.torch, runai_model_streamer
-for m in ("warmpool", "warmpool.pool.attachment", "warmpool.pool.prefetch"):
+for m in ("warmpool", "warmpool.attachment", "warmpool.tiers.prefetch"):
     try:
         __import__(m)
     except Exception:
@@ -661,7 +661,7 @@ def headline(report: dict[str, Any]) -> list[str]:
     out = []
     attach, touched = op("attach"), op("attach-touch")
     if attach is not None:
-        out.append(f"warmpool.pool.attachment: usable views in {_seconds(attach)} "
+        out.append(f"warmpool.attachment: usable views in {_seconds(attach)} "
                    f"(process wall {_seconds(rows['attach']['wall_s'])}, of which import "
                    f"{_seconds(rows['attach']['import_s'])}).")
     if touched is not None:

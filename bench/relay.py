@@ -45,10 +45,14 @@ from urllib.parse import quote_plus
 import aiohttp
 import boto3
 import redis
+from report import wait  # bench/report.py: bench/ is first on sys.path
+
+from warmpool.contract.keys import RedisKeys
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
+KEYS = RedisKeys()
 
 
 def free_port() -> int:
@@ -66,17 +70,6 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port} after {timeout:g}s")
-
-
-def wait(check: Any, what: str, timeout: float = 300.0, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 class Procs:
@@ -163,12 +156,12 @@ def bench_sqs(procs: Procs, aws: dict[str, Any], client: redis.Redis, redis_url:
               messages: int) -> dict[str, Any]:
     sqs = boto3.client("sqs", **aws)
     url = fill_queue(sqs, "bench-throughput", messages)
-    client.delete("warmpool:requests")
+    client.delete(KEYS.requests_stream)
     proc, log = procs.warmpool("relay-sqs", "relay", "sqs", url, "--redis", redis_url,
                                "--wait-s", "1")
     wait_log(log, "relay_started")
     start = time.monotonic()
-    wait(lambda: client.xlen("warmpool:requests") >= messages, "the SQS relay")
+    wait(lambda: client.xlen(KEYS.requests_stream) >= messages, "the SQS relay")
     seconds = time.monotonic() - start
     procs.stop(proc)
     return {"messages": messages, "seconds": seconds, "rate": messages / seconds}
@@ -195,7 +188,7 @@ async def _post_all(url: str, bodies: list[bytes], connections: int) -> list[int
 def bench_webhook(procs: Procs, client: redis.Redis, redis_url: str, requests: int,
                   connections: int) -> dict[str, Any]:
     port = free_port()
-    client.delete("warmpool:requests")
+    client.delete(KEYS.requests_stream)
     proc, log = procs.warmpool("relay-http", "relay", "http", "--listen", f"{HOST}:{port}",
                                "--redis", redis_url, "--rate", "1000000", "--burst", "1000000")
     wait_log(log, "relay_listening")
@@ -205,7 +198,7 @@ def bench_webhook(procs: Procs, client: redis.Redis, redis_url: str, requests: i
     seconds = time.monotonic() - start
     procs.stop(proc)
     ok = statuses.count(200)
-    assert client.xlen("warmpool:requests") == ok, "every 200 must be on the stream"
+    assert client.xlen(KEYS.requests_stream) == ok, "every 200 must be on the stream"
     return {"requests": requests, "ok": ok, "connections": connections, "seconds": seconds,
             "rate": requests / seconds}
 
@@ -250,7 +243,7 @@ def bench_e2e(procs: Procs, aws: dict[str, Any], client: redis.Redis, redis_url:
 
 
 def _warm_time(client: redis.Redis, uri: str) -> float | None:
-    for key in client.smembers("warmpool:entries:bench"):
+    for key in client.smembers(KEYS.node_entries("bench")):
         raw = client.hget(key, "entry")
         entry = json.loads(raw) if raw else {}
         if entry.get("uri") == uri and entry.get("state") == "warm":

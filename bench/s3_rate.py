@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import write_report  # bench/report.py: bench/ is first on sys.path
+
 HERE = Path(__file__).resolve().parent
 BUCKET = "bench"
 PREFIX = "model/"
@@ -92,7 +94,7 @@ def _prefetch(spec: dict[str, Any]) -> dict[str, Any]:
     from warmpool.config import Settings
     from warmpool.loading import native
     from warmpool.pool.entries import Pool
-    from warmpool.pool.prefetch import prefetch
+    from warmpool.tiers.prefetch import prefetch
 
     if spec["loader"] == "runai":
         import runai_model_streamer  # noqa: F401
@@ -283,10 +285,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], load_start: flo
               "rate). Prefetch rows: `prefetch()` in a fresh process until the entry is warm "
               "(plan, shared-memory segment creation and its page faults included), then "
               "evicted. runai own rate: `SafetensorsStreamer` drained, nothing copied."]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"s3_rate-{args.name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"s3_rate-{args.name}.json").write_text(json.dumps(rows, indent=1))
+    write_report(args.out, f"s3_rate-{args.name}", lines, rows)
     print("\n".join(lines))
 
 

@@ -26,12 +26,12 @@ import torch
 from tests.models import model_files, write_model
 from tests.redis_server import RedisServer
 from tests.servers import Backend
+from warmpool.attachment import attach
 from warmpool.config import ControllerOptions, Settings
 from warmpool.contract.keys import RedisKeys
 from warmpool.contract.redis_client import CONNECTION_ERRORS, connect
 from warmpool.controller.loop import Controller
 from warmpool.model.uri import ModelURI
-from warmpool.pool.attachment import attach
 from warmpool.pool.host import HostTier
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.redis import RedisRegistry

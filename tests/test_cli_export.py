@@ -14,11 +14,12 @@ import torch
 
 from tests.models import write_model
 from warmpool.config import Settings
+from warmpool.engine_layouts import export_sync
 from warmpool.errors import ConfigError, ExportError
 from warmpool.integrations.vllm_export import ExportOptions, _warm_first
 from warmpool.model.uri import parse_uri
 from warmpool.operations import metadata
-from warmpool.pool.engine_layout import EngineKey, export_sync
+from warmpool.pool.engine_key import EngineKey
 from warmpool.pool.host import HostTier
 
 KEY = EngineKey(checkpoint="cd" * 32, engine="vllm", engine_version="0.32.0",

@@ -34,15 +34,15 @@ from tests.controller_harness import (
 from tests.models import write_model
 from tests.redis_server import Failover
 from tests.servers import Backend
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.contract.redis_client import connect
 from warmpool.contract.requests import Request
 from warmpool.controller.desired import DesiredState
 from warmpool.model.uri import parse_uri
-from warmpool.pool.attachment import attach
 from warmpool.pool.host import HostTier
-from warmpool.pool.prefetch import prefetch
 from warmpool.pool.registry.base import PoolEntry, State
+from warmpool.tiers.prefetch import prefetch
 
 # --- uploads --------------------------------------------------------------------------------
 
@@ -406,20 +406,20 @@ async def _other_hash(harness: Harness, uri: object, than: PoolEntry) -> str:
 async def test_stop_abandons_a_stream_in_flight_without_leaving_it_partial(
         harness: Harness, s3_backend: Backend, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import warmpool.pool.prefetch
+    import warmpool.tiers.prefetch
     from tests.pool_env import segments_of
 
     model = make_model(tmp_path / "src", shards=2)
     for name, data in model.files.items():
         s3_backend.put("m/" + name, data)
     uri = s3_backend.uri_for("m/")
-    real_fill = warmpool.pool.prefetch.fill_buffer
+    real_fill = warmpool.tiers.prefetch.fill_buffer
 
     async def stalled_fill(*args: Any, **kwargs: Any) -> str:
         await asyncio.sleep(60)  # a very slow store: the stream is still running at SIGTERM
         return await real_fill(*args, **kwargs)
 
-    monkeypatch.setattr(warmpool.pool.prefetch, "fill_buffer", stalled_fill)
+    monkeypatch.setattr(warmpool.tiers.prefetch, "fill_buffer", stalled_fill)
     first = await harness.start()
     await harness.xadd(ask("deploy", uri))
     await harness.wait_entry(uri, State.STREAMING)
@@ -428,7 +428,7 @@ async def test_stop_abandons_a_stream_in_flight_without_leaving_it_partial(
     assert failed.error == "interrupted" and segments_of(harness.settings) == []
     assert not first.dispatcher.busy
     # Its stream entry was never acknowledged: the next controller takes it over.
-    monkeypatch.setattr(warmpool.pool.prefetch, "fill_buffer", real_fill)
+    monkeypatch.setattr(warmpool.tiers.prefetch, "fill_buffer", real_fill)
     await harness.start()
     await harness.wait_entry(uri)
     await wait_until(lambda: _no_pending(harness, KEYS.requests_stream), "the entry's ack")
@@ -438,7 +438,7 @@ async def test_stop_abandons_a_stream_in_flight_without_leaving_it_partial(
 async def test_evict_cancels_a_warm_up_in_flight(harness: Harness, s3_backend: Backend,
                                                  tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import warmpool.pool.prefetch
+    import warmpool.tiers.prefetch
 
     for name, data in make_model(tmp_path / "src", shards=1).files.items():
         s3_backend.put("m/" + name, data)
@@ -448,7 +448,7 @@ async def test_evict_cancels_a_warm_up_in_flight(harness: Harness, s3_backend: B
         await asyncio.sleep(60)
         raise AssertionError("never reached")
 
-    monkeypatch.setattr(warmpool.pool.prefetch, "fill_buffer", stalled_fill)
+    monkeypatch.setattr(warmpool.tiers.prefetch, "fill_buffer", stalled_fill)
     ctl = await harness.start()
     await harness.xadd(ask("deploy", uri, request_id="d"))
     await harness.wait_entry(uri, State.STREAMING)

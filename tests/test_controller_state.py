@@ -13,13 +13,13 @@ import pytest
 from tests.controller_harness import FAST, KEYS, Harness, ask, wait_until
 from tests.models import model_files, write_model
 from tests.servers import Backend
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.contract.requests import Request
 from warmpool.controller import remote
 from warmpool.controller import uploads as uploads_module
 from warmpool.controller.loop import Controller, redis_run_id
 from warmpool.model.uri import ModelURI, parse_uri
-from warmpool.pool.attachment import attach
 from warmpool.pool.registry.base import State
 
 QUIET = replace(FAST, heartbeat_s=600.0, claim_idle_s=600.0)  # we call _beat ourselves

@@ -22,13 +22,13 @@ from safetensors.torch import load_file, save_file
 from tests.models import model_files, write_model
 from tests.pool_env import segments_of
 from tests.servers import Backend
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import CapacityError, NotWarmError
-from warmpool.pool.attachment import attach
 from warmpool.pool.entries import Pool
 from warmpool.pool.eviction import choose_victims, entry_candidate, inherits_pin, superseded
-from warmpool.pool.prefetch import prefetch
 from warmpool.pool.registry.base import PoolEntry, State
+from warmpool.tiers.prefetch import prefetch
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ def test_a_model_that_fits_the_capacity_but_not_dev_shm_fails_cleanly(
         from warmpool.errors import CapacityError
         from warmpool.pool.entries import Pool
         from warmpool.pool.host import SHM_DIR
-        from warmpool.pool.prefetch import prefetch
+        from warmpool.tiers.prefetch import prefetch
 
         settings = Settings.load(host_capacity=1 << 30)
         async def main():

@@ -16,20 +16,14 @@ import torch
 from tests.models import random_tensor, write_model
 from tests.pool_env import run_cli, run_python, segments_of
 from tests.workers_env import same_bits
+from warmpool.attachment import attach
 from warmpool.config import Settings
+from warmpool.engine_layouts import attach_engine_layout, engine_layouts, export, export_sync
 from warmpool.errors import CapacityError, LeaseHeldError
-from warmpool.pool.attachment import attach
-from warmpool.pool.engine_layout import (
-    EngineKey,
-    attach_engine_layout,
-    engine_layouts,
-    export,
-    export_sync,
-    layout_uri,
-)
+from warmpool.pool.engine_key import EngineKey, layout_uri
 from warmpool.pool.entries import Pool
-from warmpool.pool.prefetch import prefetch
 from warmpool.pool.registry.base import State
+from warmpool.tiers.prefetch import prefetch
 
 KEY = EngineKey(checkpoint="ab" * 32, engine="vllm", engine_version="0.32.0",
                 dtype="bfloat16", quantization="none", tp_size=2, rank=1)
@@ -101,7 +95,7 @@ def test_export_then_attach_is_bit_exact_from_another_process(settings: Settings
     code = (
         "import json, sys\n"
         "from warmpool.config import Settings\n"
-        "from warmpool.pool.engine_layout import EngineKey, attach_engine_layout\n"
+        "from warmpool.engine_layouts import EngineKey, attach_engine_layout\n"
         "key = EngineKey.from_json(json.loads(sys.argv[1]))\n"
         "m = attach_engine_layout(key, Settings.load())\n"
         "print(json.dumps({n: t.float().sum().item() for n, t in m.items() if t.numel()}))\n")
@@ -122,7 +116,7 @@ def test_any_key_change_misses_and_says_why(settings: Settings, change: dict[str
                                             caplog: pytest.LogCaptureFixture) -> None:
     export_sync(KEY, processed_params().items(), checkpoint_uri=URI, settings=settings)
     other = replace(KEY, **change)  # type: ignore[arg-type]
-    with caplog.at_level(logging.INFO, logger="warmpool.pool.engine_layout"):
+    with caplog.at_level(logging.INFO, logger="warmpool.engine_layouts"):
         assert attach_engine_layout(other, settings) is None
     field, value = next(iter(change.items()))
     message = caplog.text

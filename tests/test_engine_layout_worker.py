@@ -25,18 +25,11 @@ import torch
 
 from tests.models import random_tensor
 from tests.workers_env import ROOT, InProcessWorkers, same_bits, settings_for, worker_env
+from warmpool.attachment import AttachedModel
 from warmpool.config import Settings
+from warmpool.engine_layouts import attach_engine_layout, export, export_sync
 from warmpool.errors import CapacityError, WorkerError
-from warmpool.pool.attachment import AttachedModel
-from warmpool.pool.engine_layout import (
-    EngineKey,
-    ExportResult,
-    attach_engine_layout,
-    export,
-    export_sync,
-    layout_uri,
-    plan_engine_layout,
-)
+from warmpool.pool.engine_key import EngineKey, ExportResult, layout_uri, plan_engine_layout
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.pool.views import tensor_views
@@ -211,7 +204,7 @@ async def test_a_different_key_misses_and_the_miss_is_logged_with_the_difference
         start_worker: StartWorker, caplog: pytest.LogCaptureFixture) -> None:
     worker, settings = await start_worker()
     await export_to(settings)
-    with caplog.at_level(logging.INFO, logger="warmpool.pool.engine_layout"):
+    with caplog.at_level(logging.INFO, logger="warmpool.engine_layouts"):
         assert await attach_layout(settings, replace(KEY, dtype="float16")) is None
     [message] = [r.getMessage() for r in caplog.records if "no engine layout" in r.message]
     assert "dtype 'float16' != 'bfloat16'" in message and DEVICE in message
@@ -226,7 +219,7 @@ async def test_an_entry_whose_key_differs_from_the_asked_one_is_not_used(
     # A registry record that disagrees with the hash (as a buggy or foreign writer might
     # leave): the attach sees the key the worker holds and refuses it.
     resident.entry = replace(resident.entry, engine={**KEY.to_json(), "dtype": "float16"})
-    with caplog.at_level(logging.INFO, logger="warmpool.pool.engine_layout"):
+    with caplog.at_level(logging.INFO, logger="warmpool.engine_layouts"):
         assert await attach_layout(settings) is None
     assert any("has key" in r.getMessage() for r in caplog.records)
     await until(lambda: not resident.leases)  # the lease it took was given back
@@ -235,7 +228,7 @@ async def test_an_entry_whose_key_differs_from_the_asked_one_is_not_used(
 async def test_no_worker_on_the_device_is_a_logged_miss(
         start_worker: StartWorker, caplog: pytest.LogCaptureFixture) -> None:
     _, settings = await start_worker()
-    with caplog.at_level(logging.INFO, logger="warmpool.pool.engine_layout"):
+    with caplog.at_level(logging.INFO, logger="warmpool.engine_layouts"):
         assert await attach_layout(settings, device="cpu:1") is None
     assert any("no engine layout" in r.getMessage() and "cpu:1" in r.getMessage()
                for r in caplog.records)

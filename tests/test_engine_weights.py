@@ -31,8 +31,8 @@ from warmpool.integrations.weights import (
 from warmpool.model.cache import MetadataCache
 from warmpool.model.uri import parse_uri
 from warmpool.pool.entries import Pool
-from warmpool.pool.prefetch import prefetch
 from warmpool.pool.registry.base import State
+from warmpool.tiers.prefetch import prefetch
 
 LOGGER = "warmpool.integrations.weights"
 

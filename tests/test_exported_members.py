@@ -2,7 +2,7 @@
 
 A short, sorted list of names that all exist and none private; and every module of the
 package is reached as a module, never shadowed by a function of the same name (so
-``import warmpool.pool.attachment`` gives the module, not ``attach``).
+``import warmpool.attachment`` gives the module, not ``attach``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_every_error_can_be_caught_as_a_warmpool_error() -> None:
 
 def test_every_module_imports_as_a_module() -> None:
     names = [m.name for m in pkgutil.walk_packages(warmpool.__path__, "warmpool.")]
-    assert "warmpool.pool.attachment" in names and "warmpool.operations" in names
+    assert "warmpool.attachment" in names and "warmpool.operations" in names
     for name in names:
         module = importlib.import_module(name)
         assert isinstance(module, types.ModuleType), name

@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 
 from tests.models import write_model
 from tests.pool_env import run_cli, segments_of
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import NotWarmError
 from warmpool.pool import attachment
-from warmpool.pool.attachment import attach
 from warmpool.pool.host import SHM_DIR, HostTier
-from warmpool.pool.prefetch import prefetch
 from warmpool.pool.registry.base import State
+from warmpool.tiers.prefetch import prefetch
 
 
 @pytest.fixture

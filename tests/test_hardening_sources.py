@@ -16,9 +16,9 @@ from safetensors.torch import load
 
 from tests.models import model_files, write_model
 from tests.pool_env import run_cli, segments_of
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.model.cache import MetadataCache
-from warmpool.pool.attachment import attach
 from warmpool.pool.entries import Pool
 from warmpool.pool.registry.base import State
 
@@ -27,7 +27,7 @@ from warmpool.pool.registry.base import State
 REPLACE_MID_STREAM = textwrap.dedent("""
     import asyncio, json, os, sys
     from warmpool.config import Settings
-    from warmpool.pool.prefetch import prefetch
+    from warmpool.tiers.prefetch import prefetch
 
     uri, loader, key, new_file = sys.argv[1:5]
     new = open(new_file, "rb").read() if new_file != "-" else None

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.models import write_model
 from tests.pool_env import run_cli, run_python, segments_of
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import (
     CapacityError,
@@ -29,11 +30,10 @@ from warmpool.errors import (
     StorageError,
     StreamError,
 )
-from warmpool.pool.attachment import attach
 from warmpool.pool.entries import Pool
-from warmpool.pool.prefetch import prefetch
 from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import State
+from warmpool.tiers.prefetch import prefetch
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -105,7 +105,7 @@ async def test_views_share_one_mapping_and_are_read_only(model_dir: Path,
     # A write through a view must fault, not silently change weights others share.
     name = next(iter(reference(model_dir)))
     code = textwrap.dedent(f"""
-        from warmpool.pool.attachment import attach
+        from warmpool.attachment import attach
         w = attach({str(model_dir)!r})
         w[{name!r}].view(-1)[0] = 0
         print("WROTE")
@@ -382,7 +382,7 @@ async def test_file_changed_after_listing_fails_cleanly(model_dir: Path, setting
 PREFETCH_THAT_STALLS = """
 import asyncio, sys, time
 from warmpool.config import Settings
-from warmpool.pool.prefetch import prefetch
+from warmpool.tiers.prefetch import prefetch
 
 def factory(total):
     def on_chunk(n):  # a slow stream: the signal lands while the segment is half full
@@ -498,7 +498,7 @@ async def test_second_object_store_in_one_process_falls_back_to_native(
     code = textwrap.dedent(f"""
         import asyncio, json
         from warmpool.config import Settings
-        from warmpool.pool.prefetch import prefetch
+        from warmpool.tiers.prefetch import prefetch
         async def main():
             for uri in {uris!r}:
                 r = await prefetch(uri, settings=Settings.load())

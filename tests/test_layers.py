@@ -10,6 +10,7 @@ lower package would have to read the upper one too.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "warmpool"
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "contract": ("controller", "relay", "pool", "node", "cli", "console", "operations",
                  "integrations", "loading", "workers"),
-    "pool": ("controller", "relay", "node", "cli", "console", "operations"),
+    "pool": ("controller", "relay", "node", "cli", "console", "operations", "loading",
+             "workers", "tiers", "attachment", "engine_layouts"),
+    "loading": ("controller", "relay", "node", "cli", "operations", "workers", "tiers",
+                "attachment", "engine_layouts"),
+    "workers": ("controller", "relay", "node", "cli", "operations", "tiers", "attachment",
+                "engine_layouts"),
     "controller": ("relay", "node", "cli", "console"),
     "relay": ("controller", "node", "cli"),
     "model": ("controller", "relay", "pool", "node", "cli", "loading", "contract"),
@@ -68,11 +74,33 @@ def test_the_contract_package_holds_the_shared_parts() -> None:
     alone: the old homes are gone, so nothing can import the contract from above."""
     for gone in ("controller/keys.py", "controller/events.py", "controller/deadletter.py",
                  "controller/redis_client.py", "controller/redis_lock.py",
-                 "controller/serve.py"):
+                 "controller/serve.py", "controller/worker_bridge.py", "pool/prefetch.py",
+                 "pool/attachment.py", "pool/engine_layout.py"):
         assert not (PACKAGE / gone).exists(), gone
     for here in ("keys", "requests", "notifications", "watchlist", "deadletter",
                  "redis_client", "redis_lock"):
         assert (PACKAGE / "contract" / f"{here}.py").is_file(), here
+
+
+#: Where a module may ask "the host tier or a worker's device?": the selector, and the
+#: pool's own bookkeeping of host segments (leases, renames, reclaiming) below it.
+DEVICE_BRANCH = re.compile(r'device\)? ?(==|!=) ?(HOST_DEVICE|"cpu")|is_host\(')
+SELECTOR = {"tiers/base.py", "tiers/workers.py", "pool/entries.py",
+            "contract/requests.py"}  # an engine layout is asked of the host tier only
+
+
+def test_one_selector_decides_host_tier_or_worker() -> None:
+    """Prefetch, evict, attach, engine layouts and the controller ask the tier of a
+    device (``tier_for``), never the device string itself."""
+    found = []
+    for module in sorted(PACKAGE.rglob("*.py")):
+        where = module.relative_to(PACKAGE).as_posix()
+        if where.startswith(("workers/", "integrations/")) or where in SELECTOR:
+            continue
+        for number, line in enumerate(module.read_text().splitlines(), 1):
+            if DEVICE_BRANCH.search(line):
+                found.append(f"{where}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
 
 
 def test_the_checker_sees_lazy_imports(tmp_path: Path) -> None:

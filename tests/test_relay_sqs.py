@@ -22,9 +22,9 @@ from tests.models import write_model
 from tests.redis_server import RedisServer
 from tests.servers import S3Backend, Server
 from tests.test_controller_serve import NODE, Serve, serving  # noqa: F401 - the fixture
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.contract.keys import RedisKeys
-from warmpool.pool.attachment import attach
 
 KEYS = RedisKeys()
 VISIBILITY_S = 2

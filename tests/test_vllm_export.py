@@ -29,7 +29,7 @@ from tests.engine_harness import (
 from tests.servers import S3Backend, Server
 from tests.test_vllm_zero_copy import VIEWS
 from warmpool.model.uri import parse_uri
-from warmpool.pool.engine_layout import EngineKey
+from warmpool.pool.engine_key import EngineKey
 from warmpool.pool.host import HostTier
 
 

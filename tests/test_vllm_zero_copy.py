@@ -28,7 +28,7 @@ from tests.engine_harness import (
     vllm_python,
 )
 from tests.servers import S3Backend, Server
-from warmpool.pool.engine_layout import EngineKey
+from warmpool.pool.engine_key import EngineKey
 from warmpool.pool.host import HostTier
 
 VIEWS = re.compile(r"\(warmpool, engine layout (\S+), rank (\d)\); (\d+) of (\d+) parameters "

@@ -24,9 +24,9 @@ from tests.workers_env import (
     wait_for,
     write_even_model,
 )
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import LeaseHeldError, WarmpoolError
-from warmpool.pool.attachment import attach
 from warmpool.pool.registry.base import State
 from warmpool.pool.registry.files import FileRegistry
 from warmpool.workers.cli import app

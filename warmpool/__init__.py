@@ -44,17 +44,17 @@ from warmpool.errors import (
 )
 
 if typing.TYPE_CHECKING:
+    from warmpool.attachment import AttachedModel, attach
     from warmpool.model.cache import CachedModel
     from warmpool.operations import Evicted, Prefetched, evict, metadata, prefetch, status
-    from warmpool.pool.attachment import AttachedModel, attach
     from warmpool.pool.registry.base import PoolEntry, State
 
 __version__ = "0.2.0"
 
 #: Public name → the module that defines it, imported when the name is first used.
 _LAZY = {
-    "AttachedModel": "warmpool.pool.attachment",
-    "attach": "warmpool.pool.attachment",
+    "AttachedModel": "warmpool.attachment",
+    "attach": "warmpool.attachment",
     "CachedModel": "warmpool.model.cache",
     "Evicted": "warmpool.operations",
     "Prefetched": "warmpool.operations",

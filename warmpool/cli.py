@@ -220,7 +220,7 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
 
 def _engine_label(entry: Any) -> str:
     """An engine-layout entry's key in short (blank for a checkpoint's entry)."""
-    from warmpool.pool.engine_layout import EngineKey
+    from warmpool.pool.engine_key import EngineKey
 
     if entry.engine is None:
         return ""
@@ -274,7 +274,7 @@ def attach_cmd(ref: str, device: str = typer.Option("cpu"),
     """Attach to a warm model, as a serving process would, and report the cost."""
     import torch  # noqa: F401  (a serving process has it loaded before it attaches)
 
-    from warmpool.pool.attachment import attach
+    from warmpool.attachment import attach
 
     settings = _settings(config)
     start = time.perf_counter()

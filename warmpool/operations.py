@@ -18,14 +18,13 @@ Imports stay inside the functions: a serving process imports :mod:`warmpool` for
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from warmpool.config import Settings, parse_bytes
-from warmpool.errors import ConfigError
+from warmpool.errors import ConfigError, PoolError
+from warmpool.threads import run_sync
 
 if TYPE_CHECKING:
     from warmpool.controller.failures import Failing
@@ -114,22 +113,23 @@ def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, sharding: str = "rep
         _refuse_tuning(tuning, settings)
         return _run(_prefetch_controller(controller, uri, settings, device, tp, sharding,
                                          timeout_s))
-    if device != "cpu" or tp > 1:
-        from warmpool.workers.client import prefetch_via_workers
-
-        data = prefetch_via_workers(uri, device=device, tp=tp, sharding=sharding, loader=loader,
-                                    settings=settings)
-        return _prefetched(data, node=settings.node, via="workers")
+    from warmpool.model.uri import parse_uri
     from warmpool.pool.entries import Pool
-    from warmpool.pool.prefetch import prefetch as prefetch_host
+    from warmpool.tiers.base import tier_for
 
     pool = Pool(settings)
     _run(pool.forget_history(HISTORY_KEEP_S))
-    result = _run(prefetch_host(uri, settings=settings, pool=pool,
-                                loader=loader,  # type: ignore[arg-type]
-                                progress=progress))
-    return _prefetched({**result.to_json(), "seconds": result.seconds},
-                       node=settings.node, via="process")
+    tier = tier_for(device, settings, pool=pool, tp=tp)
+    loaded = _run(tier.load(parse_uri(uri), tp=tp, sharding=sharding, loader=loader,
+                            progress=progress))
+    if loaded.entry is None or loaded.state != "warm":
+        raise PoolError(f"{uri} on {device}: {loaded.error or loaded.state}")
+    e = loaded.entry
+    return Prefetched(uri=loaded.uri, content_hash=e.content_hash, node=e.node or settings.node,
+                      device=loaded.devices[0] if loaded.devices else device,
+                      devices=loaded.devices or (device,), bytes=e.bytes, tensors=e.tensors,
+                      seconds=loaded.seconds, loader=loaded.loader,
+                      already_warm=loaded.already_warm, via=tier.via, aliases=loaded.aliases)
 
 
 def evict(ref: str, device: str = "cpu", *, force: bool = False,
@@ -149,15 +149,11 @@ def evict(ref: str, device: str = "cpu", *, force: bool = False,
         reply = _run(remote.evict(controller, ref, settings=settings, device=device,
                                   force=force))
         return _evicted(reply, via="controller")
-    if device != "cpu":
-        from warmpool.workers.client import evict_via_workers
+    from warmpool.tiers.base import tier_for
 
-        return _evicted(evict_via_workers(ref, device=device, settings=settings, force=force),
-                        via="workers")
-    from warmpool.pool.entries import Pool
-
-    entry = _run(Pool(settings).evict(ref, device, force=force))
-    return _evicted(entry.to_json(), via="process")
+    tier = tier_for(device, settings)
+    entry = _run(tier.evict(ref, force=force))
+    return _evicted(entry.to_json(), via=tier.via)
 
 
 def status(*, history: bool = False, settings: Settings | None = None,
@@ -295,11 +291,4 @@ def _evicted(data: dict[str, Any], *, via: str) -> Evicted:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to the end; inside a running event loop (a caller that forgot
-    ``asyncio.to_thread``) on a thread of its own rather than fail."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+    return run_sync(coro)

@@ -18,5 +18,5 @@ One job per module, in the order data flows:
   finding workers, device identity by GPU UUID, process plumbing.
 
 Serving processes attach through :mod:`warmpool.workers.gpu_attach`
-(``warmpool.pool.attachment`` calls it for any device other than ``cpu``).
+(:mod:`warmpool.tiers.workers` calls it for every device but the host tier, ``cpu``).
 """

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,11 @@ from warmpool.config import Settings
 from warmpool.errors import ConfigError, WarmpoolError, WorkerError
 from warmpool.model.uri import parse_uri
 from warmpool.pool.refs import ModelRef
+from warmpool.threads import run_sync
 from warmpool.workers.devices import DeviceSpec, device_uuid, parse_device
 from warmpool.workers.discovery import WorkerRecord, find_worker, read_records
 from warmpool.workers.plan import DEFAULT_SHARD_PATTERN, ModelPlan, plan_model
-from warmpool.workers.protocol import Channel, Message
+from warmpool.workers.protocol import AsyncChannel, Channel, Message
 
 #: Loads stream whole models: no deadline by default (Ctrl-C still works).
 LOAD_TIMEOUT: float | None = None
@@ -58,15 +58,36 @@ def group_devices(device: str, tp: int) -> list[str]:
     return [str(DeviceSpec(spec.kind, spec.index + r)) for r in range(tp)]
 
 
-def prefetch_via_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
-                         sharding: str = "replicated", loader: str = "auto",
-                         settings: Settings, plan: ModelPlan | None = None,
-                         shard_pattern: str = DEFAULT_SHARD_PATTERN,
-                         timeout: float | None = LOAD_TIMEOUT) -> dict[str, Any]:
+async def acall(record: WorkerRecord, message: Message,
+                timeout: float | None = QUICK_TIMEOUT) -> Message:
+    """:func:`call` on the caller's event loop: one request, one reply, on a fresh
+    connection. Cancelling closes the connection (the worker sees its client gone)."""
+    path = Path(record.socket)
+    try:
+        channel = await asyncio.wait_for(AsyncChannel.connect(path), 10.0)
+    except (OSError, TimeoutError) as exc:
+        raise WorkerError(f"cannot reach the worker at {path}: "
+                          f"{getattr(exc, 'strerror', None) or exc or 'timed out'} "
+                          "(is it running? `warmpool workers status`)") from exc
+    try:
+        return await asyncio.wait_for(channel.request(message), timeout)
+    except (OSError, TimeoutError) as exc:  # a timeout, or the worker dying mid-request
+        raise WorkerError(f"worker {record.device} (pid {record.pid}): "
+                          f"{exc or 'timed out'}") from exc
+    finally:
+        channel.close()
+
+
+async def load_on_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
+                          sharding: str = "replicated", loader: str = "auto",
+                          settings: Settings, plan: ModelPlan | None = None,
+                          shard_pattern: str = DEFAULT_SHARD_PATTERN,
+                          timeout: float | None = LOAD_TIMEOUT) -> dict[str, Any]:
     """Make ``uri`` warm on ``device`` (and the next ``tp - 1`` devices); a summary dict
-    shaped like :meth:`warmpool.pool.prefetch.PrefetchResult.to_json`."""
+    (uri, content hash, devices, bytes, tensors, loader, seconds, ranks). ``plan``: the
+    caller's plan of the model, so that it is not listed a second time."""
     started = time.perf_counter()
-    plan = plan or asyncio.run(plan_model(parse_uri(uri), settings.cache_dir))
+    plan = plan or await plan_model(parse_uri(uri), settings.cache_dir)
     devices = group_devices(device, tp)
     records = [worker_for(settings, d) for d in devices]
     layouts = plan.rank_layouts(len(devices), sharding, shard_pattern)
@@ -74,19 +95,28 @@ def prefetch_via_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
             "streamer": {"concurrency": settings.streamer.concurrency,
                          "memory_limit": settings.streamer.memory_limit}}
     if sharding == "replicated" and len(records) > 1:
-        reply = call(records[0], {"op": "group_load", **base, "layout": layouts[0].to_json(),
-                                  "peers": [r.socket for r in records[1:]]}, timeout)
+        reply = await acall(records[0], {"op": "group_load", **base,
+                                         "layout": layouts[0].to_json(),
+                                         "peers": [r.socket for r in records[1:]]}, timeout)
         ranks = [{**_fields(r), "device": devices[r["rank"]]} for r in reply.pop("ranks")]
     else:
-        def load(i: int) -> Message:
-            return call(records[i], {"op": "load", **base, "layout": layouts[i].to_json()},
-                        timeout)
-
-        with ThreadPoolExecutor(max_workers=len(records)) as pool:
-            replies = list(pool.map(load, range(len(records))))
+        replies = await asyncio.gather(*(
+            acall(record, {"op": "load", **base, "layout": layout.to_json()}, timeout)
+            for record, layout in zip(records, layouts)))
         reply = replies[0]
         ranks = [{"rank": i, **_fields(r)} for i, r in enumerate(replies)]
     return _summary(reply, ranks, devices, sharding, time.perf_counter() - started)
+
+
+def prefetch_via_workers(uri: str, *, device: str = "cuda:0", tp: int = 1,
+                         sharding: str = "replicated", loader: str = "auto",
+                         settings: Settings, plan: ModelPlan | None = None,
+                         shard_pattern: str = DEFAULT_SHARD_PATTERN,
+                         timeout: float | None = LOAD_TIMEOUT) -> dict[str, Any]:
+    """:func:`load_on_workers`, for synchronous callers (the CLI, tests)."""
+    return run_sync(load_on_workers(uri, device=device, tp=tp, sharding=sharding,
+                                    loader=loader, settings=settings, plan=plan,
+                                    shard_pattern=shard_pattern, timeout=timeout))
 
 
 def _fields(reply: Message) -> dict[str, Any]:
@@ -121,11 +151,18 @@ def workers_status(settings: Settings) -> list[dict[str, Any]]:
     return out
 
 
+async def evict_on_worker(ref: str, *, device: str, settings: Settings,
+                          force: bool = False, grace_s: float = 5.0) -> dict[str, Any]:
+    """Ask ``device``'s worker to free ``ref``: holders get a detach notice and
+    ``grace_s`` seconds; refused while a lease remains unless ``force``. The entry."""
+    reply = await acall(worker_for(settings, device),
+                        {"op": "evict", "ref": ModelRef.parse(ref).text, "force": force,
+                         "grace_s": grace_s}, timeout=grace_s + QUICK_TIMEOUT)
+    return dict(reply["entry"])
+
+
 def evict_via_workers(ref: str, *, device: str, settings: Settings, force: bool = False,
                       grace_s: float = 5.0) -> dict[str, Any]:
-    """Ask ``device``'s worker to free ``ref``: holders get a detach notice and
-    ``grace_s`` seconds; refused while a lease remains unless ``force``."""
-    reply = call(worker_for(settings, device),
-                 {"op": "evict", "ref": ModelRef.parse(ref).text, "force": force,
-                  "grace_s": grace_s}, timeout=grace_s + QUICK_TIMEOUT)
-    return dict(reply["entry"])
+    """:func:`evict_on_worker`, for synchronous callers (the CLI, tests)."""
+    return run_sync(evict_on_worker(ref, device=device, settings=settings, force=force,
+                                    grace_s=grace_s))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from warmpool.errors import ProtocolError, WarmpoolError, WorkerError
 from warmpool.model.uri import parse_uri
-from warmpool.pool.engine_layout import EngineKey
+from warmpool.pool.engine_key import EngineKey
 from warmpool.pool.layout import Layout
 from warmpool.pool.refs import looks_like_hash
 from warmpool.pool.registry.base import State

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from warmpool.config import Settings
 from warmpool.errors import WarmpoolError
-from warmpool.pool.engine_layout import EngineKey, ExportResult, layout_uri, plan_engine_layout
+from warmpool.pool.engine_key import EngineKey, ExportResult, layout_uri, plan_engine_layout
 from warmpool.pool.layout import Layout
 from warmpool.pool.registry.base import PoolEntry
 from warmpool.workers.buffers import open_writable

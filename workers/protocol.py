@@ -341,7 +341,8 @@ class AsyncChannel:
         while True:
             got = await self.recv()
             if got is None:
-                raise WorkerError("peer worker closed the connection without replying")
+                raise WorkerError("the worker closed the connection without replying (did "
+                                  "it die? see `warmpool workers status`)")
             reply, fds = got
             for fd in fds:
                 os.close(fd)

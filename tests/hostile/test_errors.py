@@ -10,6 +10,7 @@ import pytest
 
 from tests.controller_harness import KEYS, Harness, ask, wait_until
 from tests.models import write_model
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import (
     CapacityError,
@@ -20,7 +21,6 @@ from warmpool.errors import (
     StorageError,
     WorkerError,
 )
-from warmpool.pool.attachment import attach
 from warmpool.workers.protocol import Channel, error_reply, ok, raise_for_error
 
 

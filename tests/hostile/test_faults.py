@@ -21,12 +21,12 @@ from tests.models import model_files, write_model
 from tests.pool_env import run_python, segments_of
 from tests.redis_server import RedisServer
 from tests.servers import Server, _boto3_client, unique_name
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import WarmpoolError
-from warmpool.pool.attachment import attach
 from warmpool.pool.entries import Pool
-from warmpool.pool.prefetch import prefetch
 from warmpool.pool.registry.base import State
+from warmpool.tiers.prefetch import prefetch
 
 #: Where the prefetching process is killed: when its room is reserved (segment created,
 #: no byte in it), after its second streamed piece, or after a delay from its start.
@@ -35,7 +35,7 @@ KILL_POINTS = ["reserved", "mid-stream", "after:0", "after:0.05", "after:0.15", 
 CHILD = textwrap.dedent("""
     import asyncio, os, signal, sys, threading
     from warmpool.config import Settings
-    from warmpool.pool.prefetch import prefetch
+    from warmpool.tiers.prefetch import prefetch
 
     path, point = sys.argv[1], sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)

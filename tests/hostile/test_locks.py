@@ -15,8 +15,8 @@ import torch
 
 from tests.models import write_model
 from tests.pool_env import run_python
+from warmpool.attachment import attach
 from warmpool.config import Settings
-from warmpool.pool.attachment import attach
 from warmpool.pool.entries import Pool
 from warmpool.pool.registry.base import State
 
@@ -65,7 +65,7 @@ async def test_concurrent_prefetches_with_eviction_on_two_threads(tmp_path: Path
         import asyncio, concurrent.futures, json
         from warmpool.config import Settings
         from warmpool.pool.entries import Pool
-        from warmpool.pool.prefetch import prefetch
+        from warmpool.tiers.prefetch import prefetch
         from warmpool.errors import WarmpoolError
 
         async def main():

@@ -18,6 +18,7 @@ import torch
 
 from tests.models import write_model
 from tests.pool_env import segments_of
+from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import (
     IncompleteModelError,
@@ -28,10 +29,9 @@ from warmpool.errors import (
 )
 from warmpool.model.identity import INDEX_FILE
 from warmpool.model.safetensors import parse_header
-from warmpool.pool.attachment import attach
 from warmpool.pool.entries import Pool
-from warmpool.pool.prefetch import prefetch
 from warmpool.pool.registry.base import State
+from warmpool.tiers.prefetch import prefetch
 
 CONFIG = b'{"architectures": ["LlamaForCausalLM"]}'
 

@@ -25,7 +25,7 @@ from warmpool.controller.embedded_redis import EmbeddedRedis
 from warmpool.errors import ConfigError, ProtocolError
 from warmpool.pool.entries import Pool
 from warmpool.pool.host import SHM_DIR
-from warmpool.pool.prefetch import prefetch
+from warmpool.tiers.prefetch import prefetch
 from warmpool.workers.protocol import check_peer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")

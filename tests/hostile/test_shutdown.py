@@ -45,28 +45,49 @@ async def test_a_second_stop_cuts_the_grace_period_short(
 
 def test_a_gpu_load_stuck_in_its_thread_does_not_block_exit(settings: object) -> None:
     """The user gets: ``warmpool serve`` exits after a stop even while a worker is still
-    loading (its blocking call runs in a thread the exit does not wait for)."""
+    loading. The worker here accepts the load and never answers; the controller's tier
+    talks to it on its own event loop, so cancelling the load closes the connection and
+    nothing is left to wait for at exit."""
     code = textwrap.dedent("""
-        import asyncio, threading, time
+        import asyncio, os, socket, tempfile, threading
         import warmpool.workers.client as client
         from warmpool.config import Settings
-        from warmpool.controller.worker_bridge import WorkerBridge
+        from warmpool.model.uri import parse_uri
+        from warmpool.tiers.workers import WorkerTierOps
+        from warmpool.workers.discovery import WorkerRecord
 
-        started = threading.Event()
-        def stuck_load(*args, **kwargs):
-            started.set()
-            time.sleep(3600)  # a worker that never answers
+        path = os.path.join(tempfile.mkdtemp(), "stuck.sock")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(1)
+        accepted = threading.Event()
+        held = []
+        def accept():  # a worker that takes the request and never answers
+            held.append(server.accept()[0])
+            accepted.set()
+        threading.Thread(target=accept, daemon=True).start()
+        record = WorkerRecord("cuda0", "cuda:0", "0", os.getpid(), path, "auto")
         client.group_devices = lambda device, tp: [device]
-        client.worker_for = lambda settings, device: None
-        client.prefetch_via_workers = stuck_load
+        client.worker_for = lambda settings, device: record
+        client.plan_model = None  # a plan is handed in below: nothing is listed
+
+        class Plan:
+            uri, content_hash = parse_uri("s3://b/m/"), "0" * 64
+            def rank_layouts(self, *args):
+                from warmpool.pool.layout import Layout
+                return [Layout(self.content_hash, 4096, (), 4096)]
 
         async def main():
-            bridge = WorkerBridge(Settings.load(), registry=None)
-            task = asyncio.create_task(bridge.load("s3://b/m/", "0" * 64, device="cuda:0",
-                                                   tp=1, sharding="replicated", loader="auto"))
-            await asyncio.to_thread(started.wait, 60)
+            tier = WorkerTierOps("cuda:0", Settings.load())
+            load = client.load_on_workers
+            client.load_on_workers = lambda uri, **kw: load(uri, plan=Plan(), **kw)
+            task = asyncio.create_task(tier.load(parse_uri("s3://b/m/"), content_hash="0" * 64))
+            await asyncio.to_thread(accepted.wait, 60)
+            assert accepted.is_set()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            assert held[0].recv(1 << 20)  # the request had arrived
+            assert held[0].recv(1) == b""  # and the tier closed the connection
 
         asyncio.run(main())
         print("exited")

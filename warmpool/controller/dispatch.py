@@ -3,9 +3,8 @@
 Deduplication happens twice. In this process, every request for the same (model,
 device) while one is in flight awaits that one task. Across controllers sharing a Redis,
 a lock per (content hash, node, device) lets one stream while the others wait and then
-find the entry warm. Device ``cpu`` (the host tier) is filled here through
-:func:`warmpool.pool.prefetch.prefetch`; ``cuda:N`` goes to the node's GPU workers
-(:mod:`warmpool.controller.worker_bridge`).
+find the entry warm. The device's tier fills it (:func:`warmpool.tiers.base.tier_for`):
+the host tier (``cpu``) in this process, ``cuda:N`` through the node's GPU workers.
 
 A new version of a model (a re-upload changed its content hash) replaces the old one:
 once the new entry is warm the old one is evicted, or — while a serving process still
@@ -30,13 +29,13 @@ from warmpool.contract.redis_lock import RedisLock
 from warmpool.contract.requests import Request
 from warmpool.controller.exports import EngineExports
 from warmpool.controller.metrics import Metrics
-from warmpool.controller.worker_bridge import WorkerBridge
 from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
 from warmpool.model.uri import ModelURI
-from warmpool.pool.entries import HOST_DEVICE, Pool
+from warmpool.pool.entries import Pool
 from warmpool.pool.eviction import inherits_pin, layouts_of, superseded
 from warmpool.pool.registry.base import PoolEntry, State
 from warmpool.pool.registry.redis import RedisRegistry
+from warmpool.tiers.base import tier_for
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,6 @@ class Dispatcher:
         self.lock_poll_s = lock_poll_s
         self.node = registry.node
         self.cache = default_cache(settings)
-        self.workers = WorkerBridge(settings, registry)
         self.exports = EngineExports(settings, pool)
         self._inflight: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
         self._closing = False
@@ -151,36 +149,13 @@ class Dispatcher:
         return outcome
 
     async def _fill(self, target: Request, content_hash: str) -> Outcome:
-        if target.device == HOST_DEVICE and target.tp == 1:
-            return await self._fill_host(target)
-        return await self._fill_gpu(target, content_hash)
-
-    async def _fill_host(self, target: Request) -> Outcome:
-        from warmpool.pool.prefetch import prefetch
-
-        result = await prefetch(target.uri, settings=self.settings, pool=self.pool,
-                                loader=self.loader,  # type: ignore[arg-type]
-                                progress=self.metrics.progress(target.device), cache=self.cache)
-        return Outcome(str(target.uri), target.device, result.entry.state.value, result.entry,
-                       result.seconds, result.loader, result.already_warm, result.entry.error)
-
-    async def _fill_gpu(self, target: Request, content_hash: str) -> Outcome:
-        started = time.perf_counter()
-        try:
-            data, entry = await self.workers.load(str(target.uri), content_hash,
-                                                  device=target.device, tp=target.tp,
-                                                  sharding=target.sharding, loader=self.loader)
-        except WarmpoolError as exc:  # no worker for the device, or the load failed
-            return await self._failed_here(target, content_hash, str(exc))
-        return Outcome(str(target.uri), target.device, str(data.get("state", "failed")), entry,
-                       time.perf_counter() - started, str(data.get("loader", "")),
-                       bool(data.get("already_warm")), data.get("error"))
-
-    async def _failed_here(self, target: Request, content_hash: str, error: str) -> Outcome:
-        entry = PoolEntry(uri=str(target.uri), content_hash=content_hash,
-                          device=target.device, node=self.node, history=[])
-        entry = await self.registry.transition(entry, State.FAILED, error=error)
-        return Outcome(str(target.uri), target.device, entry.state.value, entry, error=error)
+        tier = tier_for(target.device, self.settings, pool=self.pool, tp=target.tp)
+        loaded = await tier.load(target.uri, tp=target.tp, sharding=target.sharding,
+                                 loader=self.loader,
+                                 progress=self.metrics.progress(target.device),
+                                 cache=self.cache, content_hash=content_hash)
+        return Outcome(str(target.uri), target.device, loaded.state, loaded.entry,
+                       loaded.seconds, loaded.loader, loaded.already_warm, loaded.error)
 
     def _count(self, outcome: Outcome) -> None:
         if outcome.already_warm:
@@ -296,10 +271,8 @@ class Dispatcher:
                 await self.retire(layout)
 
     async def _evict_entry(self, entry: PoolEntry, *, force: bool = False) -> None:
-        if entry.device == HOST_DEVICE:
-            await self.pool.evict(entry.content_hash, HOST_DEVICE, force=force)
-        else:
-            await self.workers.evict(entry, force=force)
+        tier = tier_for(entry.device, self.settings, pool=self.pool)
+        await tier.evict(entry.content_hash, force=force)
 
     async def _entries(self, uri: str, device: str) -> list[PoolEntry]:
         return [e for e in await self.pool.entries() if uri in e.uris and e.device == device]

@@ -131,7 +131,7 @@ class EngineExports:
         """The layouts of every rank that ``want`` describes, when all are warm. dtype
         ``auto`` takes whichever dtype is warm; the engine version is the child's to know,
         so a layout of an older engine counts until it is evicted."""
-        from warmpool.pool.engine_layout import engine_layouts
+        from warmpool.engine_layouts import engine_layouts
 
         dtype = _DTYPE_NAMES.get(want.dtype, want.dtype)
         found = [k for k in engine_layouts(self.settings, checkpoint)

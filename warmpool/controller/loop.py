@@ -44,6 +44,7 @@ from warmpool.model.uri import ModelURI
 from warmpool.pool.entries import HOST_DEVICE, Pool
 from warmpool.pool.registry.base import State
 from warmpool.pool.registry.redis import RedisRegistry
+from warmpool.tiers.workers import mirror_worker_entries
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class Controller:
             log.warning("%s; wrote back %d entries and %d desired models", why, *restored,
                         extra={"event": "resynced"})
         self._run_id = run_id
-        await self.dispatcher.workers.mirror_all(HOST_DEVICE)  # GPU entries, into Redis
+        await mirror_worker_entries(self.settings, self.registry)  # GPU entries, into Redis
         entries = await self.pool.entries()
         capacity = {HOST_DEVICE: self.pool.host_capacity()}
         used = self.metrics.observe_entries(entries, capacity)

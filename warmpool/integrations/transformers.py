@@ -35,9 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from warmpool.attachment import AttachedModel, attach
 from warmpool.config import Settings
 from warmpool.errors import CheckpointMismatchError, NotWarmError, UntrustedCodeError
-from warmpool.pool.attachment import AttachedModel, attach
 from warmpool.pool.entries import HOST_DEVICE
 
 if TYPE_CHECKING:

@@ -167,7 +167,7 @@ def _shutdown(llm: Any) -> None:
 
 def layouts_of(checkpoint: str, settings: Settings) -> list[LayoutInfo]:
     """The engine layouts warm on the host tier for ``checkpoint``, by rank."""
-    from warmpool.pool.engine_layout import engine_layouts
+    from warmpool.engine_layouts import engine_layouts
     from warmpool.pool.host import HostTier
 
     host = HostTier(settings.runtime_dir)

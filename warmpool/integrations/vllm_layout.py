@@ -2,7 +2,7 @@
 
 *Export*: after a normal load through the pool, the parameters as this rank holds them
 are written to the pool (:func:`processed_tensors`, then
-:func:`warmpool.pool.engine_layout.export_sync`): to the host tier from a CPU engine, to
+:func:`warmpool.engine_layouts.export_sync`): to the host tier from a CPU engine, to
 its GPU's worker (device to device) from a CUDA one. *Attach*: a later engine with the same
 key (:func:`engine_key`) builds the model on ``meta``, registers the pool's views as its
 parameters (tied aliases as the same object), copies buffers, and runs vLLM's
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from warmpool.pool.engine_layout import EngineKey
+from warmpool.pool.engine_key import EngineKey
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex
 

@@ -114,8 +114,8 @@ def _log_model_in_place(started: float, path: str) -> None:
 
 def _attach_layout(options: LoaderOptions, vllm_config: Any, model_config: Any,
                    prefix: str) -> torch.nn.Module | None:
+    from warmpool.engine_layouts import attach_engine_layout
     from warmpool.integrations import vllm_layout
-    from warmpool.pool.engine_layout import attach_engine_layout
 
     started = time.perf_counter()
     rank = get_tensor_model_parallel_rank()
@@ -156,8 +156,8 @@ def _attach_layout(options: LoaderOptions, vllm_config: Any, model_config: Any,
 
 def _export(model: torch.nn.Module, vllm_config: Any, model_config: Any, uri: str,
             checkpoint: str, before: dict[str, torch.Tensor]) -> None:
+    from warmpool.engine_layouts import export_sync
     from warmpool.integrations import vllm_layout
-    from warmpool.pool.engine_layout import export_sync
     from warmpool.pool.entries import HOST_DEVICE
 
     rank = get_tensor_model_parallel_rank()

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from warmpool.attachment import AttachedModel, attach
 from warmpool.config import Settings
 from warmpool.errors import CheckpointMismatchError, ConfigError, NotWarmError, WorkerError
 from warmpool.model.cache import FILES_DIR, MANIFEST
-from warmpool.pool.attachment import AttachedModel, attach
 from warmpool.pool.entries import HOST_DEVICE
 from warmpool.pool.refs import ModelRef
 
@@ -157,7 +157,7 @@ class LoaderOptions:
     uri: str | None = None
     on_cold: OnCold = "warm"
     #: Write the engine's processed parameters into the pool as an engine-layout entry
-    #: after loading them (:mod:`warmpool.pool.engine_layout`).
+    #: after loading them (:mod:`warmpool.engine_layouts`).
     export: bool = False
     #: Start from an engine-layout entry of the same key when there is one (zero-copy);
     #: False always takes the copy path.

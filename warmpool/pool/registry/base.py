@@ -64,7 +64,7 @@ class PoolEntry:
     #: Other URIs whose files are byte-for-byte these (the same content hash): one copy
     #: is resident, and each name is attached, listed and released on its own.
     aliases: list[str] = field(default_factory=list)
-    #: An engine-layout entry's key (:class:`warmpool.pool.engine_layout.EngineKey` as
+    #: An engine-layout entry's key (:class:`warmpool.engine_layouts.EngineKey` as
     #: JSON): the engine's processed parameters, not the checkpoint's tensors. None for
     #: a checkpoint entry.
     engine: dict[str, Any] | None = None

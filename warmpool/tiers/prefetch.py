@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from warmpool.config import Settings
 from warmpool.errors import ObjectChangedError
 from warmpool.loading.loaders import Loader
-from warmpool.loading.streaming import Progress, fill_buffer
+from warmpool.loading.streaming import fill_buffer
 from warmpool.locks import async_file_lock
 from warmpool.model.cache import MetadataCache, default_cache
 from warmpool.model.uri import ModelURI, parse_uri
@@ -25,11 +24,9 @@ from warmpool.pool.entries import HOST_DEVICE, Pool
 from warmpool.pool.layout import plan_layout
 from warmpool.pool.registry.base import PoolEntry, State, entry_key
 from warmpool.storage import open_store
+from warmpool.tiers.base import ProgressFactory
 
 log = logging.getLogger(__name__)
-
-#: Called with the total bytes once they are known; returns the per-chunk callback.
-ProgressFactory = Callable[[int], Progress]
 
 
 @dataclass(frozen=True)
