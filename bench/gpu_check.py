@@ -459,7 +459,16 @@ def check(*, dry: bool, python: str, device: str, work: Path, extra_path: str = 
     return outcomes
 
 
-def report(outcomes: list[Outcome], *, dry: bool, device: str, out: Path) -> Path:
+def _segment_prefix(work: Path) -> str:
+    """The names of the host segments this check's pool makes (the test of the dry mode
+    checks that none is left, without counting other pools' segments)."""
+    from warmpool.pool.host import HostTier
+
+    return HostTier(work / "runtime").prefix
+
+
+def report(outcomes: list[Outcome], *, dry: bool, device: str, out: Path,
+           work: Path) -> Path:
     """One markdown table and one JSON file of the same outcomes; returns the markdown."""
     import torch
 
@@ -467,7 +476,8 @@ def report(outcomes: list[Outcome], *, dry: bool, device: str, out: Path) -> Pat
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     meta = {"when": when, "host": socket.gethostname(), "gpu": gpu, "device": device,
-            "dry": dry, "torch": torch.__version__, "python": sys.version.split()[0]}
+            "dry": dry, "torch": torch.__version__, "python": sys.version.split()[0],
+            "segment_prefix": _segment_prefix(work)}
     lines = [f"# GPU check{' (dry: cpu:0 in place of cuda:0)' if dry else ''}", "",
              f"{when}, {gpu}, torch {meta['torch']}, Python {meta['python']}, device "
              f"{device}.", "", "| step | status | seconds | what | figures |",
@@ -513,7 +523,7 @@ def main() -> None:
         outcomes = check(dry=args.dry, python=python, device=device, work=work,
                          extra_path=extra,
                          only=[s for s in args.only.split(",") if s] or None)
-        md = report(outcomes, dry=args.dry, device=device, out=out)
+        md = report(outcomes, dry=args.dry, device=device, out=out, work=work)
     finally:
         # The host tier's segments live in /dev/shm, outside the work directory.
         subprocess.run([python, "-c", "import sys; from pathlib import Path; "
