@@ -9,26 +9,13 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-DEADLINE_S = 60.0
-
-
-def poll(check: Callable[[], Any], what: str, timeout: float = DEADLINE_S,
-         interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+from tests.poll import DEADLINE_S, poll
 
 
 class CliProcess:

@@ -17,10 +17,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.poll import poll
 
 START_TIMEOUT_S = 10.0
 
@@ -209,31 +211,23 @@ class Failover:
         self.replica.start()
         replica = redis.Redis(port=self.replica.port, decode_responses=True)
         try:
-            _poll(lambda: replica.info("replication").get("master_link_status") == "up",
+            poll(lambda: replica.info("replication").get("master_link_status") == "up",
                   "the replica to sync")
         finally:
             replica.close()
         self.sentinel.start()
-        _poll(lambda: any(str(self.replica.port) in r for r in map(str, self.sentinel.ask(
+        poll(lambda: any(str(self.replica.port) in r for r in map(str, self.sentinel.ask(
             "SENTINEL", "replicas", RedisSentinel.SERVICE))), "Sentinel to see the replica")
 
     def fail_over(self) -> None:
         """Kill the master, as a crash would; return when Sentinel has promoted the replica."""
         self.master.kill()
-        _poll(lambda: self.sentinel.master_port_now() == self.replica.port,
+        poll(lambda: self.sentinel.master_port_now() == self.replica.port,
               "Sentinel to promote the replica", timeout=30)
 
     def stop(self) -> None:
         for server in (self.sentinel, self.replica, self.master):
             server.stop()
-
-
-def _poll(check: Callable[[], object], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -79,3 +79,21 @@ def test_a_cold_checkpoint_is_warmed_first_or_refused_with_on_cold_fail(
     _warm_first(uri, cached.content_hash, settings, "fail")  # warm now: nothing to refuse
     with pytest.raises(ConfigError, match="--on-cold 'later'"):
         ExportOptions(on_cold="later")
+
+
+def test_the_export_report_is_found_among_the_engines_logs() -> None:
+    """The controller and the tests read ``warmpool export --json`` with one parser: the
+    report ends stdout after the engine's own log lines, and stderr may follow it."""
+    import json as json_
+
+    from warmpool.integrations.vllm_export import parse_report
+
+    report = {"uri": "s3://b/m/", "layouts": [{"label": "vllm tp2 r0", "key": {"tp": 2}}]}
+    text = json_.dumps(report, indent=1)
+    logs = "INFO 12-06 loading {weights}\n{not json\n"
+    assert parse_report(text) == report
+    assert parse_report(logs + text + "\n") == report
+    assert parse_report(logs + text + "\nWARNING stderr after it: }\n") == report
+    for bad in ("", "INFO only logs\n", logs + "{\n \"uri\": 1"):
+        with pytest.raises(ValueError):
+            parse_report(bad)

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import redis
 
-from tests.cli_process import CliProcess, poll
+from tests.cli_process import CliProcess
 from tests.models import write_model
+from tests.poll import poll
 from tests.pool_env import run_cli
 from tests.redis_server import RedisServer
 from tests.servers import Backend

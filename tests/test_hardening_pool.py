@@ -20,9 +20,9 @@ from tests.pool_env import run_cli, segments_of
 from warmpool.attachment import attach
 from warmpool.config import Settings
 from warmpool.errors import NotWarmError
-from warmpool.pool import attachment
 from warmpool.pool.host import SHM_DIR, HostTier
 from warmpool.pool.registry.base import State
+from warmpool.tiers import host as host_tier
 from warmpool.tiers.prefetch import prefetch
 
 
@@ -187,13 +187,13 @@ async def test_a_fifo_lease_file_neither_counts_nor_hangs(model_dir: Path,
 async def test_a_forced_evict_between_lease_and_map_is_not_warm(
         model_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     await prefetch(str(model_dir), settings=settings)
-    real = attachment.map_readonly
+    real = host_tier.map_readonly
 
     def evicted_first(segment: str, size: int):  # type: ignore[no-untyped-def]
         (SHM_DIR / segment).unlink()  # `warmpool evict --force` wins the race here
         return real(segment, size)
 
-    monkeypatch.setattr(attachment, "map_readonly", evicted_first)
+    monkeypatch.setattr(host_tier, "map_readonly", evicted_first)
     with pytest.raises(NotWarmError):
         attach(str(model_dir), settings=settings)
     assert not list((settings.runtime_dir / "leases").rglob("*.lease"))

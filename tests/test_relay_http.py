@@ -18,8 +18,9 @@ import psutil
 import pytest
 import redis
 
-from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
+from tests.cli_process import Relay, relays  # noqa: F401 - the fixture
 from tests.models import write_model
+from tests.poll import poll
 from tests.redis_server import RedisServer, free_port
 from warmpool.config import Settings
 from warmpool.contract.keys import RedisKeys

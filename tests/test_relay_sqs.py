@@ -17,8 +17,9 @@ import pytest
 import redis
 from safetensors.torch import load_file
 
-from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
+from tests.cli_process import Relay, relays  # noqa: F401 - the fixture
 from tests.models import write_model
+from tests.poll import poll
 from tests.redis_server import RedisServer
 from tests.servers import S3Backend, Server
 from tests.test_controller_serve import NODE, Serve, serving  # noqa: F401 - the fixture

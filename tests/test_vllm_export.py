@@ -28,17 +28,10 @@ from tests.engine_harness import (
 )
 from tests.servers import S3Backend, Server
 from tests.test_vllm_zero_copy import VIEWS
+from warmpool.integrations.vllm_export import parse_report
 from warmpool.model.uri import parse_uri
 from warmpool.pool.engine_key import EngineKey
 from warmpool.pool.host import HostTier
-
-
-def _report(output: str) -> dict[str, Any]:
-    """The JSON report that ends ``warmpool export --json`` (vLLM logs to stdout first)."""
-    start = 0 if output.startswith("{") else output.rfind("\n{\n") + 1
-    assert start or output.startswith("{"), output[-6000:]
-    end = output.rfind("\n}") + 2
-    return dict(json.loads(output[start:end]))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def test_export_step_then_a_fresh_engine_attaches_and_serves_the_same_tokens(
     output = run([str(vllm_python()), "-m", "warmpool", "export", uri, "--engine", "vllm",
                    "--tp", "2", "--dtype", "bfloat16", "--max-model-len", "128", "--json"],
                   cold_one.env, 1200)
-    report = _report(output)
+    report = parse_report(output)
     runtime = HostTier(Path(cold_one.env["WARMPOOL_RUNTIME_DIR"]))
     assert report["uri"] == uri and runtime.resident(report["checkpoint"]) is not None
     keys = [EngineKey.from_json(x["key"]) for x in report["layouts"]]

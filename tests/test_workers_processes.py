@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from tests.models import write_model
 from tests.workers_env import (
     assert_bit_exact,
+    poll,
     run_client,
     settings_for,
     supervised_workers,
-    wait_for,
     write_even_model,
 )
 from warmpool.attachment import attach
@@ -78,7 +78,7 @@ def test_a_separate_process_attaches_bit_exact_and_its_death_ends_its_lease(
             evict_via_workers(str(model), device="cpu:0", settings=pool, grace_s=0.2)
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-        wait_for(lambda: leases_on(pool, content_hash) == 0, timeout=10,
+        poll(lambda: leases_on(pool, content_hash) == 0, timeout=10,
                  what="the dead holder's lease to end")
     finally:
         if holder.poll() is None:
@@ -127,10 +127,10 @@ def test_a_killed_worker_is_marked_lost_and_restarted(pool: Settings, tmp_path: 
 
     os.kill(old.pid, signal.SIGKILL)
 
-    lost = wait_for(lambda: (e := registry.get_sync(key)) is not None
+    lost = poll(lambda: (e := registry.get_sync(key)) is not None
                     and e.state == State.LOST and e, timeout=15, what="entry marked lost")
     assert "SIGKILL" in (lost.error or "")
-    new = wait_for(lambda: [r for r in read_records(pool.runtime_dir) if r.pid != old.pid],
+    new = poll(lambda: [r for r in read_records(pool.runtime_dir) if r.pid != old.pid],
                    timeout=30, what="a restarted worker")[0]
     assert call(new, {"op": "ping"})["pid"] == new.pid
     # The serving process noticed, and its weights did not go with the worker.
@@ -153,19 +153,19 @@ def test_a_worker_killed_mid_stream_fails_the_load_and_leaves_nothing_streaming(
     with ThreadPoolExecutor(1) as background:
         load = background.submit(prefetch_via_workers, str(model), device="cpu:0",
                                  settings=pool)
-        streaming = wait_for(lambda: next((e for e in registry.list_sync()
+        streaming = poll(lambda: next((e for e in registry.list_sync()
                                            if e.uri.endswith("/big/") and
                                            e.state == State.STREAMING), None),
-                             timeout=60, every=0.002, what="the load to start streaming")
+                             timeout=60, interval=0.002, what="the load to start streaming")
         os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(WarmpoolError) as failed:
             load.result(timeout=30)
     assert "worker" in str(failed.value).lower(), failed.value
-    entry = wait_for(lambda: (e := registry.get_sync(streaming.key)) is not None
+    entry = poll(lambda: (e := registry.get_sync(streaming.key)) is not None
                      and e.state != State.STREAMING and e, timeout=15,
                      what="the entry to leave `streaming`")
     assert entry.state == State.LOST and "SIGKILL" in (entry.error or "")
-    wait_for(lambda: [r for r in read_records(pool.runtime_dir) if r.pid != worker.pid],
+    poll(lambda: [r for r in read_records(pool.runtime_dir) if r.pid != worker.pid],
              timeout=30, what="a restarted worker")
     result = prefetch_via_workers(str(model), device="cpu:0", settings=pool)
     assert not result["already_warm"]

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -22,6 +22,7 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.poll import poll
 from warmpool.config import Settings
 from warmpool.loading.streaming import fill_buffer
 from warmpool.model.uri import parse_uri
@@ -63,7 +64,7 @@ class InProcessWorkers:
     async def stop_all(self) -> None:
         for worker, task in self.running:
             worker.stop()
-            await asyncio.wait_for(task, 10)
+            await asyncio.poll(task, 10)
 
 
 def assert_bit_exact(tensors: object, expected: dict[str, torch.Tensor]) -> None:
@@ -144,18 +145,6 @@ def settings_for(base: Path) -> Settings:
     return Settings(runtime_dir=base / "rt", cache_dir=base / "cache")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 30.0, every: float = 0.05,
-             what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 @contextmanager
 def supervised_workers(settings: Settings, devices: str, *, capacity: str | None = None,
                        timeout: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
@@ -167,7 +156,7 @@ def supervised_workers(settings: Settings, devices: str, *, capacity: str | None
     proc = subprocess.Popen(cmd, env=worker_env(settings.runtime_dir), cwd=ROOT)
     try:
         wanted = len(devices.split(","))
-        wait_for(lambda: len(read_records(settings.runtime_dir)) >= wanted
+        poll(lambda: len(read_records(settings.runtime_dir)) >= wanted
                  if settings.runtime_dir.exists() else False,
                  timeout=timeout, what=f"{wanted} worker(s) to listen")
         yield proc
@@ -195,7 +184,7 @@ def direct_workers(settings: Settings, devices: list[str], *, capacity: str | No
             cmd += ["--capacity", capacity]
         procs.append(subprocess.Popen(cmd, env=worker_env(settings.runtime_dir), cwd=ROOT))
     try:
-        wait_for(lambda: len(read_records(settings.runtime_dir)) >= len(devices),
+        poll(lambda: len(read_records(settings.runtime_dir)) >= len(devices),
                  timeout=timeout, what=f"{len(devices)} worker(s) to listen")
         yield procs
     finally:

@@ -155,6 +155,16 @@ class Settings:
         return settings._merge({k: v for k, v in overrides.items() if v is not None},
                                _flag_name)
 
+    def pool_environment(self) -> dict[str, str]:
+        """The variables (:data:`ENV_NAMES`) that make a child process use the same pool:
+        its runtime and cache directories, and its controller's Redis."""
+        names = {key: var for var, key in ENV_NAMES.items()}
+        env = {names["runtime_dir"]: str(self.runtime_dir),
+               names["cache_dir"]: str(self.cache_dir)}
+        if self.redis_url:
+            env[names["redis_url"]] = self.redis_url
+        return env
+
     def _merge(self, values: dict[str, Any], where: Callable[[str], str] = repr) -> Settings:
         """Overlay ``values``; every value is checked here, and a bad one is a one-line
         ConfigError naming it by ``where(key)`` (the variable, flag or file entry)."""

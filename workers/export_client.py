@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 
 from warmpool.config import Settings
 from warmpool.errors import WarmpoolError
-from warmpool.pool.engine_key import EngineKey, ExportResult, layout_uri, plan_engine_layout
+from warmpool.pool.engine_key import (
+    EngineKey,
+    ExportResult,
+    layout_uri,
+    plan_engine_layout,
+    write_engine_layout,
+)
 from warmpool.pool.layout import Layout
 from warmpool.pool.registry.base import PoolEntry
 from warmpool.workers.buffers import open_writable
@@ -67,21 +73,15 @@ def export_to_worker(key: EngineKey, tensors: Iterable[tuple[str, torch.Tensor]]
 
 def _write(reply: Message, fds: list[int], layout: Layout,
            items: list[tuple[str, torch.Tensor]]) -> None:
-    from warmpool.pool.views import tensor_views
-
     writable = open_writable(str(reply["transport"]), dict(reply["handle"]), fds,
                              str(reply["uuid"]))
     assert writable.tensor is not None
-    views = tensor_views(writable.tensor, layout)
-    try:
-        for name, tensor in items:
-            views[name].copy_(tensor.detach())
+    try:  # every view goes before the mapping: the worker cannot seal under one
+        write_engine_layout(writable.tensor, layout, items)
     except BaseException:
-        del views
         with contextlib.suppress(WarmpoolError):  # the copy's own error is the one to see
             writable.release()
         raise
-    del views  # every view goes before the mapping: the worker cannot seal under one
     writable.release()
 
 

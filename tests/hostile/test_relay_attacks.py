@@ -17,7 +17,8 @@ from pathlib import Path
 
 import redis
 
-from tests.cli_process import Relay, poll, relays  # noqa: F401 - the fixture
+from tests.cli_process import Relay, relays  # noqa: F401 - the fixture
+from tests.poll import poll
 from tests.redis_server import RedisServer, free_port
 from tests.test_relay_http import (
     KEYS,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from warmpool.config import Settings
 from warmpool.contract.requests import EngineLayoutWant
 from warmpool.engines import layout_engine
 from warmpool.errors import NotConfigured
+from warmpool.integrations.vllm_export import parse_report
 from warmpool.pool.entries import Pool
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class EngineExports:
             return ExportDone(False, error=f"{want.engine} export of {uri} failed "
                               f"(exit {rc}): {tail}", seconds=seconds)
         try:
-            layouts = tuple(_report(out)["layouts"])
+            layouts = tuple(parse_report(out)["layouts"])
         except (ValueError, KeyError, TypeError):
             return ExportDone(False, error=f"{want.engine} export of {uri} printed no report: "
                               f"{out.strip()[-ERROR_TAIL:]}", seconds=seconds)
@@ -145,9 +145,7 @@ class EngineExports:
     def environment(self) -> dict[str, str]:
         """The controller's environment with the pool's settings made explicit: the child
         may read no config file, or another one."""
-        from warmpool.integrations.weights import settings_environment
-
-        env = {**os.environ, **settings_environment(self.settings),
+        env = {**os.environ, **self.settings.pool_environment(),
                "WARMPOOL_NODE": self.settings.node}
         if self.settings.host_capacity is not None:
             env["WARMPOOL_HOST_CAPACITY"] = str(self.settings.host_capacity)
@@ -173,14 +171,6 @@ class EngineExports:
                 await asyncio.shield(proc.wait())
             raise
         return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-def _report(out: str) -> Any:
-    """The JSON report, which ends the child's output: vLLM logs to stdout before it."""
-    start = 0 if out.startswith("{") else out.rfind("\n{\n") + 1
-    if start == 0 and not out.startswith("{"):
-        raise ValueError("no JSON document")
-    return json.loads(out[start:])
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:

@@ -18,6 +18,7 @@ core and rank processes, so the caller must be a script with a main guard (the
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import sys
@@ -107,7 +108,6 @@ def require_vllm() -> None:
 def export(uri: str, options: ExportOptions, settings: Settings) -> ExportReport:
     """Warm ``uri`` if cold, load it once in vLLM with export on, and report the engine
     layouts then warm for its checkpoint."""
-    from warmpool.integrations.weights import settings_environment
     from warmpool.model.uri import parse_uri
     from warmpool.operations import metadata
 
@@ -117,7 +117,7 @@ def export(uri: str, options: ExportOptions, settings: Settings) -> ExportReport
     cached = metadata(uri, settings=settings)
     _warm_first(uri, cached.content_hash, settings, options.on_cold)
     # vLLM's rank processes read the pool's settings from the environment.
-    os.environ.update(settings_environment(settings))
+    os.environ.update(settings.pool_environment())
     _run_engine(str(cached.files_dir), uri, options)
     return ExportReport(uri, cached.content_hash, str(cached.files_dir), options.engine,
                         tuple(layouts_of(cached.content_hash, settings)),
@@ -179,3 +179,19 @@ def layouts_of(checkpoint: str, settings: Settings) -> list[LayoutInfo]:
         found.append(LayoutInfo(key.label(), key.content_hash, resident.layout.total_bytes,
                                 len(resident.layout), key.to_json()))
     return sorted(found, key=lambda x: (x.key["engine"], x.label))
+
+
+def parse_report(output: str) -> dict[str, Any]:
+    """The JSON report of ``warmpool export --json`` in the child's output: it is printed
+    last on stdout, after whatever the engine logged there, and may be followed by the
+    child's stderr. ValueError when there is none."""
+    start = 0 if output.startswith("{") else output.rfind("\n{\n") + 1
+    if start == 0 and not output.startswith("{"):
+        raise ValueError("no JSON report in the output")
+    end = output.find("\n}", start)
+    if end < 0:
+        raise ValueError("the JSON report is cut short")
+    report = json.loads(output[start:end + 2])
+    if not isinstance(report, dict):
+        raise ValueError("the report is not a JSON object")
+    return report

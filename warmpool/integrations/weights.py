@@ -125,22 +125,13 @@ def warm(uri: str, settings: Settings) -> None:
         raise NotWarmError(f"{uri} is a content hash that is not warm; a hash cannot be "
                            "warmed, name the model by its URI")
     argv = [sys.executable, "-m", "warmpool.cli", "prefetch", uri, "--json"]
-    env = {**os.environ, **settings_environment(settings)}
+    env = {**os.environ, **settings.pool_environment()}
     done = subprocess.run(argv, capture_output=True, text=True, env=env,
                           stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise NotWarmError(f"{uri} is not warm and warming it failed: "
                            f"{reason.removeprefix('error: ')}")
-
-
-def settings_environment(settings: Settings) -> dict[str, str]:
-    """The variables that make a child process use the same pool as ``settings``."""
-    env = {"WARMPOOL_RUNTIME_DIR": str(settings.runtime_dir),
-           "WARMPOOL_CACHE_DIR": str(settings.cache_dir)}
-    if settings.redis_url:
-        env["WARMPOOL_REDIS_URL"] = settings.redis_url
-    return env
 
 
 # --- which model an engine was pointed at ----------------------------------------------

@@ -119,3 +119,18 @@ class ExportResult:
     entry: PoolEntry
     seconds: float
     already_warm: bool
+
+
+def write_engine_layout(buffer: torch.Tensor, layout: Layout,
+                        items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy each tensor once, bit for bit, into its slot of ``buffer`` (host or device
+    memory; the tensors may live on any device). No view outlives the call: the caller
+    seals or unmaps the buffer next."""
+    from warmpool.pool.views import tensor_views
+
+    views = tensor_views(buffer, layout)
+    try:
+        for name, tensor in items:
+            views[name].copy_(tensor.detach())
+    finally:
+        del views

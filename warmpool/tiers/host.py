@@ -27,7 +27,13 @@ from warmpool.config import Settings
 from warmpool.errors import ConfigError, NotWarmError
 from warmpool.locks import async_file_lock, file_lock
 from warmpool.pool.attached import AttachedModel, gc_paused
-from warmpool.pool.engine_key import EngineKey, ExportResult, layout_uri, plan_engine_layout
+from warmpool.pool.engine_key import (
+    EngineKey,
+    ExportResult,
+    layout_uri,
+    plan_engine_layout,
+    write_engine_layout,
+)
 from warmpool.pool.entries import HOST_DEVICE, Pool
 from warmpool.pool.host import HostResident, HostTier, map_readonly
 from warmpool.pool.leases import Lease, Leases
@@ -151,7 +157,6 @@ class HostTierOps:
 
 async def _fill(pool: Pool, key: EngineKey, items: list[tuple[str, torch.Tensor]],
                 checkpoint_uri: str, settings: Settings) -> PoolEntry:
-    from warmpool.pool.views import tensor_views
 
     uri = layout_uri(checkpoint_uri, key)
     previous = await pool.registry.get(entry_key(key.content_hash, HOST_DEVICE))
@@ -165,10 +170,7 @@ async def _fill(pool: Pool, key: EngineKey, items: list[tuple[str, torch.Tensor]
         layout = plan_engine_layout(key, items)
         entry = await pool.reserve(entry, layout.total_bytes)
         segment = pool.host.create(key.content_hash, layout.total_bytes)
-        views = tensor_views(segment.buffer, layout)
-        for name, tensor in items:
-            views[name].copy_(tensor.detach())
-        del views
+        write_engine_layout(segment.buffer, layout, items)
         segment.close()
         pool.host.publish(segment, uri, layout, entry.created_at, engine=key.to_json())
         return await pool.registry.transition(entry, State.WARM, error=None,
