@@ -417,6 +417,33 @@ async def test_interrupted_prefetch_leaves_no_segment(model_dir: Path, settings:
     assert (await prefetch(str(model_dir), settings=settings)).entry.state == State.WARM
 
 
+async def test_an_interrupt_after_the_publish_leaves_no_segment(
+        model_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C lands after the segment got its final name but before the registry said
+    warm (it happened once to the SIGINT case above, in a full run): the published
+    segment and its record go with the partial, and the entry says interrupted — never a
+    segment that the registry calls failed."""
+    from warmpool.pool.registry.files import FileRegistry
+
+    real = FileRegistry.transition
+
+    async def interrupted(self, entry, state, **fields):  # type: ignore[no-untyped-def]
+        if state == State.WARM:
+            raise asyncio.CancelledError  # what asyncio.run's SIGINT handler delivers
+        return await real(self, entry, state, **fields)
+
+    monkeypatch.setattr(FileRegistry, "transition", interrupted)
+    with pytest.raises(asyncio.CancelledError):
+        await prefetch(str(model_dir), settings=settings)
+    monkeypatch.undo()
+    assert segments_of(settings) == []
+    pool = Pool(settings)
+    assert pool.host.residents() == []
+    (entry,) = await pool.entries()
+    assert entry.state == State.FAILED and entry.error == "interrupted"
+    assert (await prefetch(str(model_dir), settings=settings)).entry.state == State.WARM
+
+
 async def test_two_concurrent_prefetches_stream_once(model_dir: Path,
                                                      settings: Settings) -> None:
     a, b = await asyncio.gather(prefetch(str(model_dir), settings=settings),

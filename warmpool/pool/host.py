@@ -102,6 +102,7 @@ class WritableSegment:
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.size = size
+        self.published: str | None = None  # the content hash it was published under
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -313,6 +314,7 @@ class HostTier:
                      json.dumps(resident.to_json()).encode())
         if previous is not None and previous.segment != name:
             _remove_ours(SHM_DIR / previous.segment)
+        segment.published = layout.content_hash
         return resident
 
     def rename(self, content_hash: str, uri: str, aliases: list[str]) -> None:
@@ -325,8 +327,13 @@ class HostTier:
         atomic_write(self._record_path(content_hash), json.dumps(renamed.to_json()).encode())
 
     def discard(self, segment: WritableSegment) -> None:
+        """Drop a fill that failed. One that failed after its publish (Ctrl-C during
+        the registry's last write: the registry never said warm) goes with its record,
+        so that the segment and the registry never disagree."""
         segment.close()
         segment.path.unlink(missing_ok=True)
+        if segment.published is not None:
+            self.remove(segment.published)
 
     # --- reading -------------------------------------------------------------------
     def resident(self, content_hash: str) -> HostResident | None:
