@@ -63,8 +63,11 @@ demo: install
 demo-s3: install-dev
 	$(BIN)/python examples/s3_demo.py $(DEMO_DIR)
 
+# Two workers: the engine tests (vLLM, SGLang: two ranks each) in order on one, everything
+# else on the other (tests/conftest.py groups them). PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 test: install-dev typecheck lint vllm-venv sglang-venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
 
 # The stamp is written last, so an interrupted install is redone, not half-used; a
 # changed pyproject.toml (entry points) reinstalls warmpool there.
