@@ -385,9 +385,12 @@ from warmpool.config import Settings
 from warmpool.tiers.prefetch import prefetch
 
 def factory(total):
-    def on_chunk(n):  # a slow stream: the signal lands while the segment is half full
-        print("streaming", flush=True)
-        time.sleep(0.5)
+    held = []
+    def on_chunk(n):  # the first piece is held for seconds: the signal lands while the
+        print("streaming", flush=True)  # segment is half full, however slow the test is
+        if not held:
+            held.append(n)
+            time.sleep(3)
     return on_chunk
 
 asyncio.run(prefetch(sys.argv[1], settings=Settings.load(), progress=factory))
@@ -442,6 +445,30 @@ async def test_an_interrupt_after_the_publish_leaves_no_segment(
     (entry,) = await pool.entries()
     assert entry.state == State.FAILED and entry.error == "interrupted"
     assert (await prefetch(str(model_dir), settings=settings)).entry.state == State.WARM
+
+
+async def test_a_reclaim_beside_an_evict_in_progress_does_not_call_the_model_lost(
+        model_dir: Path, settings: Settings) -> None:
+    """An evict holds the entry's lock while it removes the segment and then writes
+    ``evicted``. A reclaim in between (a deploy's prefetch starts with one) saw a warm
+    entry without its segment and wrote ``lost`` over the evict's outcome; it must leave
+    an entry that someone holds alone, and judge the registry as it is now."""
+    from warmpool.locks import file_lock
+
+    warm = (await prefetch(str(model_dir), settings=settings)).entry
+    pool = Pool(settings)
+    with file_lock(pool.host.lock_path(warm.key)):  # the evict, half-way
+        pool.host.remove(warm.content_hash)
+        await pool.reclaim()
+        assert (await pool.registry.get(warm.key)).state == State.WARM  # untouched
+        await pool.registry.transition(warm, State.EVICTED)
+    await pool.reclaim()
+    assert (await pool.registry.get(warm.key)).state == State.EVICTED
+    # A segment that really vanished, with nobody at work on it, is still found.
+    again = (await prefetch(str(model_dir), settings=settings)).entry
+    pool.host.remove(again.content_hash)
+    await pool.reclaim()
+    assert (await pool.registry.get(again.key)).state == State.LOST
 
 
 async def test_two_concurrent_prefetches_stream_once(model_dir: Path,

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import replace
 
 from warmpool.config import Settings, private_dir
 from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
-from warmpool.locks import async_file_lock, is_locked
+from warmpool.locks import async_file_lock, try_lock
 from warmpool.pool.eviction import (
     choose_victims,
     entry_candidate,
@@ -256,13 +257,32 @@ class Pool:
         for entry in await self.registry.list():
             if entry.device != HOST_DEVICE:
                 continue
-            lock = self.host.lock_path(entry.key)
-            if entry.state.active and not is_locked(lock):
+            if entry.state.active or (vanished and entry.state == State.WARM
+                                      and self.host.resident(entry.content_hash) is None):
+                await self._settle(entry, vanished)
+        return removed
+
+    async def _settle(self, seen: PoolEntry, vanished: bool) -> None:
+        """Mark a dead fill failed, or a vanished segment lost — under the entry's lock,
+        and only as the registry says *now*. The listing is a snapshot: an evict holds
+        the lock while it removes the segment and writes ``evicted``, a fill while it
+        streams and writes ``warm``, and neither outcome may be overwritten by what the
+        snapshot saw (a deploy's prefetch once marked a model lost that an evict beside
+        it had just evicted)."""
+        fd = try_lock(self.host.lock_path(seen.key))
+        if fd is None:
+            return  # a fill or an evict is at work on it: nothing died, nothing vanished
+        try:
+            entry = await self.registry.get(seen.key)
+            if entry is None:
+                return
+            if entry.state.active:
                 await self.registry.transition(
                     entry, State.FAILED, error="interrupted: the prefetching process died")
             elif (vanished and entry.state == State.WARM
                   and self.host.resident(entry.content_hash) is None):
                 await self.registry.transition(entry, State.LOST,
                                                error="segment vanished (host rebooted?)")
-        return removed
+        finally:
+            os.close(fd)
 
