@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench_module(name: str) -> ModuleType:
+    """A bench script imported as a module; its directory goes on ``sys.path`` first, as
+    when it runs as a script (it imports its sibling ``report``)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

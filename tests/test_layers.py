@@ -107,3 +107,18 @@ def test_the_checker_sees_lazy_imports(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from warmpool.controller.loop import Controller\n")
     assert "warmpool.controller.loop" in imported(module)
+
+
+def test_make_test_runs_every_engine_module_in_the_engine_process() -> None:
+    """``make test`` runs the engine tests beside the rest: the Makefile's list is
+    the suite's, and every module that starts an engine is on it (one left off would
+    start engines in the other process, both at once on two cores)."""
+    from tests.conftest import ENGINE_TESTS
+
+    root = PACKAGE.parent
+    makefile = (root / "Makefile").read_text().replace("\\\n", " ")
+    line = next(x for x in makefile.splitlines() if x.startswith("ENGINE_TESTS ="))
+    assert sorted(line.split("=", 1)[1].split()) == sorted(ENGINE_TESTS)
+    starting = sorted(f"tests/{p.name}" for p in (root / "tests").glob("test_*.py")
+                      if re.search(r"\b(vllm|sglang)_engines\(", p.read_text()))
+    assert starting and set(starting) <= set(ENGINE_TESTS), starting

@@ -64,7 +64,7 @@ class InProcessWorkers:
     async def stop_all(self) -> None:
         for worker, task in self.running:
             worker.stop()
-            await asyncio.poll(task, 10)
+            await asyncio.wait_for(task, 10)
 
 
 def assert_bit_exact(tensors: object, expected: dict[str, torch.Tensor]) -> None:

@@ -53,6 +53,6 @@ def layout_engine(name: str) -> Engine:
     lists those it can."""
     engine = ENGINES.get(name)
     if engine is None or not engine.exports_layouts:
-        why = "cannot export engine layouts yet" if engine else "is not an engine warmpool knows"
+        why = "cannot export yet" if engine else "is not an engine warmpool knows"
         raise ConfigError(f"engine {name!r} {why}; choose one of {', '.join(LAYOUT_ENGINES)}")
     return engine
