@@ -122,3 +122,18 @@ def test_make_test_runs_every_engine_module_in_the_engine_process() -> None:
     starting = sorted(f"tests/{p.name}" for p in (root / "tests").glob("test_*.py")
                       if re.search(r"\b(vllm|sglang)_engines\(", p.read_text()))
     assert starting and set(starting) <= set(ENGINE_TESTS), starting
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject lists its packages by hand (``warmpool/workers`` is a link): a package
+    left off the list is missing from the wheel and the image, while the tests, run from
+    the checkout, still import it. The image build found ``warmpool.contract`` missing."""
+    import tomllib
+
+    root = PACKAGE.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {"warmpool", "warmpool.workers"} | {
+        "warmpool." + init.parent.relative_to(PACKAGE).as_posix().replace("/", ".")
+        for init in PACKAGE.rglob("__init__.py") if init.parent != PACKAGE}
+    assert listed == found
