@@ -386,11 +386,11 @@ from warmpool.tiers.prefetch import prefetch
 
 def factory(total):
     held = []
-    def on_chunk(n):  # the first piece is held for seconds: the signal lands while the
-        print("streaming", flush=True)  # segment is half full, however slow the test is
-        if not held:
+    def on_chunk(n):  # the first piece is held until the test has sent its signal and
+        print("streaming", flush=True)  # closed our stdin: the signal always lands while
+        if not held:                     # the segment is half full
             held.append(n)
-            time.sleep(3)
+            sys.stdin.read()
     return on_chunk
 
 asyncio.run(prefetch(sys.argv[1], settings=Settings.load(), progress=factory))
@@ -401,11 +401,14 @@ asyncio.run(prefetch(sys.argv[1], settings=Settings.load(), progress=factory))
 async def test_interrupted_prefetch_leaves_no_segment(model_dir: Path, settings: Settings,
                                                       sig: signal.Signals) -> None:
     proc = subprocess.Popen([sys.executable, "-c", PREFETCH_THAT_STALLS, str(model_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "streaming"
         assert any(".part-" in s for s in segments_of(settings))  # a partial exists now
         proc.send_signal(sig)
+        assert proc.stdin is not None
+        proc.stdin.close()  # the held piece goes on, the signal already there
         proc.wait(30)
     finally:
         proc.kill()
