@@ -66,8 +66,8 @@ demo-s3: install-dev
 # PARALLEL=1: two pytest processes at once, the engine tests (vLLM, SGLang: two ranks
 # each, most of the suite's time) and everything else, each with its own servers; the
 # engine tests' output follows the others'. 13 min instead of 21 here, but vLLM's OMP
-# threads spin on both cores and starved timing-bound tests in CI (docs/findings.md), so
-# the default is one process. (pytest-xdist's
+# threads spin on both cores and starved a timing-bound test in CI (docs/findings.md),
+# so the default is one process. (pytest-xdist's
 # loadgroup would do this in one process, but it cannot group tests under pytest 9.2:
 # docs/findings.md.) tests/test_layers.py checks that this list matches tests/conftest.py.
 ENGINE_TESTS = tests/test_vllm.py tests/test_vllm_zero_copy.py tests/test_vllm_export.py \

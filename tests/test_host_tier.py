@@ -380,7 +380,10 @@ async def test_file_changed_after_listing_fails_cleanly(model_dir: Path, setting
 
 
 PREFETCH_THAT_STALLS = """
-import asyncio, sys, time
+import asyncio, signal, sys, time
+# Ctrl-C as in a terminal: a test run started in the background (CI, nohup) ignores
+# SIGINT, and its children inherit that (the fill then finished and published).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from warmpool.config import Settings
 from warmpool.tiers.prefetch import prefetch
 
