@@ -64,13 +64,18 @@ async def acall(record: WorkerRecord, message: Message,
     connection. Cancelling closes the connection (the worker sees its client gone)."""
     path = Path(record.socket)
     try:
-        channel = await asyncio.wait_for(AsyncChannel.connect(path), 10.0)
+        # asyncio.timeout, not wait_for: wait_for runs the connect as a task of its own,
+        # and a cancel that lands just as it completes drops the connected channel
+        # unclosed (a worker that never answers then held a test's process for ever).
+        async with asyncio.timeout(10.0):
+            channel = await AsyncChannel.connect(path)
     except (OSError, TimeoutError) as exc:
         raise WorkerError(f"cannot reach the worker at {path}: "
                           f"{getattr(exc, 'strerror', None) or exc or 'timed out'} "
                           "(is it running? `warmpool workers status`)") from exc
     try:
-        return await asyncio.wait_for(channel.request(message), timeout)
+        async with asyncio.timeout(timeout):
+            return await channel.request(message)
     except (OSError, TimeoutError) as exc:  # a timeout, or the worker dying mid-request
         raise WorkerError(f"worker {record.device} (pid {record.pid}): "
                           f"{exc or 'timed out'}") from exc
