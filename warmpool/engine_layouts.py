@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from warmpool.config import Settings
 from warmpool.pool.engine_key import EngineKey, ExportResult
 from warmpool.pool.entries import HOST_DEVICE
-from warmpool.pool.host import HostTier
 from warmpool.threads import run_sync
 from warmpool.tiers.base import tier_for
 
@@ -82,11 +81,9 @@ def attach_engine_layout(key: EngineKey, settings: Settings, holder: str = "",
 def engine_layouts(settings: Settings, checkpoint: str | None = None) -> list[EngineKey]:
     """The keys of the engine layouts resident on the host tier (of one checkpoint)."""
     found = []
-    for resident in HostTier(settings.runtime_dir).residents():
-        if resident.engine is None:
-            continue
+    for engine in tier_for(HOST_DEVICE, settings).engine_keys():
         try:
-            key = EngineKey.from_json(resident.engine)
+            key = EngineKey.from_json(engine)
         except (TypeError, ValueError):
             continue
         if checkpoint is None or key.checkpoint == checkpoint:

@@ -18,9 +18,9 @@ Imports stay inside the functions: a serving process imports :mod:`warmpool` for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from warmpool.config import Settings, parse_bytes
 from warmpool.errors import ConfigError, PoolError
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from warmpool.model.cache import CachedModel
     from warmpool.pool.registry.base import PoolEntry
 
-T = TypeVar("T")
 #: Called with the total bytes once they are known; returns the per-chunk callback.
 ProgressFactory = Callable[[int], Callable[[int], None]]
 #: Evicted, failed and lost entries are kept this long for ``status(history=True)``,
@@ -111,16 +110,16 @@ def prefetch(uri: str, device: str = "cpu", *, tp: int = 1, sharding: str = "rep
     controller = _controller(settings)
     if controller:
         _refuse_tuning(tuning, settings)
-        return _run(_prefetch_controller(controller, uri, settings, device, tp, sharding,
+        return run_sync(_prefetch_controller(controller, uri, settings, device, tp, sharding,
                                          timeout_s))
     from warmpool.model.uri import parse_uri
     from warmpool.pool.entries import Pool
     from warmpool.tiers.base import tier_for
 
     pool = Pool(settings)
-    _run(pool.forget_history(HISTORY_KEEP_S))
+    run_sync(pool.forget_history(HISTORY_KEEP_S))
     tier = tier_for(device, settings, pool=pool, tp=tp)
-    loaded = _run(tier.load(parse_uri(uri), tp=tp, sharding=sharding, loader=loader,
+    loaded = run_sync(tier.load(parse_uri(uri), tp=tp, sharding=sharding, loader=loader,
                             progress=progress))
     if loaded.entry is None or loaded.state != "warm":
         raise PoolError(f"{uri} on {device}: {loaded.error or loaded.state}")
@@ -146,13 +145,13 @@ def evict(ref: str, device: str = "cpu", *, force: bool = False,
     if controller:
         from warmpool.controller import remote
 
-        reply = _run(remote.evict(controller, ref, settings=settings, device=device,
+        reply = run_sync(remote.evict(controller, ref, settings=settings, device=device,
                                   force=force))
         return _evicted(reply, via="controller")
     from warmpool.tiers.base import tier_for
 
     tier = tier_for(device, settings)
-    entry = _run(tier.evict(ref, force=force))
+    entry = run_sync(tier.evict(ref, force=force))
     return _evicted(entry.to_json(), via=tier.via)
 
 
@@ -167,11 +166,11 @@ def status(*, history: bool = False, settings: Settings | None = None,
     if controller:
         from warmpool.controller import remote
 
-        entries = _run(remote.status(controller, settings))
+        entries = run_sync(remote.status(controller, settings))
     else:
         from warmpool.pool.entries import Pool
 
-        entries = _run(_local_entries(Pool(settings)))
+        entries = run_sync(_local_entries(Pool(settings)))
     if not history:
         entries = [e for e in entries if e.state.active or e.state.value == "warm"]
     return sorted(entries, key=lambda e: e.updated_at, reverse=True)
@@ -188,7 +187,7 @@ def failing(*, settings: Settings | None = None,
         return []
     from warmpool.controller import remote
 
-    return _run(remote.failing(controller, settings))
+    return run_sync(remote.failing(controller, settings))
 
 
 def metadata(uri: str, *, settings: Settings | None = None) -> CachedModel:
@@ -201,7 +200,7 @@ def metadata(uri: str, *, settings: Settings | None = None) -> CachedModel:
 
     settings = settings or Settings.load()
     _reclaim(settings)
-    return _run(default_cache(settings).fetch(parse_uri(uri)))
+    return run_sync(default_cache(settings).fetch(parse_uri(uri)))
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -228,7 +227,7 @@ def _reclaim(settings: Settings, *, registry: bool = False) -> None:
     from warmpool.pool.host import HostTier
 
     if registry:
-        _run(Pool(settings).reclaim(vanished=False))  # a read does not judge warm entries
+        run_sync(Pool(settings).reclaim(vanished=False))  # a read does not judge warm entries
     else:
         HostTier(settings.runtime_dir).reclaim()
 
@@ -288,7 +287,3 @@ def _evicted(data: dict[str, Any], *, via: str) -> Evicted:
     return Evicted(uri=str(data["uri"]), content_hash=str(data.get("content_hash") or ""),
                    device=str(data["device"]), state=str(data.get("state") or "evicted"),
                    via=via)
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return run_sync(coro)
