@@ -46,7 +46,16 @@ from warmpool.errors import (
 if typing.TYPE_CHECKING:
     from warmpool.attachment import AttachedModel, attach
     from warmpool.model.cache import CachedModel
-    from warmpool.operations import Evicted, Prefetched, evict, metadata, prefetch, status
+    from warmpool.operations import (
+        Evicted,
+        Prefetched,
+        arena,
+        evict,
+        metadata,
+        prefetch,
+        status,
+        trim,
+    )
     from warmpool.pool.registry.base import PoolEntry, State
 
 __version__ = "0.2.0"
@@ -62,6 +71,8 @@ _LAZY = {
     "metadata": "warmpool.operations",
     "prefetch": "warmpool.operations",
     "status": "warmpool.operations",
+    "arena": "warmpool.operations",
+    "trim": "warmpool.operations",
     "PoolEntry": "warmpool.pool.registry.base",
     "State": "warmpool.pool.registry.base",
 }
@@ -105,9 +116,11 @@ __all__ = [
     "WarmpoolError",
     "WorkerError",
     "__version__",
+    "arena",
     "attach",
     "evict",
     "metadata",
     "prefetch",
     "status",
+    "trim",
 ]

@@ -216,6 +216,37 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated_at)))
     empty = "nothing is warm" + ("" if history else " (--history shows what was)")
     out.print(table if entries else empty)
+    from warmpool.operations import arena
+
+    held = arena(settings=settings)
+    if held is not None:
+        out.print(f"host arena: {_gb(held.size)} GB in chunks of {held.chunk_bytes >> 20} MiB"
+                  f", {_gb(held.used)} used, {_gb(held.free)} free ({_gb(held.faulted)} of "
+                  "it faulted, reused by the next fills; `warmpool trim` gives it back)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+@app.command()
+@guard
+def trim(keep: str = typer.Option("0", "--keep", help="Free faulted bytes to keep for the "
+                                  "next fills (e.g. 8GiB)."),
+         as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Give the host arena's free pages back to the kernel (warm models keep theirs)."""
+    from warmpool.operations import arena
+    from warmpool.operations import trim as do_trim
+
+    settings = _settings(config)
+    given = do_trim(keep, settings=settings)
+    held = arena(settings=settings)
+    if as_json:
+        _emit({"given_back": given, "arena": held.to_json() if held else None})
+    else:
+        out.print(f"gave {_gb(given)} GB back to the kernel" + (
+            f"; the arena keeps {_gb(held.size)} GB ({_gb(held.used)} used, "
+            f"{_gb(held.faulted)} free and faulted)" if held else " (no host arena here)"))
 
 
 def _engine_label(entry: Any) -> str:

@@ -113,6 +113,13 @@ class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     runtime_dir: Path = field(default_factory=_default_runtime_dir)
     host_capacity: int | None = None  # bytes the host tier may hold; None = 80% of /dev/shm
+    # The host arena (warmpool.pool.arena): fills take chunks of one shared-memory file
+    # whose pages stay faulted after an evict, so the next model does not pay for them.
+    # ``host_arena_keep``: after an evict, free faulted chunks beyond this many bytes go
+    # back to the kernel (None: all are kept until `warmpool trim`).
+    host_arena: bool = False
+    host_arena_chunk: int = 64 << 20
+    host_arena_keep: int | None = None
     # The metadata cache keeps at most this many models, none unused for longer than
     # this; what a pool entry or a lease uses is always kept.
     cache_max_models: int = 256
@@ -163,6 +170,11 @@ class Settings:
                names["cache_dir"]: str(self.cache_dir)}
         if self.redis_url:
             env[names["redis_url"]] = self.redis_url
+        if self.host_arena:
+            env[names["host_arena"]] = "true"
+            env[names["host_arena_chunk"]] = str(self.host_arena_chunk)
+            if self.host_arena_keep is not None:
+                env[names["host_arena_keep"]] = str(self.host_arena_keep)
         return env
 
     def _merge(self, values: dict[str, Any], where: Callable[[str], str] = repr) -> Settings:
@@ -248,6 +260,23 @@ def _bool(value: Any) -> bool:
     raise ValueError("not a boolean: write true or false, unquoted")
 
 
+def _switch(value: Any) -> bool:
+    """A boolean, or (from an environment variable) one of true/false, 1/0, on/off."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ValueError("not a boolean: write true or false")
+
+
+def _chunk(value: Any) -> int:
+    size = _size(value, 1 << 20)
+    if size is None or size % (1 << 20) or size > 1 << 34:
+        raise ValueError("must be a whole number of MiB, from 1 MiB to 16 GiB")
+    return size
+
+
 def _name(value: Any) -> str:
     """A node name: it becomes part of Redis keys and log lines."""
     if not isinstance(value, str) or not value.strip() or len(value) > 253 or any(
@@ -275,6 +304,9 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "cache_dir": _path,
     "runtime_dir": _path,
     "host_capacity": lambda v: _size(v, 1),
+    "host_arena": _switch,
+    "host_arena_chunk": _chunk,
+    "host_arena_keep": lambda v: _size(v, 0),
     "redis_url": _redis_url,
     "watch": _watch,
     "metrics_port": lambda v: _int(v, -1, 65535),  # 0: any free port, -1: off
@@ -300,6 +332,9 @@ ENV_NAMES = {
     "WARMPOOL_CACHE_DIR": "cache_dir",
     "WARMPOOL_RUNTIME_DIR": "runtime_dir",
     "WARMPOOL_HOST_CAPACITY": "host_capacity",
+    "WARMPOOL_HOST_ARENA": "host_arena",
+    "WARMPOOL_HOST_ARENA_CHUNK": "host_arena_chunk",
+    "WARMPOOL_HOST_ARENA_KEEP": "host_arena_keep",
     "WARMPOOL_REDIS_URL": "redis_url",
     "WARMPOOL_WATCH": "watch",
     "WARMPOOL_NODE": "node",

@@ -29,6 +29,7 @@ from warmpool.threads import run_sync
 if TYPE_CHECKING:
     from warmpool.controller.failures import Failing
     from warmpool.model.cache import CachedModel
+    from warmpool.pool.arena import ArenaStatus
     from warmpool.pool.registry.base import PoolEntry
 
 #: Called with the total bytes once they are known; returns the per-chunk callback.
@@ -201,6 +202,30 @@ def metadata(uri: str, *, settings: Settings | None = None) -> CachedModel:
     settings = settings or Settings.load()
     _reclaim(settings)
     return run_sync(default_cache(settings).fetch(parse_uri(uri)))
+
+
+def arena(*, settings: Settings | None = None) -> ArenaStatus | None:
+    """This node's host arena (size, used, free, faulted bytes), or None when no fill has
+    used one. Always this node's: the arena is its shared memory."""
+    from warmpool.pool.host import HostTier
+
+    settings = _settings(settings, None)
+    host = HostTier(settings.runtime_dir, settings.host_arena_chunk)
+    return host.arena.status() if host.has_arena() else None
+
+
+def trim(keep: int | str = 0, *, settings: Settings | None = None) -> int:
+    """Give the pages of the arena's free chunks back to the kernel, keeping ``keep``
+    bytes of them faulted for the next fills; returns the bytes given back. Chunks of
+    warm models, of fills in progress and of leased evictions are never touched."""
+    from warmpool.pool.host import HostTier
+
+    settings = _settings(settings, None)
+    keep_bytes = parse_bytes(keep) if isinstance(keep, str) else keep
+    if keep_bytes is None or keep_bytes < 0:
+        raise ConfigError(f"trim: keep must be a size of 0 bytes or more, not {keep!r}")
+    host = HostTier(settings.runtime_dir, settings.host_arena_chunk)
+    return host.arena.trim(keep_bytes) if host.has_arena() else 0
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from warmpool.errors import StreamError
-from warmpool.pool.host import SHM_DIR, HostResident, map_readonly
+from warmpool.pool.host import SHM_DIR, HostResident, map_readonly, map_resident
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex
 from warmpool.workers.devices import pin_host_memory, unpin_host_memory
@@ -51,6 +51,11 @@ class PinnedSegments:
         self._lock = threading.Lock()
 
     def get(self, host: HostResident, pin: bool) -> torch.Tensor:
+        if host.arena is not None:
+            # Its chunks are the next model's once it is evicted: mapped for this copy
+            # only (the caller holds a lease), never kept. Page-locking the arena once,
+            # whole, is the GPU path's next step (docs/findings.md).
+            return map_resident(host)[1]
         with self._lock:
             self.release_stale()
             held = self._held.get(host.segment)
@@ -69,7 +74,8 @@ class PinnedSegments:
         with self._lock:
             self.release_stale()
         for resident in residents:
-            self.get(resident, pin)
+            if resident.arena is None:
+                self.get(resident, pin)
 
     def held(self) -> list[str]:
         return sorted(self._held)

@@ -357,12 +357,19 @@ class Worker:
         target = resident.buffer.tensor
         assert target is not None
         host = self.host.resident(req.content_hash)
-        if host is not None:
+        # Chunks of the host arena go to the next model once evicted: the copy holds a
+        # lease, as a serving process would (a segment of its own stays valid while
+        # mapped, and needs none).
+        lease = self.host.lease(host, "promote") if host and host.arena else None
+        if host is not None and (host.arena is None or lease is not None):
             try:
                 await to_thread_joined(promote, host, req.layout, target)
                 return "host"
             except FileNotFoundError:
                 log.info("host copy of %s vanished; streaming instead", req.content_hash[:12])
+            finally:
+                if lease is not None:
+                    lease.release()
         # The listing the client planned from (its cache entry, named by the hash) pins
         # the version: a source replaced mid-stream fails instead of mixing versions.
         cached = MetadataCache(self.settings.cache_dir).load(req.content_hash)

@@ -26,7 +26,7 @@ from warmpool.pool.eviction import (
     layouts_of,
     superseded,
 )
-from warmpool.pool.host import HostTier, WritableSegment
+from warmpool.pool.host import ArenaSegment, HostTier, WritableSegment
 from warmpool.pool.leases import Leases
 from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import PoolEntry, Registry, State
@@ -42,7 +42,8 @@ class Pool:
         self.settings = settings
         self.runtime_dir = private_dir(settings.runtime_dir)
         self.registry = registry or FileRegistry(self.runtime_dir)
-        self.host = HostTier(self.runtime_dir)
+        self.host = HostTier(self.runtime_dir, settings.host_arena_chunk
+                             if settings.host_arena else None)
         self.leases = Leases(self.runtime_dir)
         self._pool_lock = self.host.locks / "pool.lock"
 
@@ -85,7 +86,7 @@ class Pool:
             return None
         return entry if self.host.resident(entry.content_hash) is not None else None
 
-    async def fail(self, entry: PoolEntry, segment: WritableSegment | None,
+    async def fail(self, entry: PoolEntry, segment: WritableSegment | ArenaSegment | None,
                    exc: BaseException) -> PoolEntry:
         """A fill that raised: its partial segment goes, and the entry says why, so that
         nothing half-loaded is ever published or left behind."""
@@ -95,6 +96,13 @@ class Pool:
         reason = "interrupted" if isinstance(exc, stopped) else (
             str(exc) if isinstance(exc, WarmpoolError) else f"{type(exc).__name__}: {exc}")
         return await self.registry.transition(entry, State.FAILED, error=reason)
+
+    def footprint(self, nbytes: int) -> int:
+        """The host memory ``nbytes`` of a model take: whole chunks in the arena."""
+        if not self.settings.host_arena:
+            return nbytes
+        chunk = self.settings.host_arena_chunk
+        return -(-nbytes // chunk) * chunk
 
     def host_capacity(self) -> int:
         if self.settings.host_capacity is not None:
@@ -111,12 +119,19 @@ class Pool:
         async with async_file_lock(self._pool_lock):
             entries = [e for e in await self.entries()
                        if e.device == entry.device and e.key != entry.key]
-            used = sum(e.bytes for e in entries if e.state.holds_memory)
+            used = sum(self.footprint(e.bytes) for e in entries if e.state.holds_memory)
             _, shm_free = self.host.shm_bytes()
-            unallocated = sum(max(0, e.bytes - self.host.allocated(e.content_hash))
+            unallocated = sum(max(0, self.footprint(e.bytes)
+                                  - self.host.allocated(e.content_hash))
                               for e in entries if e.state == State.STREAMING)
+            if self.settings.host_arena and self.host.has_arena():
+                # free chunks still faulted are room /dev/shm no longer shows as free
+                arena = self.host.arena.status()
+                shm_free += arena.faulted if arena is not None else 0
             room = min(self.host_capacity() - used, shm_free - unallocated)
-            victims = choose_victims(map(entry_candidate, entries), nbytes, room,
+            candidates = [replace(c, nbytes=self.footprint(c.nbytes))
+                          for c in map(entry_candidate, entries)]
+            victims = choose_victims(candidates, self.footprint(nbytes), room,
                                      who=entry.uri, device=entry.device)
             for victim in victims:
                 await self._evict_one(victim, force=False, reason="capacity")
@@ -191,7 +206,11 @@ class Pool:
                     "detach them first or evict with --force")
             self.host.remove(entry.content_hash)
             self.leases.forget(entry.key)
-            return await self.registry.transition(entry, State.EVICTED, error=None, leases=0)
+            evicted = await self.registry.transition(entry, State.EVICTED, error=None,
+                                                     leases=0)
+        if self.settings.host_arena_keep is not None and self.host.has_arena():
+            self.host.arena.trim(self.settings.host_arena_keep)
+        return evicted
 
     async def retire_older(self, current: PoolEntry, uri: str | None = None) -> list[PoolEntry]:
         """Evict the versions ``current`` supersedes as ``uri`` (default: its URI) —

@@ -38,8 +38,18 @@ from typing import TYPE_CHECKING, Any
 from warmpool.config import private_dir
 from warmpool.errors import CapacityError, ForeignSegmentError
 from warmpool.locks import try_lock
+from warmpool.pool.arena import (
+    DEFAULT_CHUNK,
+    Arena,
+    ArenaPlace,
+    Grant,
+    map_chunks,
+    open_arena,
+    zero_gaps,
+)
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex, encode
+from warmpool.pool.leases import Lease, Leases
 from warmpool.pool.registry.files import atomic_write, read_regular
 
 if TYPE_CHECKING:  # imported where a segment is mapped: listing and evicting need no torch
@@ -65,6 +75,9 @@ class HostResident:
     #: The engine-layout key (JSON) when the segment holds an engine's processed
     #: parameters; None for a checkpoint. Kept here so an adopting registry recovers it.
     engine: dict[str, Any] | None = None
+    #: Where its bytes are when they live in the host arena (``segment`` is then the
+    #: arena's file); None for a segment of its own.
+    arena: ArenaPlace | None = None
 
     @property
     def key(self) -> str:
@@ -82,6 +95,8 @@ class HostResident:
             "total_bytes": self.layout.total_bytes, "tensors": len(self.layout)}
         if self.engine is not None:
             data["engine"] = self.engine
+        if self.arena is not None:
+            data["arena"] = self.arena.to_json()
         return data
 
     @classmethod
@@ -90,10 +105,14 @@ class HostResident:
             raise ValueError(f"layout index of {layout.content_hash} beside the record of "
                              f"{data['content_hash']}")
         engine = data.get("engine")
+        place = ArenaPlace.from_json(data["arena"]) if data.get("arena") is not None else None
+        if place is not None and (place.file != data["segment"]
+                                  or place.span < layout.total_bytes):
+            raise ValueError("its arena place is not its segment's, or too small")
         return cls(str(data["uri"]), str(data["content_hash"]), str(data["segment"]),
                    layout, float(data["created_at"]),  # type: ignore[arg-type]
                    tuple(map(str, data.get("aliases") or ())),  # type: ignore[call-overload]
-                   dict(engine) if isinstance(engine, dict) else None)
+                   dict(engine) if isinstance(engine, dict) else None, place)
 
 
 class WritableSegment:
@@ -124,6 +143,36 @@ class WritableSegment:
         variable) turns the next read of it into a segmentation fault.
         """
         self.buffer = None  # type: ignore[assignment]
+        self._mmap = None  # type: ignore[assignment]
+
+
+class ArenaSegment:
+    """A fill into chunks of the host arena: the same ``buffer`` as a
+    :class:`WritableSegment`, over chunks whose pages are faulted already. Its page
+    tables are built at once (``MAP_POPULATE``): the fill writes every page anyway."""
+
+    def __init__(self, grant: Grant, size: int) -> None:
+        self.grant = grant
+        self.size = size
+        self.published: str | None = None
+        self.path = SHM_DIR / grant.place.file
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            if not segment_ok(os.fstat(fd)):
+                raise ForeignSegmentError(f"{self.path} is not a segment of ours")
+            self._mmap, self.whole = map_chunks(fd, grant.place, writable=True,
+                                                populate=True)
+        finally:
+            os.close(fd)
+        self.buffer = self.whole[:size]
+
+    def close(self) -> None:
+        """Drop the fill's buffer; ``whole`` stays until the publish has cleared what
+        the fill did not write (:meth:`HostTier.publish`) or the discard."""
+        self.buffer = None  # type: ignore[assignment]
+
+    def release(self) -> None:
+        self.buffer = self.whole = None  # type: ignore[assignment]
         self._mmap = None  # type: ignore[assignment]
 
 
@@ -189,6 +238,20 @@ def _allocate(fd: int, size: int, path: Path) -> None:
             "rest)", needed=size, free=free) from None
 
 
+def map_resident(resident: HostResident) -> tuple[mmap.mmap, torch.Tensor]:
+    """A published model's bytes, read-only, as one flat uint8 tensor: its own segment,
+    or its chunks of the arena mapped side by side (one ``mmap`` per run of them)."""
+    size = resident.layout.total_bytes
+    if resident.arena is None:
+        return map_readonly(resident.segment, size)
+    fd = open_arena(resident.arena)
+    try:
+        mapping, whole = map_chunks(fd, resident.arena, writable=False)
+    finally:
+        os.close(fd)
+    return mapping, whole[:size]
+
+
 def map_readonly(segment: str, size: int) -> tuple[mmap.mmap, torch.Tensor]:
     """Map a published segment read-only: a stray write faults instead of corrupting
     weights that other processes share. Costs one mmap, whatever the model's size."""
@@ -229,14 +292,30 @@ def _remove_ours(path: Path) -> bool:
 
 
 class HostTier:
-    def __init__(self, runtime_dir: Path) -> None:
+    def __init__(self, runtime_dir: Path, arena_chunk: int | None = None) -> None:
+        """``arena_chunk``: fill new models into the host arena, in chunks of that many
+        bytes (None: a segment of its own per model). Models already in the arena are
+        read, evicted and reclaimed either way."""
         self.runtime_dir = runtime_dir
+        self.arena_chunk = arena_chunk
+        self._arena: Arena | None = None
         self.records = private_dir(runtime_dir / "resident")
         self.locks = private_dir(runtime_dir / "locks")
         # Segment names are global to the machine: the runtime directory is part of the
         # name so that two pools (two users, two test runs) never share a segment.
         tag = hashlib.sha256(str(runtime_dir.resolve()).encode()).hexdigest()[:8]
         self.prefix = f"warmpool-{os.getuid()}-{tag}-"
+
+    @property
+    def arena(self) -> Arena:
+        if self._arena is None:
+            self._arena = Arena(self.runtime_dir, self.prefix, SHM_DIR, self.records,
+                                self.lock_path, self.arena_chunk or DEFAULT_CHUNK)
+        return self._arena
+
+    def has_arena(self) -> bool:
+        """Whether this pool has ever filled into an arena (nothing to look at if not)."""
+        return self._arena is not None or (self.runtime_dir / "arena").is_dir()
 
     # --- names ---------------------------------------------------------------------
     def new_segment_name(self, content_hash: str) -> str:
@@ -249,6 +328,9 @@ class HostTier:
         stem = f"{self.prefix}{content_hash}"
         return name == stem or (name.startswith(stem + ".")
                                 and _RANDOM.fullmatch(name[len(stem) + 1:]) is not None)
+
+    def is_arena_name(self, name: str) -> bool:
+        return self.arena.is_arena_name(name)
 
     def _names_of(self, content_hash: str) -> list[Path]:
         """Every name in /dev/shm of ``content_hash`` under our prefix: segments and
@@ -267,9 +349,16 @@ class HostTier:
         return self.records / f"{content_hash}@{DEVICE}.layout"
 
     # --- filling -------------------------------------------------------------------
-    def create(self, content_hash: str, size: int) -> WritableSegment:
-        """A new partial segment under a fresh random name; the caller must hold the
-        entry's lock while filling."""
+    def create(self, content_hash: str, size: int) -> WritableSegment | ArenaSegment:
+        """A new partial segment under a fresh random name, or chunks of the arena when
+        it is on; the caller must hold the entry's lock while filling."""
+        if self.arena_chunk is not None and size > 0:
+            grant = self.arena.allocate(f"{content_hash}@{DEVICE}", size)
+            try:
+                return ArenaSegment(grant, size)
+            except BaseException:
+                self.arena.settle(grant)
+                raise
         path = SHM_DIR / f"{self.new_segment_name(content_hash)}.part-{os.getpid()}"
         try:
             return WritableSegment(path, size)
@@ -286,10 +375,12 @@ class HostTier:
             f"{path} is {owner}: another user created a name of this pool; remove it "
             "(as root) or use another runtime directory")
 
-    def publish(self, segment: WritableSegment, uri: str, layout: Layout,
+    def publish(self, segment: WritableSegment | ArenaSegment, uri: str, layout: Layout,
                 created_at: float, engine: dict[str, Any] | None = None) -> HostResident:
         """Give a filled segment its final name and write the record attach reads; a
         segment the record named before (a re-publish) is removed after."""
+        if isinstance(segment, ArenaSegment):
+            return self._publish_chunks(segment, uri, layout, created_at, engine)
         name = segment.path.name.rsplit(".part-", 1)[0]
         final = SHM_DIR / name
         previous = self.read_record(layout.content_hash)
@@ -312,11 +403,31 @@ class HostTier:
                                 engine=engine)
         atomic_write(self._record_path(layout.content_hash),
                      json.dumps(resident.to_json()).encode())
-        if previous is not None and previous.segment != name:
+        if previous is not None and previous.segment != name and previous.arena is None:
             _remove_ours(SHM_DIR / previous.segment)
         segment.published = layout.content_hash
         return resident
 
+    def _publish_chunks(self, segment: ArenaSegment, uri: str, layout: Layout,
+                        created_at: float, engine: dict[str, Any] | None) -> HostResident:
+        """The record names the chunks, then the claim goes: at no moment are they
+        nobody's. The padding and the tail are cleared first, so nothing a chunk held
+        for an earlier model is readable through this one."""
+        zero_gaps(segment.whole, layout)
+        segment.release()
+        previous = self.read_record(layout.content_hash)
+        index = encode(layout)
+        atomic_write(self._index_path(layout.content_hash), index)
+        resident = HostResident(uri, layout.content_hash, segment.grant.place.file,
+                                LayoutIndex(index), created_at, engine=engine,
+                                arena=segment.grant.place)
+        atomic_write(self._record_path(layout.content_hash),
+                     json.dumps(resident.to_json()).encode())
+        segment.published = layout.content_hash
+        self.arena.settle(segment.grant)
+        if previous is not None and previous.arena is None:
+            _remove_ours(SHM_DIR / previous.segment)
+        return resident
     def rename(self, content_hash: str, uri: str, aliases: list[str]) -> None:
         """Record the names of a published model (the caller holds its entry's lock)."""
         resident = self.resident(content_hash)
@@ -326,12 +437,16 @@ class HostTier:
                                resident.created_at, tuple(aliases), resident.engine)
         atomic_write(self._record_path(content_hash), json.dumps(renamed.to_json()).encode())
 
-    def discard(self, segment: WritableSegment) -> None:
+    def discard(self, segment: WritableSegment | ArenaSegment) -> None:
         """Drop a fill that failed. One that failed after its publish (Ctrl-C during
         the registry's last write: the registry never said warm) goes with its record,
         so that the segment and the registry never disagree."""
         segment.close()
-        segment.path.unlink(missing_ok=True)
+        if isinstance(segment, ArenaSegment):
+            segment.release()
+            self.arena.settle(segment.grant)  # its chunks are free again
+        else:
+            segment.path.unlink(missing_ok=True)
         if segment.published is not None:
             self.remove(segment.published)
 
@@ -355,9 +470,10 @@ class HostTier:
         try:
             resident = HostResident.from_json(json.loads(read_regular(path)),
                                               LayoutIndex.open(self._index_path(content_hash)))
+            named = (self.is_arena_name(resident.segment) if resident.arena is not None
+                     else self.is_segment_name(content_hash, resident.segment))
             if (resident.content_hash != content_hash
-                    or resident.layout.content_hash != content_hash
-                    or not self.is_segment_name(content_hash, resident.segment)):
+                    or resident.layout.content_hash != content_hash or not named):
                 raise ValueError("its hash or segment name is not this record's")
         except FileNotFoundError:
             return None
@@ -384,17 +500,38 @@ class HostTier:
         return (self._record_path(resident.content_hash).exists()
                 and (SHM_DIR / resident.segment).exists())
 
+    def lease(self, resident: HostResident, holder: str = "") -> Lease | None:
+        """A lease on ``resident`` if it is still published, else None. Taken under the
+        entry's shared lock: an eviction (exclusive) either ran before, and the check
+        fails, or runs after and sees the lease."""
+        from warmpool.locks import file_lock
+
+        with file_lock(self.lock_path(resident.key), exclusive=False):
+            if not self.holds(resident):
+                return None
+            return Leases(self.runtime_dir).acquire(resident.key, holder)
+
     def remove_all(self) -> None:
-        """Drop every segment and record of this pool (tests and benchmarks)."""
+        """Drop every segment and record of this pool, the arena with them (tests and
+        benchmarks)."""
         for path in SHM_DIR.glob(f"{self.prefix}*"):
             _remove_ours(path)
+        if self.has_arena():
+            (self.arena.root / "file").unlink(missing_ok=True)
         for record in [*self.records.glob("*.json"), *self.records.glob("*.layout")]:
             record.unlink(missing_ok=True)
 
     def remove(self, content_hash: str) -> None:
         """Unlink the segment and its record (the caller holds the entry's exclusive
         lock, so no fill of it is under way). Processes that mapped it keep their mapping
-        until they unmap it; the memory returns to the system after the last one does."""
+        until they unmap it; the memory returns to the system after the last one does.
+        Chunks of the arena are free once the record is gone, unless a lease lives: then
+        they are retired with the leases, and reused only after the last one ends."""
+        resident = self.read_record(content_hash)
+        if resident is not None and resident.arena is not None:
+            leases = Leases(self.runtime_dir)
+            if leases.count(resident.key):
+                self.arena.retire(resident.arena.chunks, leases.root / resident.key)
         for path in self._names_of(content_hash):
             _remove_ours(path)
         self._record_path(content_hash).unlink(missing_ok=True)
@@ -408,8 +545,9 @@ class HostTier:
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
     def allocated(self, content_hash: str) -> int:
-        """Bytes the kernel already gave the partial segments of ``content_hash``."""
-        total = 0
+        """Bytes the kernel already gave the partial segments of ``content_hash`` (or
+        the arena chunks its fill claimed)."""
+        total = self.arena.claimed_bytes(content_hash) if self.has_arena() else 0
         for partial in self._names_of(content_hash):
             if ".part-" not in partial.name:
                 continue

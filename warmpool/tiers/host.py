@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from warmpool.config import Settings
 from warmpool.errors import ConfigError, NotWarmError
-from warmpool.locks import async_file_lock, file_lock
+from warmpool.locks import async_file_lock
 from warmpool.pool.attached import AttachedModel, gc_paused
 from warmpool.pool.engine_key import (
     EngineKey,
@@ -35,8 +35,8 @@ from warmpool.pool.engine_key import (
     write_engine_layout,
 )
 from warmpool.pool.entries import HOST_DEVICE, Pool
-from warmpool.pool.host import HostResident, HostTier, map_readonly
-from warmpool.pool.leases import Lease, Leases
+from warmpool.pool.host import HostResident, HostTier, map_resident
+from warmpool.pool.leases import Lease
 from warmpool.pool.refs import ModelRef
 from warmpool.pool.registry.base import PoolEntry, State, entry_key
 from warmpool.tiers.base import Loaded, ProgressFactory
@@ -93,14 +93,13 @@ class HostTierOps:
         host.reclaim_partials()  # what a killed prefetch left must not hold memory for ever
         with gc_paused():
             resident = _resolve(host, ref)
-            with file_lock(host.lock_path(resident.key), exclusive=False):
-                # Check again under the lock: an eviction may have won the race since
-                # _resolve.
-                if not host.holds(resident):
-                    raise not_warm(ref)
-                lease = Leases(self.settings.runtime_dir).acquire(resident.key, holder)
+            # Checked again under the entry's lock: an eviction may have won the race
+            # since _resolve.
+            lease = host.lease(resident, holder)
+            if lease is None:
+                raise not_warm(ref)
             try:
-                mapping, buffer = map_readonly(resident.segment, resident.layout.total_bytes)
+                mapping, buffer = map_resident(resident)
                 tensors = tensor_views(buffer, resident.layout)
             except FileNotFoundError:  # a forced evict between the lease and the open
                 lease.release()
