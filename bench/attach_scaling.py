@@ -8,6 +8,7 @@ imported, as in a serving engine), and prints a table:
     python bench/attach_scaling.py  # 0.25, 1, 4 GB x 128 tensors; 1 GB x 32..100,000
     python bench/attach_scaling.py --sizes 0.5,2 --counts 64,512 --reps 7
     python bench/attach_scaling.py --baseline /work/main  # the same rows with another checkout
+    python bench/attach_scaling.py --chunked 16  # 16 GB: one segment against arena chunks
 
 Besides attach (the mapping and the names ready), each child times the first view and
 then building every view, so a lazy attach cannot hide a slow first access. With
@@ -17,6 +18,13 @@ runtime directory, fresh processes interleaved with ours), for ratios from one r
 Models are generated (zeros: attach never reads the bytes, and the pool is private to
 the run), warmed with ``warmpool.tiers.prefetch`` and evicted afterwards. Results go to
 ``bench/results/attach_scaling-<name>.md``.
+
+``--chunked GB`` measures what the host arena adds to attach instead: one model of that
+size as a segment of its own, as 64 MiB arena chunks in one run (consecutive), and as
+the same number of chunks scattered (none adjacent, in reverse order: one ``mmap`` each,
+the worst case). Those models are *planted*: their records, layout index and a sparse
+segment or arena file are written directly, no byte filled, since attach touches no page
+and a 16 GB fill would only measure the fill. Results: ``attach_chunks-<name>.md``.
 """
 
 from __future__ import annotations
@@ -115,6 +123,97 @@ def summary(samples: list[dict[str, float]], key: str) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def plant(runtime: Path, total: int, tensors: int, chunks: list[int] | None) -> str:
+    """Publish a model of ``tensors`` bf16 tensors, ``total`` bytes, without filling it:
+    a sparse segment of its own (``chunks`` None) or the arena chunks ``chunks``."""
+    import hashlib
+
+    from warmpool.pool.arena import DEFAULT_CHUNK, ArenaPlace
+    from warmpool.pool.host import SHM_DIR, HostResident, HostTier
+    from warmpool.pool.layout import Layout, Slot
+    from warmpool.pool.layout_index import LayoutIndex, encode
+    from warmpool.pool.registry.files import atomic_write
+
+    host = HostTier(runtime, DEFAULT_CHUNK)
+    per = total // tensors // 256 * 256
+    content_hash = hashlib.sha256(f"{total}-{tensors}-{chunks}".encode()).hexdigest()
+    layout = Layout(content_hash, per * tensors, tuple(
+        Slot(f"layers.{i}.weight", "BF16", (per // 2,), i * per, per, "m.safetensors", 0)
+        for i in range(tensors)))
+    place = None
+    if chunks is None:
+        name = host.new_segment_name(content_hash)
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.ftruncate(fd, layout.total_bytes)
+    else:
+        opened = host.arena._open(create=True)  # noqa: SLF001 - planting, not filling
+        assert opened is not None
+        fd, name = opened
+        os.ftruncate(fd, max(os.fstat(fd).st_size, (max(chunks) + 1) * DEFAULT_CHUNK))
+        place = ArenaPlace(name, DEFAULT_CHUNK, tuple(chunks))
+    os.close(fd)
+    index = encode(layout)
+    atomic_write(host._index_path(content_hash), index)  # noqa: SLF001
+    resident = HostResident(f"planted://{content_hash[:12]}", content_hash, name,
+                            LayoutIndex(index), time.time(), arena=place)
+    atomic_write(host._record_path(content_hash),  # noqa: SLF001
+                 json.dumps(resident.to_json()).encode())
+    return content_hash
+
+
+def chunked(args: argparse.Namespace) -> None:
+    from warmpool.pool.arena import DEFAULT_CHUNK
+    from warmpool.pool.host import HostTier
+
+    total = int(args.chunked * 1e9) // DEFAULT_CHUNK * DEFAULT_CHUNK
+    n = total // DEFAULT_CHUNK
+    work = Path(tempfile.mkdtemp(prefix="warmpool-attach-chunks-", dir="/var/tmp"))
+    runtime = work / "runtime"
+    env = {**os.environ, "WARMPOOL_RUNTIME_DIR": str(runtime),
+           "WARMPOOL_CACHE_DIR": str(work / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("WARMPOOL_REDIS_URL", None)
+    kinds = [("a segment of its own", None),
+             (f"{n} arena chunks, consecutive (1 mmap)", list(range(n))),
+             (f"{n} arena chunks, scattered ({n} mmaps)",
+              [n + 2 * i for i in reversed(range(n))])]
+    rows = []
+    try:
+        hashes = [plant(runtime, total, args.base_count, chunks) for _, chunks in kinds]
+        samples: list[list[dict[str, float]]] = [[] for _ in kinds]
+        for _ in range(args.reps):  # interleaved
+            for i, content_hash in enumerate(hashes):
+                samples[i].append(child(CHILD, content_hash, env))
+        base = statistics.median(s["ms"] for s in samples[0])
+        for (label, chunks), got in zip(kinds, samples):
+            row = {"label": label, "chunks": len(chunks) if chunks else 0, "bytes": total,
+                   "tensors": args.base_count,
+                   **{k: summary(got, k) for k in ("ms", "cpu_ms", "first_ms")},
+                   "samples": got}
+            row["vs_segment"] = row["ms"]["median"] / base
+            rows.append(row)
+            print(f"{label}: attach {row['ms']['median']:.2f} ms "
+                  f"({row['vs_segment']:.2f}x a segment)", flush=True)
+    finally:
+        HostTier(runtime).remove_all()
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [f"# attach of one model: a segment of its own against arena chunks — {args.name}",
+             "", f"Run {time.strftime('%Y-%m-%dT%H:%M:%S%z')} by `python bench/attach_scaling.py"
+             f" --chunked {args.chunked:g}` ({os.cpu_count()} CPUs, load average "
+             f"{os.getloadavg()[0]:.1f} at the end). {total / 1e9:.1f} GB, {args.base_count} "
+             f"tensors, chunks of {DEFAULT_CHUNK >> 20} MiB; each row {args.reps} fresh "
+             "processes (torch imported before the clock), interleaved; planted models "
+             "(no page touched).", "",
+             "| model's memory | attach (median) | min-max | attach CPU | first view |"
+             " vs a segment |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['ms']['median']:.2f} ms | {r['ms']['min']:.2f}-"
+                     f"{r['ms']['max']:.2f} ms | {r['cpu_ms']['median']:.2f} ms | "
+                     f"{r['first_ms']['median']:.2f} ms | {r['vs_segment']:.2f}x |")
+    write_report(args.out, f"attach_chunks-{args.name}", lines, rows)
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0.25,1,4", help="GB, at --base-count tensors")
@@ -125,7 +224,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="fresh processes per row")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default=socket.gethostname() or "dev")
+    parser.add_argument("--chunked", type=float, default=0.0,
+                        help="GB: attach a segment against arena chunks instead")
     args = parser.parse_args()
+    if args.chunked:
+        chunked(args)
+        return
 
     rows = [(float(gb), args.base_count) for gb in args.sizes.split(",")]
     rows += [(1.0, int(n)) for n in args.counts.split(",") if (1.0, int(n)) not in rows]

@@ -187,13 +187,13 @@ async def test_a_fifo_lease_file_neither_counts_nor_hangs(model_dir: Path,
 async def test_a_forced_evict_between_lease_and_map_is_not_warm(
         model_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     await prefetch(str(model_dir), settings=settings)
-    real = host_tier.map_readonly
+    real = host_tier.map_resident
 
-    def evicted_first(segment: str, size: int):  # type: ignore[no-untyped-def]
-        (SHM_DIR / segment).unlink()  # `warmpool evict --force` wins the race here
-        return real(segment, size)
+    def evicted_first(resident):  # type: ignore[no-untyped-def]
+        (SHM_DIR / resident.segment).unlink()  # `warmpool evict --force` wins the race here
+        return real(resident)
 
-    monkeypatch.setattr(host_tier, "map_readonly", evicted_first)
+    monkeypatch.setattr(host_tier, "map_resident", evicted_first)
     with pytest.raises(NotWarmError):
         attach(str(model_dir), settings=settings)
     assert not list((settings.runtime_dir / "leases").rglob("*.lease"))

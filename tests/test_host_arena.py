@@ -338,3 +338,21 @@ def model_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "model"
     write_model(directory, shards=2)
     return directory
+
+
+async def test_a_second_uri_of_the_same_bytes_keeps_their_chunks(
+        tmp_path: Path, arena: Settings) -> None:
+    """Renaming a record (a second URI of identical files) keeps its place in the arena:
+    it once dropped it, and the model was no longer warm under either name."""
+    import shutil
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    expected = write_sized(first, fill="random", seed=50)
+    # Hard links: a local file's etag is its inode and times (as in test_data_state).
+    shutil.copytree(first, second, copy_function=os.link)
+    await prefetch(str(first), settings=arena)
+    again = await prefetch(str(second), settings=arena)
+    assert again.already_warm
+    for name in (first, second):
+        with attach(str(name), settings=arena) as weights:
+            assert_bit_exact(weights, expected)

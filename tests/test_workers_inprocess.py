@@ -146,11 +146,19 @@ async def test_eviction_is_refused_while_a_holder_keeps_its_lease_unless_forced(
         await asyncio.to_thread(attach_gpu, str(tmp_path / "m"), "cpu:0", settings)
 
 
+@pytest.mark.parametrize("arena_chunk", [None, 4096], ids=["segment", "arena"])
 async def test_a_model_warm_on_the_host_tier_is_promoted_without_reading_storage(
-        tmp_path: Path, start_worker: StartWorker) -> None:
+        tmp_path: Path, start_worker: StartWorker, arena_chunk: int | None) -> None:
+    """From a segment of its own, or from chunks of the host arena (4 KiB chunks: the
+    model spans several, and a copy crosses their edges)."""
     worker, settings = await start_worker()
-    expected = write_model(tmp_path / "m", shards=3)
-    plan = await publish_host_copy(settings, tmp_path / "m")
+    expected = (write_model(tmp_path / "m", shards=3) if arena_chunk is None
+                else write_even_model(tmp_path / "m", tensor_bytes=6144))
+    plan = await publish_host_copy(settings, tmp_path / "m", arena_chunk)
+    host = HostTier(settings.runtime_dir).resident(plan.content_hash)
+    assert host is not None and (host.arena is not None) == (arena_chunk is not None)
+    if host.arena is not None:
+        assert len(host.arena.chunks) > 3
     try:
         for weights in (tmp_path / "m").glob("*.safetensors"):
             weights.unlink()  # any storage read would now fail
@@ -161,6 +169,38 @@ async def test_a_model_warm_on_the_host_tier_is_promoted_without_reading_storage
             assert_bit_exact(attached.tensors, expected)
     finally:
         HostTier(settings.runtime_dir).remove(plan.content_hash)
+
+
+@pytest.mark.parametrize("subset", [False, True], ids=["whole", "by-name"])
+def test_promotion_from_scattered_arena_chunks_is_bit_exact(tmp_path: Path,
+                                                             subset: bool) -> None:
+    """A model whose chunks lie out of order in the arena copies as if it were one
+    buffer: whole (one copy per run of chunks) and by tensor name (a rank's subset, each
+    tensor split where its chunks are not adjacent)."""
+    import asyncio as aio
+
+    from warmpool.pool.arena import ArenaPlace
+    from warmpool.workers.promote import copy_from_chunks
+
+    write_even_model(tmp_path / "m", files=2, per_file=3, tensor_bytes=6144)
+    plan = aio.run(plan_model(parse_uri(str(tmp_path / "m")), tmp_path / "cache"))
+    full = plan.layout()
+    part = plan.layout([sorted(plan.headers)[1]]) if subset else full
+    chunk = 4096
+    n = -(-full.total_bytes // chunk)
+    place = ArenaPlace("arena", chunk, tuple([2 * n - 1, 0, 1, *range(n + 2, 2 * n - 1)][:n]))
+    assert len(set(place.chunks)) == n
+    flat = torch.randint(0, 255, (n * chunk,), dtype=torch.uint8)  # the model's buffer
+    arena = torch.zeros(2 * n * chunk, dtype=torch.uint8)
+    for position, c in enumerate(place.chunks):
+        arena[c * chunk:(c + 1) * chunk] = flat[position * chunk:(position + 1) * chunk]
+    target = torch.zeros(part.total_bytes, dtype=torch.uint8)
+    copy_from_chunks(arena, place, full, target, part)
+    by_name = {s.name: s for s in full.slots}
+    for slot in part.slots:
+        src = by_name[slot.name]
+        assert torch.equal(target[slot.offset : slot.offset + slot.nbytes],
+                           flat[src.offset : src.offset + src.nbytes])
 
 
 def test_promotion_copies_a_subset_layout_by_tensor_name(tmp_path: Path) -> None:

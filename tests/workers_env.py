@@ -122,11 +122,13 @@ def write_sharded_model(directory: Path, *, ranks: int = 2, parts: int = 2
     return per_rank
 
 
-async def publish_host_copy(settings: Settings, model_dir: Path) -> ModelPlan:
-    """Put ``model_dir`` on the host tier (a published shared-memory segment) with the
-    host tier's own API, independent of the prefetch pipeline."""
+async def publish_host_copy(settings: Settings, model_dir: Path,
+                            arena_chunk: int | None = None) -> ModelPlan:
+    """Put ``model_dir`` on the host tier (a published shared-memory segment, or chunks
+    of the host arena) with the host tier's own API, independent of the prefetch
+    pipeline."""
     plan = await plan_model(parse_uri(str(model_dir)), settings.cache_dir)
-    host = HostTier(settings.runtime_dir)
+    host = HostTier(settings.runtime_dir, arena_chunk)
     layout = plan.layout()
     segment = host.create(plan.content_hash, layout.total_bytes)
     await fill_buffer(plan.uri, layout, segment.buffer, loader="native")

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from warmpool.errors import StreamError
-from warmpool.pool.host import SHM_DIR, HostResident, map_readonly, map_resident
+from warmpool.pool.arena import ArenaPlace, open_arena
+from warmpool.pool.host import SHM_DIR, HostResident, map_readonly
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex
 from warmpool.workers.devices import pin_host_memory, unpin_host_memory
@@ -51,11 +54,6 @@ class PinnedSegments:
         self._lock = threading.Lock()
 
     def get(self, host: HostResident, pin: bool) -> torch.Tensor:
-        if host.arena is not None:
-            # Its chunks are the next model's once it is evicted: mapped for this copy
-            # only (the caller holds a lease), never kept. Page-locking the arena once,
-            # whole, is the GPU path's next step (docs/findings.md).
-            return map_resident(host)[1]
         with self._lock:
             self.release_stale()
             held = self._held.get(host.segment)
@@ -100,12 +98,66 @@ class PinnedSegments:
         # the mapping itself goes when the last view of it does (never unmap under one)
 
 
+class PinnedArena:
+    """The host arena, mapped whole and read-only, page-locked once.
+
+    Models in the arena come and go in chunks that stay where they are, so the worker
+    locks the arena's pages once (``cudaHostRegister`` of the whole file) and every later
+    promotion, of any model, copies from locked memory: no per-model locking in the
+    timed path. It is mapped again (and locked again) only when the arena has grown past
+    what is held. What a model's chunks hold is read under the promotion's lease only.
+    """
+
+    def __init__(self) -> None:
+        self._held: tuple[str, int, mmap.mmap, torch.Tensor, bool] | None = None
+        self._lock = threading.Lock()
+
+    def get(self, place: ArenaPlace, pin: bool) -> tuple[torch.Tensor, bool]:
+        """The whole arena as a flat uint8 tensor, and whether it is page-locked."""
+        need = (max(place.chunks) + 1) * place.chunk_bytes
+        with self._lock:
+            held = self._held
+            if held is None or held[0] != place.file or held[1] < need:
+                self._release()
+                fd = open_arena(place)
+                try:
+                    size = os.fstat(fd).st_size
+                    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                finally:
+                    os.close(fd)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # read-only: intended
+                    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+                pinned = pin and pin_host_memory(whole.data_ptr(), size)
+                held = self._held = (place.file, size, mapping, whole, pinned)
+            return held[3], held[4]
+
+    def release(self) -> None:
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        if self._held is not None and self._held[4]:
+            unpin_host_memory(self._held[3].data_ptr())
+        self._held = None  # the mapping goes with the last view of it
+
+
 PINNED = PinnedSegments()
+ARENA = PinnedArena()
 
 
 def promote(host: HostResident, layout: Layout, target: torch.Tensor,
             segments: PinnedSegments = PINNED) -> None:
-    """Copy ``host``'s segment into ``target`` (laid out by ``layout``); blocking."""
+    """Copy ``host``'s segment into ``target`` (laid out by ``layout``); blocking. A
+    model in the host arena is read from the arena's locked mapping, chunk by chunk (the
+    caller holds a lease on it for the copy)."""
+    if host.arena is not None:
+        arena, locked = ARENA.get(host.arena, pin=target.is_cuda)
+        copy_from_chunks(arena, host.arena, host.layout, target, layout,
+                         non_blocking=locked)
+        if target.is_cuda:
+            torch.cuda.synchronize(target.device)
+        return
     source = segments.get(host, pin=target.is_cuda)
     pinned = segments.is_pinned(host.segment)
     copy_by_layout(source, host.layout, target, layout, non_blocking=pinned)
@@ -132,3 +184,40 @@ def copy_by_layout(source: torch.Tensor, src_layout: Layout | LayoutIndex, targe
                               f"{slot.name!r} as {slot.dtype} {slot.shape}")
         target[slot.offset : slot.offset + slot.nbytes].copy_(
             source[src.offset : src.offset + src.nbytes], non_blocking=non_blocking)
+
+
+def _pieces(place: ArenaPlace, offset: int, nbytes: int) -> list[tuple[int, int, int]]:
+    """(offset in the arena file, offset within the range, length) covering ``nbytes``
+    of the model's buffer from ``offset``: one piece per run of consecutive chunks."""
+    c, chunks, out, done = place.chunk_bytes, place.chunks, [], 0
+    while done < nbytes:
+        index, within = divmod(offset + done, c)
+        last = index
+        while last + 1 < len(chunks) and chunks[last + 1] == chunks[last] + 1:
+            last += 1
+        n = min((last - index + 1) * c - within, nbytes - done)
+        out.append((chunks[index] * c + within, done, n))
+        done += n
+    return out
+
+
+def copy_from_chunks(arena: torch.Tensor, place: ArenaPlace, src_layout: Layout | LayoutIndex,
+                     target: torch.Tensor, dst_layout: Layout, *,
+                     non_blocking: bool = False) -> None:
+    """:func:`copy_by_layout` from a model whose buffer is ``place``'s chunks of the
+    whole ``arena``: one copy per run of consecutive chunks (per tensor when the layouts
+    differ)."""
+    if _signature(src_layout) == _signature(dst_layout):
+        for at, rel, n in _pieces(place, 0, dst_layout.total_bytes):
+            target[rel:rel + n].copy_(arena[at:at + n], non_blocking=non_blocking)
+        return
+    by_name = {s.name: s for s in src_layout.slots}
+    for slot in dst_layout.slots:
+        src = by_name.get(slot.name)
+        if src is None or (src.dtype, src.shape, src.nbytes) != (slot.dtype, slot.shape,
+                                                                    slot.nbytes):
+            raise StreamError(f"host copy of {src_layout.content_hash[:12]} lacks tensor "
+                              f"{slot.name!r} as {slot.dtype} {slot.shape}")
+        for at, rel, n in _pieces(place, src.offset, src.nbytes):
+            target[slot.offset + rel:slot.offset + rel + n].copy_(
+                arena[at:at + n], non_blocking=non_blocking)

@@ -59,7 +59,7 @@ from warmpool.workers.devices import (
 from warmpool.workers.export import Exports
 from warmpool.workers.group import staging_bytes
 from warmpool.workers.process import die_with_parent, fast_exit
-from warmpool.workers.promote import PINNED, promote
+from warmpool.workers.promote import ARENA, PINNED, promote
 from warmpool.workers.protocol import (
     AsyncChannel,
     Message,
@@ -148,7 +148,12 @@ class Worker:
         """Page-lock what the host tier holds, ahead of any promotion (see promote.py)."""
         while not self._stop.is_set():
             try:
-                await asyncio.to_thread(PINNED.sync, self.host.residents(), True)
+                residents = self.host.residents()
+                await asyncio.to_thread(PINNED.sync, residents, True)
+                places = [r.arena for r in residents if r.arena is not None]
+                if places:  # the whole arena, once (the largest place covers the rest)
+                    widest = max(places, key=lambda p: max(p.chunks))
+                    await asyncio.to_thread(ARENA.get, widest, True)
             except Exception:  # noqa: BLE001 - best effort; promotion pins on demand anyway
                 log.exception("could not page-lock the host tier's segments")
             await asyncio.sleep(every_s)

@@ -31,7 +31,7 @@ import re
 import secrets
 import stat
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -433,8 +433,7 @@ class HostTier:
         resident = self.resident(content_hash)
         if resident is None:
             return
-        renamed = HostResident(uri, content_hash, resident.segment, resident.layout,
-                               resident.created_at, tuple(aliases), resident.engine)
+        renamed = replace(resident, uri=uri, aliases=tuple(aliases))
         atomic_write(self._record_path(content_hash), json.dumps(renamed.to_json()).encode())
 
     def discard(self, segment: WritableSegment | ArenaSegment) -> None:
