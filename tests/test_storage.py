@@ -325,3 +325,20 @@ async def test_azure_wrong_key_is_access_denied(azure_backend: Backend, azurite:
         with pytest.raises(AccessDeniedError):
             await store.read_range("config.json", 0, 2)
     assert len(attempts) == 1
+
+
+def test_a_scattered_read_lays_its_bytes_into_the_pieces_in_order() -> None:
+    """Chunks of any size, split across pieces with gaps between them in the target;
+    a retry starts over; more bytes than asked is an error, not a write past the end."""
+    from warmpool.storage.base import Scatter
+
+    out = bytearray(b"." * 20)
+    sink = Scatter([(0, 3), (5, 4), (12, 6)], memoryview(out))
+    data = b"abcdefghijklm"
+    sink.write(memoryview(b"zz"))
+    sink.restart()
+    for i in range(0, len(data), 5):
+        sink.write(memoryview(data[i:i + 5]))
+    assert bytes(out) == b"abc..defg...hijklm.." and sink.total == len(data)
+    with pytest.raises(ValueError, match="more bytes"):
+        sink.write(memoryview(b"x"))

@@ -15,6 +15,7 @@ import torch
 from warmpool.errors import StorageError
 from warmpool.loading.pread import Job, plan_jobs
 from warmpool.pool.layout import Layout
+from warmpool.pool.views import byte_view
 from warmpool.storage.base import Store
 from warmpool.threads import to_thread_joined
 
@@ -37,8 +38,22 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
     request each); each range is scattered into its slots with one copy.
     """
     gate = asyncio.Semaphore(concurrency or NATIVE_CONCURRENCY)
+    # A host buffer takes the bytes straight from the socket's chunks (one copy); a
+    # device buffer through a host bytes object and one copy to the device.
+    direct = byte_view(target) if target.device.type == "cpu" and target.numel() else None
 
     async def read(job: Job) -> None:
+        if direct is not None:
+            async with gate:
+                got = await store.read_scattered(
+                    job.file, job.start, job.nbytes, [(p.dst, p.nbytes) for p in job.pieces],
+                    direct)
+            if got != job.nbytes:
+                raise StorageError(f"{store.uri.child(job.file)}: object ended at "
+                                   f"{job.start + got}, {job.nbytes - got} bytes short",
+                                   key=job.file)
+            progress(job.nbytes)
+            return
         async with gate:
             data = await store.read_range(job.file, job.start, job.nbytes)
         if len(data) != job.nbytes:  # the object is shorter than its header said

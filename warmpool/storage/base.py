@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import posixpath
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -135,6 +135,16 @@ class Store(abc.ABC):
             )
         out[:] = data
 
+    async def read_scattered(self, key: str, start: int, length: int,
+                             pieces: Sequence[tuple[int, int]], out: memoryview) -> int:
+        """Read ``length`` bytes of ``key`` from ``start`` and lay them into ``out``:
+        ``pieces`` are (offset in ``out``, bytes), consecutive in the object. Returns the
+        bytes read (fewer only at the end of the object). Backends that can stream
+        override it so the bytes are copied once, from the socket into ``out``."""
+        data = await self.read_range(key, start, length)
+        Scatter(pieces, out).write(memoryview(data))
+        return len(data)
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -148,6 +158,35 @@ class Store(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class Scatter:
+    """Where the next bytes of a ranged read go: through ``pieces`` of ``out``, in order.
+    A retried read starts over (:meth:`restart`); it writes the same bytes again."""
+
+    def __init__(self, pieces: Sequence[tuple[int, int]], out: memoryview) -> None:
+        self.pieces = pieces
+        self.out = out
+        self.restart()
+
+    def restart(self) -> None:
+        self.index = 0  # the piece being written
+        self.within = 0  # bytes of it written
+        self.total = 0
+
+    def write(self, data: memoryview) -> None:
+        at = 0
+        while at < len(data):
+            if self.index >= len(self.pieces):
+                raise ValueError("a ranged read returned more bytes than it asked for")
+            dst, nbytes = self.pieces[self.index]
+            n = min(nbytes - self.within, len(data) - at)
+            self.out[dst + self.within:dst + self.within + n] = data[at:at + n]
+            at += n
+            self.within += n
+            if self.within == nbytes:
+                self.index, self.within = self.index + 1, 0
+        self.total += len(data)
 
 
 @dataclass(frozen=True)
@@ -235,6 +274,22 @@ class ObjectStore(Store):
         if length <= 0:
             return b""
         return await self._call(key, "read", lambda: self._get_range(name, start, length))
+
+    async def read_scattered(self, key: str, start: int, length: int,
+                             pieces: Sequence[tuple[int, int]], out: memoryview) -> int:
+        if length <= 0:
+            return 0
+        stream = getattr(self, "_get_range_into", None)
+        if stream is None:
+            return await super().read_scattered(key, start, length, pieces, out)
+        name, sink = self._name(key), Scatter(pieces, out)
+
+        async def once() -> int:
+            sink.restart()
+            await stream(name, start, length, sink)
+            return sink.total
+
+        return await self._call(key, "read", once)
 
     async def download(self, key: str, dest: Path) -> int:
         """Stream the object into ``dest`` a chunk at a time; a retry starts the file over."""
