@@ -182,4 +182,5 @@ image-vllm:
 # command still exists (nothing to evict is fine), then remove the generated model.
 clean:
 	-@[ ! -x $(BIN)/warmpool ] || $(BIN)/warmpool evict $(DEMO_DIR) --force 2>/dev/null || true
+	-@[ ! -x $(BIN)/warmpool ] || $(BIN)/warmpool trim >/dev/null 2>&1 || true
 	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) node_modules build *.egg-info $(DEMO_DIR) .gpu-wheels

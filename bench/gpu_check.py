@@ -71,6 +71,8 @@ STEPS = [
     Step("generate", 110, True, False, "the 16 GB Llama-3-8B-shaped checkpoint, once"),
     Step("attach-profile", 50, False, True,
          "attach in one process, 20 times, and a cProfile of one"),
+    Step("arena-promotion", 45, False, True,
+         "promotion from the host arena, twice: the arena page-locked once, not per model"),
     Step("bench-gpu", 200, True, False, "bench/gpu.py on the 16 GB checkpoint"),
 ]
 
@@ -277,13 +279,19 @@ w.close()
 """
 
 
-def step_attach_profile(device: str, work: Path) -> dict[str, Any]:
+def _model_for(device: str, work: Path) -> Path:
+    """The 16 GB checkpoint (the generate step's); in the dry mode a small one of the
+    same shape, made by whichever step asks first."""
     model = _big_model(work, device.startswith("cpu"))
-    if device.startswith("cpu"):  # the dry mode: a small checkpoint of the same shape
+    if device.startswith("cpu") and not model.exists():
         from warmpool.model.generate import PRESETS, generate_model
 
-        if not model.exists():
-            generate_model(model, PRESETS["tiny"], shards=2)
+        generate_model(model, PRESETS["tiny"], shards=2)
+    return model
+
+
+def step_attach_profile(device: str, work: Path) -> dict[str, Any]:
+    model = _model_for(device, work)
     warm = _cli("prefetch", str(model), "--device", device)
     proc = subprocess.run([sys.executable, "-c", PROFILE, str(model), device],
                           capture_output=True, text=True, timeout=120)
@@ -292,6 +300,31 @@ def step_attach_profile(device: str, work: Path) -> dict[str, Any]:
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     figures["prefetch_s"] = warm["seconds"]
     _cli("evict", str(model), "--device", device, "--force")  # room for bench/gpu.py
+    return figures
+
+
+def step_arena_promotion(device: str, work: Path) -> dict[str, Any]:
+    """Warm the model into the host arena, promote it to the device, evict it there,
+    promote it again: the second copy runs from pages the worker locked once for the
+    whole arena (docs/performance.md: the goal is 50 GB/s on an H100's Gen5 link)."""
+    model = _model_for(device, work)
+    os.environ["WARMPOOL_HOST_ARENA"] = "true"  # for the CLI children: the host fill
+    host = _cli("prefetch", str(model))
+    figures: dict[str, Any] = {"bytes": host["bytes"], "host_fill_s": host["seconds"]}
+    try:
+        for attempt in ("first", "second"):
+            promoted = _cli("prefetch", str(model), "--device", device)
+            if promoted.get("loader") != "host":
+                raise RuntimeError(f"the {attempt} promotion did not come from the host "
+                                   f"tier: {promoted}")
+            figures[f"{attempt}_s"] = promoted["seconds"]
+            figures[f"{attempt}_gbps"] = round(host["bytes"] / promoted["seconds"] / 1e9, 2)
+            _cli("evict", str(model), "--device", device, "--force")
+    finally:
+        _cli("evict", str(model), "--force")
+        figures["trimmed"] = subprocess.run(
+            [sys.executable, "-m", "warmpool.cli", "trim", "--json"], capture_output=True,
+            text=True, timeout=60).returncode == 0
     return figures
 
 
@@ -313,7 +346,7 @@ RUNNERS: dict[str, Callable[[str, Path], dict[str, Any]]] = {
     "cuda-tests": step_cuda_tests, "engine-layout": step_engine_layout,
     "load-model": step_load_model, "exit-attached": step_exit_attached,
     "generate": step_generate, "attach-profile": step_attach_profile,
-    "bench-gpu": step_bench_gpu,
+    "arena-promotion": step_arena_promotion, "bench-gpu": step_bench_gpu,
 }
 
 

@@ -356,3 +356,33 @@ async def test_a_second_uri_of_the_same_bytes_keeps_their_chunks(
     for name in (first, second):
         with attach(str(name), settings=arena) as weights:
             assert_bit_exact(weights, expected)
+
+
+async def test_a_file_planted_where_the_arena_was_blocks_nothing(
+        tmp_path: Path, arena: Settings) -> None:
+    """The arena vanished (a reboot, systemd's RemoveIPC; the runtime directory stays)
+    and someone put a file under its name: it is never mapped, and the next fill makes a
+    new arena under a new random name instead of failing."""
+    from warmpool.errors import NotWarmError
+    from warmpool.pool.host import SHM_DIR
+
+    model = tmp_path / "m"
+    expected = write_sized(model, fill="random", seed=60)
+    await prefetch(str(model), settings=arena)
+    old = resident(arena, "m")
+    planted = SHM_DIR / old.segment
+    planted.unlink()
+    planted.write_bytes(b"\xab" * (4 * CHUNK))
+    planted.chmod(0o644)  # not a segment of ours: ours are 0600
+    try:
+        with pytest.raises(NotWarmError):
+            attach(str(model), settings=arena)
+        again = await prefetch(str(model), settings=arena)
+        assert not again.already_warm
+        fresh = resident(arena, "m")
+        assert fresh.segment != old.segment
+        with attach(str(model), settings=arena) as weights:
+            assert_bit_exact(weights, expected)
+        assert planted.read_bytes()[:4] == b"\xab" * 4  # left alone, never written
+    finally:
+        planted.unlink(missing_ok=True)

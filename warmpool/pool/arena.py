@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from warmpool.config import private_dir
-from warmpool.errors import CapacityError, ForeignSegmentError
+from warmpool.errors import CapacityError
 from warmpool.locks import file_lock, try_lock
 from warmpool.pool.registry.files import atomic_write, read_regular
 
@@ -175,8 +175,11 @@ class Arena:
                 and _ARENA_NAME.fullmatch(name[len(self.prefix):]) is not None)
 
     def _open(self, create: bool) -> tuple[int, str] | None:
-        """An fd (read-write) on the arena file once it proved ours; a new file when
-        ``create`` and there is none (the caller holds the arena lock)."""
+        """An fd (read-write) on the arena file once it proved ours; a new file, under a
+        new random name, when ``create`` and there is none of ours (the caller holds the
+        arena lock). The old name may be gone (a reboot, systemd's RemoveIPC) and a file
+        planted in its place: that is never used, and never blocks a fill; the records
+        of the old arena are then records of a vanished segment (lost)."""
         from warmpool.pool.host import segment_ok
 
         name = self._name()
@@ -184,17 +187,17 @@ class Arena:
             try:
                 fd = os.open(self.shm_dir / name,
                              os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except FileNotFoundError:
-                fd = -1  # gone (a reboot emptied /dev/shm): its records are lost anyway
             except OSError as exc:
-                raise ForeignSegmentError(f"arena {name} cannot be opened: {exc.strerror}; "
-                                          "refusing to use it") from None
+                fd = -1
+                if exc.errno != errno.ENOENT:
+                    log.warning("arena %s cannot be opened (%s): a new one is made",
+                                name, exc.strerror, extra={"event": "foreign_segments"})
             if fd >= 0:
-                if not segment_ok(os.fstat(fd)):
-                    os.close(fd)
-                    raise ForeignSegmentError(f"{self.shm_dir / name} is not a segment of "
-                                              "ours; refusing to use it as the arena")
-                return fd, name
+                if segment_ok(os.fstat(fd)):
+                    return fd, name
+                os.close(fd)
+                log.warning("%s is not a segment of ours: never used; a new arena is made",
+                            self.shm_dir / name, extra={"event": "foreign_segments"})
         if not create:
             return None
         name = f"{self.prefix}arena.{secrets.token_hex(8)}"
@@ -204,16 +207,17 @@ class Arena:
         return fd, name
 
     # --- who owns what -------------------------------------------------------------
-    def _published(self) -> set[int]:
+    def _published(self, name: str) -> set[int]:
+        """Chunks of the arena file ``name`` that published records name."""
         owned: set[int] = set()
         for path in self.records.glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
                 place = json.loads(read_regular(path)).get("arena")
-                if place is not None:
+                if place is not None and place.get("file") == name:
                     owned.update(ArenaPlace.from_json(place).chunks)
         return owned
 
-    def _claimed(self) -> set[int]:
+    def _claimed(self, name: str) -> set[int]:
         """Chunks of fills in progress. A claim whose filler no longer holds its entry
         lock (killed, or it returned without publishing) is removed: its chunks are free."""
         owned: set[int] = set()
@@ -221,6 +225,8 @@ class Arena:
             try:
                 data = json.loads(read_regular(path))
                 key, chunks = str(data["key"]), [int(c) for c in data["chunks"]]
+                if data["file"] != name:
+                    chunks = []  # an earlier arena's (it vanished): nothing of this one
             except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 path.unlink(missing_ok=True)
                 continue
@@ -232,13 +238,14 @@ class Arena:
             path.unlink(missing_ok=True)
         return owned
 
-    def _retained(self) -> set[int]:
+    def _retained(self, name: str) -> set[int]:
         """Chunks of evicted models that a live lease may still read."""
         owned: set[int] = set()
         for directory in self.retired.iterdir():
             try:
-                chunks = [int(c) for c in json.loads(read_regular(directory / "chunks.json"))]
-            except (OSError, ValueError, TypeError, RecursionError):
+                place = ArenaPlace.from_json(json.loads(read_regular(directory / "place.json")))
+                chunks = list(place.chunks) if place.file == name else []
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 chunks = []
             if chunks and _any_locked((directory / "leases").glob("*.lease")):
                 owned.update(chunks)
@@ -246,8 +253,8 @@ class Arena:
                 shutil.rmtree(directory, ignore_errors=True)
         return owned
 
-    def _owned(self) -> set[int]:
-        return self._published() | self._claimed() | self._retained()
+    def _owned(self, name: str) -> set[int]:
+        return self._published(name) | self._claimed(name) | self._retained(name)
 
     # --- allocating ----------------------------------------------------------------
     def allocate(self, key: str, nbytes: int) -> Grant:
@@ -260,7 +267,7 @@ class Arena:
             fd, name = opened
             try:
                 total = os.fstat(fd).st_size // self.chunk_bytes
-                owned = self._owned()
+                owned = self._owned(name)
                 free = [c for c in range(total) if c not in owned]
                 faulted = [c for c in free if self._faulted(fd, c)]
                 rest = [c for c in free if c not in set(faulted)]
@@ -273,7 +280,7 @@ class Arena:
                     self._fault(fd, first, count, nbytes)
                 place = ArenaPlace(name, self.chunk_bytes, tuple(chosen))
                 claim = self.claims / f"{key.split('@', 1)[0]}.{secrets.token_hex(6)}.json"
-                atomic_write(claim, json.dumps({"key": key, "pid": os.getpid(),
+                atomic_write(claim, json.dumps({"key": key, "pid": os.getpid(), "file": name,
                                                 "chunks": list(chosen)}).encode())
                 return Grant(place, claim)
             finally:
@@ -314,11 +321,11 @@ class Arena:
         return total
 
     # --- evicting ------------------------------------------------------------------
-    def retire(self, chunks: Iterable[int], lease_dir: Path) -> None:
-        """Keep ``chunks`` from reuse while any lease in ``lease_dir`` lives: the
+    def retire(self, place: ArenaPlace, lease_dir: Path) -> None:
+        """Keep ``place``'s chunks from reuse while any lease in ``lease_dir`` lives: the
         directory moves under the retirement (the holders' locks move with their files)."""
         directory = private_dir(self.retired / secrets.token_hex(8))
-        atomic_write(directory / "chunks.json", json.dumps(list(chunks)).encode())
+        atomic_write(directory / "place.json", json.dumps(place.to_json()).encode())
         os.rename(lease_dir, directory / "leases")
 
     # --- giving memory back --------------------------------------------------------
@@ -330,7 +337,7 @@ class Arena:
             fd, name = opened
             try:
                 total = os.fstat(fd).st_size // self.chunk_bytes
-                owned = self._owned()
+                owned = self._owned(name)
                 free = [c for c in range(total) if c not in owned]
                 faulted = sum(self._faulted(fd, c) for c in free)
             finally:
@@ -348,10 +355,10 @@ class Arena:
             opened = self._open(create=False)
             if opened is None:
                 return 0
-            fd, _ = opened
+            fd, name = opened
             try:
                 total = os.fstat(fd).st_size // self.chunk_bytes
-                owned = self._owned()
+                owned = self._owned(name)
                 free = [c for c in range(total) if c not in owned]
                 faulted = [c for c in free if self._faulted(fd, c)]
                 excess = len(faulted) - keep // self.chunk_bytes

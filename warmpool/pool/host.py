@@ -530,7 +530,7 @@ class HostTier:
         if resident is not None and resident.arena is not None:
             leases = Leases(self.runtime_dir)
             if leases.count(resident.key):
-                self.arena.retire(resident.arena.chunks, leases.root / resident.key)
+                self.arena.retire(resident.arena, leases.root / resident.key)
         for path in self._names_of(content_hash):
             _remove_ours(path)
         self._record_path(content_hash).unlink(missing_ok=True)
