@@ -386,3 +386,22 @@ async def test_a_file_planted_where_the_arena_was_blocks_nothing(
         assert planted.read_bytes()[:4] == b"\xab" * 4  # left alone, never written
     finally:
         planted.unlink(missing_ok=True)
+
+
+async def test_status_counts_what_a_worker_page_locked_while_it_holds_it(
+        tmp_path: Path, arena: Settings) -> None:
+    """A GPU worker announces the arena bytes it locked (no GPU here: the announcement
+    itself, as the worker makes it); the kernel ends it with the worker."""
+    from warmpool.pool.arena import Arena
+
+    model = tmp_path / "m"
+    write_sized(model, fill="random", seed=70)
+    await prefetch(str(model), settings=arena)
+    host = HostTier(arena.runtime_dir, CHUNK)
+    marker = Arena.announce_locked(arena.runtime_dir, 3 * CHUNK)
+    status = host.arena.status()
+    assert status is not None and status.locked == 3 * CHUNK
+    assert "page-locked by a GPU worker" in run_cli("status").stdout
+    marker.release()
+    status = host.arena.status()
+    assert status is not None and status.locked == 0

@@ -222,7 +222,8 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
     if held is not None:
         out.print(f"host arena: {_gb(held.size)} GB in chunks of {held.chunk_bytes >> 20} MiB"
                   f", {_gb(held.used)} used, {_gb(held.free)} free ({_gb(held.faulted)} of "
-                  "it faulted, reused by the next fills; `warmpool trim` gives it back)")
+                  "it faulted, reused by the next fills; `warmpool trim` gives it back)"
+                  + (f", {_gb(held.locked)} page-locked by a GPU worker" if held.locked else ""))
 
 
 def _gb(n: int) -> str:

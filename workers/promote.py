@@ -20,14 +20,16 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from warmpool.errors import StreamError
-from warmpool.pool.arena import ArenaPlace, open_arena
+from warmpool.pool.arena import Arena, ArenaPlace, open_arena
 from warmpool.pool.host import SHM_DIR, HostResident, map_readonly
 from warmpool.pool.layout import Layout
 from warmpool.pool.layout_index import LayoutIndex
+from warmpool.pool.leases import Lease
 from warmpool.workers.devices import pin_host_memory, unpin_host_memory
 
 log = logging.getLogger(__name__)
@@ -111,9 +113,13 @@ class PinnedArena:
     def __init__(self) -> None:
         self._held: tuple[str, int, mmap.mmap, torch.Tensor, bool] | None = None
         self._lock = threading.Lock()
+        self._marker: Lease | None = None
 
-    def get(self, place: ArenaPlace, pin: bool) -> tuple[torch.Tensor, bool]:
-        """The whole arena as a flat uint8 tensor, and whether it is page-locked."""
+    def get(self, place: ArenaPlace, pin: bool,
+            runtime_dir: Path | None = None) -> tuple[torch.Tensor, bool]:
+        """The whole arena as a flat uint8 tensor, and whether it is page-locked. A lock
+        taken is announced under ``runtime_dir`` (``warmpool status`` shows it), for as
+        long as this process holds it."""
         need = (max(place.chunks) + 1) * place.chunk_bytes
         with self._lock:
             held = self._held
@@ -130,6 +136,8 @@ class PinnedArena:
                     whole = torch.frombuffer(mapping, dtype=torch.uint8)
                 pinned = pin and pin_host_memory(whole.data_ptr(), size)
                 held = self._held = (place.file, size, mapping, whole, pinned)
+                if pinned and runtime_dir is not None:
+                    self._marker = Arena.announce_locked(runtime_dir, size)
             return held[3], held[4]
 
     def release(self) -> None:
@@ -139,6 +147,9 @@ class PinnedArena:
     def _release(self) -> None:
         if self._held is not None and self._held[4]:
             unpin_host_memory(self._held[3].data_ptr())
+        if self._marker is not None:
+            self._marker.release()
+            self._marker = None
         self._held = None  # the mapping goes with the last view of it
 
 
@@ -147,12 +158,12 @@ ARENA = PinnedArena()
 
 
 def promote(host: HostResident, layout: Layout, target: torch.Tensor,
-            segments: PinnedSegments = PINNED) -> None:
+            segments: PinnedSegments = PINNED, runtime_dir: Path | None = None) -> None:
     """Copy ``host``'s segment into ``target`` (laid out by ``layout``); blocking. A
     model in the host arena is read from the arena's locked mapping, chunk by chunk (the
     caller holds a lease on it for the copy)."""
     if host.arena is not None:
-        arena, locked = ARENA.get(host.arena, pin=target.is_cuda)
+        arena, locked = ARENA.get(host.arena, pin=target.is_cuda, runtime_dir=runtime_dir)
         copy_from_chunks(arena, host.arena, host.layout, target, layout,
                          non_blocking=locked)
         if target.is_cuda:

@@ -153,7 +153,8 @@ class Worker:
                 places = [r.arena for r in residents if r.arena is not None]
                 if places:  # the whole arena, once (the largest place covers the rest)
                     widest = max(places, key=lambda p: max(p.chunks))
-                    await asyncio.to_thread(ARENA.get, widest, True)
+                    await asyncio.to_thread(ARENA.get, widest, True,
+                                            self.host.runtime_dir)
             except Exception:  # noqa: BLE001 - best effort; promotion pins on demand anyway
                 log.exception("could not page-lock the host tier's segments")
             await asyncio.sleep(every_s)
@@ -368,7 +369,8 @@ class Worker:
         lease = self.host.lease(host, "promote") if host and host.arena else None
         if host is not None and (host.arena is None or lease is not None):
             try:
-                await to_thread_joined(promote, host, req.layout, target)
+                await to_thread_joined(promote, host, req.layout, target, PINNED,
+                                       self.host.runtime_dir)
                 return "host"
             except FileNotFoundError:
                 log.info("host copy of %s vanished; streaming instead", req.content_hash[:12])

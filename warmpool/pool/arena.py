@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     import torch
 
     from warmpool.pool.layout import Layout
+    from warmpool.pool.leases import Lease
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,12 @@ class ArenaStatus:
     used: int      # chunks of published models, fills in progress, leased evictions
     free: int      # size - used
     faulted: int   # free chunks whose pages are still allocated: the next fills' reuse
+    locked: int = 0  # page-locked by a GPU worker (the most any one of them holds)
 
     def to_json(self) -> dict[str, object]:
         return {"file": self.file, "chunk_bytes": self.chunk_bytes, "size": self.size,
-                "used": self.used, "free": self.free, "faulted": self.faulted}
+                "used": self.used, "free": self.free, "faulted": self.faulted,
+                "locked": self.locked}
 
 
 @dataclass
@@ -328,6 +331,24 @@ class Arena:
         atomic_write(directory / "place.json", json.dumps(place.to_json()).encode())
         os.rename(lease_dir, directory / "leases")
 
+    # --- page-locked by workers ----------------------------------------------------
+    @staticmethod
+    def announce_locked(runtime_dir: Path, nbytes: int) -> Lease:
+        """A GPU worker page-locked ``nbytes`` of the arena: a lease-like file, locked
+        while the worker holds the pages (the kernel ends it with the worker)."""
+        from warmpool.pool.leases import Leases
+
+        return Leases(runtime_dir).acquire("arena-locked", str(nbytes))
+
+    def locked_bytes(self) -> int:
+        from warmpool.pool.leases import Leases
+
+        total = 0
+        for holder in Leases(self.root.parent).holders("arena-locked"):
+            with contextlib.suppress(TypeError, ValueError):
+                total = max(total, int(str(holder.get("holder", 0))))
+        return total
+
     # --- giving memory back --------------------------------------------------------
     def status(self) -> ArenaStatus | None:
         with file_lock(self._lock):
@@ -344,7 +365,7 @@ class Arena:
                 os.close(fd)
         c = self.chunk_bytes
         return ArenaStatus(name, c, total * c, (total - len(free)) * c, len(free) * c,
-                           faulted * c)
+                           faulted * c, self.locked_bytes())
 
     def trim(self, keep: int = 0) -> int:
         """Give the pages of free chunks back to the kernel until at most ``keep`` bytes
