@@ -405,3 +405,21 @@ async def test_status_counts_what_a_worker_page_locked_while_it_holds_it(
     marker.release()
     status = host.arena.status()
     assert status is not None and status.locked == 0
+
+
+def test_zero_gaps_clears_everything_but_the_tensors_in_batches() -> None:
+    """More gaps than one batch (4096): every byte outside a tensor is cleared, every
+    byte inside one kept."""
+    from warmpool.pool.arena import zero_gaps
+    from warmpool.pool.layout import Layout, Slot
+
+    n = 5000
+    slots = tuple(Slot(f"t{i}", "U8", (1 + i % 7,), 256 * i, 1 + i % 7, "f", 0)
+                  for i in range(n))
+    layout = Layout("0" * 64, 256 * n, slots)
+    whole = torch.full((256 * n + 1000,), 0xFF, dtype=torch.uint8)
+    zero_gaps(whole, layout)
+    inside = torch.zeros_like(whole, dtype=torch.bool)
+    for s in slots:
+        inside[s.offset:s.offset + s.nbytes] = True
+    assert bool((whole[inside] == 0xFF).all()) and bool((whole[~inside] == 0).all())

@@ -366,7 +366,8 @@ class Worker:
         # Chunks of the host arena go to the next model once evicted: the copy holds a
         # lease, as a serving process would (a segment of its own stays valid while
         # mapped, and needs none).
-        lease = self.host.lease(host, "promote") if host and host.arena else None
+        lease = (await asyncio.to_thread(self.host.lease, host, "promote")
+                 if host and host.arena else None)  # may wait for an evict's lock
         if host is not None and (host.arena is None or lease is not None):
             try:
                 await to_thread_joined(promote, host, req.layout, target, PINNED,

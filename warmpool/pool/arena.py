@@ -272,9 +272,10 @@ class Arena:
                 total = os.fstat(fd).st_size // self.chunk_bytes
                 owned = self._owned(name)
                 free = [c for c in range(total) if c not in owned]
-                faulted = [c for c in free if self._faulted(fd, c)]
-                rest = [c for c in free if c not in set(faulted)]
-                chosen = sorted((faulted + rest)[:need])
+                faulted = {c for c in free if self._faulted(fd, c)}
+                # reused pages first; free chunks in file order within each kind, so a
+                # model's chunks tend to be consecutive (one mmap per run at attach)
+                chosen = sorted(sorted(free, key=lambda c: c not in faulted)[:need])
                 if len(chosen) < need:
                     grow = need - len(chosen)
                     os.ftruncate(fd, (total + grow) * self.chunk_bytes)
@@ -469,9 +470,9 @@ def zero_gaps(whole: torch.Tensor, layout: Layout) -> None:
     gap_end = np.concatenate((starts[order], [layout.total_bytes]))
     keep = gap_end > gap_start
     gap_start, gap_end = gap_start[keep], gap_end[keep]
-    if len(gap_start):
-        lengths = gap_end - gap_start
-        index = np.repeat(gap_start - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    for at in range(0, len(gap_start), 4096):  # batches: the index is 8 bytes a byte
+        starts, lengths = gap_start[at:at + 4096], (gap_end - gap_start)[at:at + 4096]
+        index = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
         index += np.arange(int(lengths.sum()), dtype=np.int64)
         array[index] = 0
     array[layout.total_bytes:] = 0
