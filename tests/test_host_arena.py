@@ -423,3 +423,19 @@ def test_zero_gaps_clears_everything_but_the_tensors_in_batches() -> None:
     for s in slots:
         inside[s.offset:s.offset + s.nbytes] = True
     assert bool((whole[inside] == 0xFF).all()) and bool((whole[~inside] == 0).all())
+
+
+async def test_the_controller_s_metrics_show_the_arena(tmp_path: Path, arena: Settings) -> None:
+    from prometheus_client import generate_latest
+
+    from warmpool.controller.metrics import Metrics
+
+    model = tmp_path / "m"
+    write_sized(model, fill="random", seed=80)
+    await prefetch(str(model), settings=arena)
+    await Pool(arena).evict(str(model))
+    metrics = Metrics()
+    metrics.observe_arena(HostTier(arena.runtime_dir, CHUNK).arena.status())
+    text = generate_latest(metrics.registry).decode()
+    assert 'warmpool_host_arena_bytes{kind="faulted"} 3.145728e+06' in text
+    assert 'warmpool_host_arena_bytes{kind="used"} 0.0' in text

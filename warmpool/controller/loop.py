@@ -285,6 +285,8 @@ class Controller:
         entries = await self.pool.entries()
         capacity = {HOST_DEVICE: self.pool.host_capacity()}
         used = self.metrics.observe_entries(entries, capacity)
+        if self.pool.host.has_arena():
+            self.metrics.observe_arena(await asyncio.to_thread(self.pool.host.arena.status))
         devices = {d: DeviceRoom(capacity.get(d, 0), used.get(d, 0)) for d in capacity}
         await self.nodes.beat(NodeInfo(self.node, devices))
         self._beaten = True

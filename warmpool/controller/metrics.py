@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from warmpool.metrics_http import Endpoint
+from warmpool.pool.arena import ArenaStatus
 from warmpool.pool.registry.base import PoolEntry, State
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class Metrics(Endpoint):
         self.occupancy = Gauge("warmpool_pool_bytes",
                                "Bytes held and capacity of each device's pool.",
                                ["device", "kind"], registry=r)
+        self.arena = Gauge("warmpool_host_arena_bytes",
+                           "The host arena: its size, chunks used, free, free and still "
+                           "faulted (reused by the next fills), page-locked by a worker.",
+                           ["kind"], registry=r)
 
     def progress(self, device: str) -> Callable[[int], Callable[[int], None]]:
         """A prefetch progress factory that counts streamed bytes (thread-safe)."""
@@ -53,6 +58,12 @@ class Metrics(Endpoint):
             return counter.inc
 
         return factory
+
+    def observe_arena(self, status: ArenaStatus | None) -> None:
+        if status is None:
+            return
+        for kind in ("size", "used", "free", "faulted", "locked"):
+            self.arena.labels(kind).set(getattr(status, kind))
 
     def observe_entries(self, entries: Iterable[PoolEntry],
                         capacity: dict[str, int]) -> dict[str, int]:
