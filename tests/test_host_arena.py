@@ -439,3 +439,26 @@ async def test_the_controller_s_metrics_show_the_arena(tmp_path: Path, arena: Se
     text = generate_latest(metrics.registry).decode()
     assert 'warmpool_host_arena_bytes{kind="faulted"} 3.145728e+06' in text
     assert 'warmpool_host_arena_bytes{kind="used"} 0.0' in text
+
+
+async def test_a_refill_over_a_leased_record_keeps_the_old_chunks_from_reuse(
+        tmp_path: Path, arena: Settings) -> None:
+    """The registry lost the entry (a Redis restarted empty) while a reader still holds
+    the model: the model is filled again and its record names new chunks; the chunks the
+    reader maps stay out of reuse until its lease ends."""
+    model, other = tmp_path / "m", tmp_path / "o"
+    expected = write_sized(model, fill="random", seed=90)
+    write_sized(other, fill="zeros")
+    first = await prefetch(str(model), settings=arena)
+    old = resident(arena, "m").arena
+    assert old is not None
+    pool = Pool(arena)
+    with attach(str(model), settings=arena) as weights:
+        await pool.registry.transition(first.entry, State.FAILED, error="lost track")
+        again = await prefetch(str(model), settings=arena)
+        assert not again.already_warm
+        await prefetch(str(other), settings=arena)
+        taken = {c for r in HostTier(arena.runtime_dir).residents() if r.arena
+                 for c in r.arena.chunks}
+        assert not taken & set(old.chunks)
+        assert_bit_exact(weights, expected)

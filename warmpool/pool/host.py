@@ -416,6 +416,8 @@ class HostTier:
         zero_gaps(segment.whole, layout)
         segment.release()
         previous = self.read_record(layout.content_hash)
+        if previous is not None and previous.arena is not None:
+            self._retire_if_leased(previous)  # before the record stops naming them
         index = encode(layout)
         atomic_write(self._index_path(layout.content_hash), index)
         resident = HostResident(uri, layout.content_hash, segment.grant.place.file,
@@ -428,6 +430,14 @@ class HostTier:
         if previous is not None and previous.arena is None:
             _remove_ours(SHM_DIR / previous.segment)
         return resident
+
+    def _retire_if_leased(self, resident: HostResident) -> None:
+        """Chunks of ``resident`` that a live lease may read stay out of reuse until the
+        last lease ends; without one they are free once no record names them."""
+        leases = Leases(self.runtime_dir)
+        if resident.arena is not None and leases.count(resident.key):
+            self.arena.retire(resident.arena, leases.root / resident.key)
+
     def rename(self, content_hash: str, uri: str, aliases: list[str]) -> None:
         """Record the names of a published model (the caller holds its entry's lock)."""
         resident = self.resident(content_hash)
@@ -527,10 +537,8 @@ class HostTier:
         Chunks of the arena are free once the record is gone, unless a lease lives: then
         they are retired with the leases, and reused only after the last one ends."""
         resident = self.read_record(content_hash)
-        if resident is not None and resident.arena is not None:
-            leases = Leases(self.runtime_dir)
-            if leases.count(resident.key):
-                self.arena.retire(resident.arena, leases.root / resident.key)
+        if resident is not None:
+            self._retire_if_leased(resident)
         for path in self._names_of(content_hash):
             _remove_ours(path)
         self._record_path(content_hash).unlink(missing_ok=True)
