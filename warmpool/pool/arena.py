@@ -40,7 +40,7 @@ import re
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +69,7 @@ MAP_FIXED = 0x10
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _ARENA_NAME = re.compile(r"arena\.[0-9a-f]{16}")
+_KEY = re.compile(r"[0-9a-f]{8,64}@cpu")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -152,7 +153,8 @@ class Arena:
     """The chunk allocator of one pool (one runtime directory)."""
 
     def __init__(self, runtime_dir: Path, prefix: str, shm_dir: Path, records: Path,
-                 lock_path_of: object, chunk_bytes: int = DEFAULT_CHUNK) -> None:
+                 lock_path_of: Callable[[str], Path], chunk_bytes: int = DEFAULT_CHUNK
+                 ) -> None:
         if chunk_bytes <= 0 or chunk_bytes % mmap.PAGESIZE:
             raise ValueError(f"arena chunk size {chunk_bytes} is not a multiple of a page")
         self.chunk_bytes = chunk_bytes
@@ -228,12 +230,14 @@ class Arena:
             try:
                 data = json.loads(read_regular(path))
                 key, chunks = str(data["key"]), [int(c) for c in data["chunks"]]
+                if not _KEY.fullmatch(key):
+                    raise ValueError(f"claim for {key!r}, not an entry key")
                 if data["file"] != name:
                     chunks = []  # an earlier arena's (it vanished): nothing of this one
             except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 path.unlink(missing_ok=True)
                 continue
-            fd = try_lock(self._lock_path_of(key))  # type: ignore[operator]
+            fd = try_lock(self._lock_path_of(key))
             if fd is None:
                 owned.update(chunks)  # its filler is at work
                 continue
@@ -328,9 +332,10 @@ class Arena:
     def retire(self, place: ArenaPlace, lease_dir: Path) -> None:
         """Keep ``place``'s chunks from reuse while any lease in ``lease_dir`` lives: the
         directory moves under the retirement (the holders' locks move with their files)."""
-        directory = private_dir(self.retired / secrets.token_hex(8))
-        atomic_write(directory / "place.json", json.dumps(place.to_json()).encode())
-        os.rename(lease_dir, directory / "leases")
+        with file_lock(self._lock):  # an allocation never sees it half-made
+            directory = private_dir(self.retired / secrets.token_hex(8))
+            atomic_write(directory / "place.json", json.dumps(place.to_json()).encode())
+            os.rename(lease_dir, directory / "leases")
 
     # --- page-locked by workers ----------------------------------------------------
     @staticmethod
