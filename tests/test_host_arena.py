@@ -462,3 +462,20 @@ async def test_a_refill_over_a_leased_record_keeps_the_old_chunks_from_reuse(
                  for c in r.arena.chunks}
         assert not taken & set(old.chunks)
         assert_bit_exact(weights, expected)
+
+
+async def test_an_arena_keeps_its_chunk_size_when_the_setting_changes(
+        tmp_path: Path, arena: Settings) -> None:
+    """Records count in the arena's own chunks: a pool restarted with another
+    host_arena_chunk must not allocate the live model's bytes again in other units."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    expected = write_sized(first, fill="random", seed=95)
+    write_sized(second, fill="zeros")
+    await prefetch(str(first), settings=arena)
+    bigger = replace(arena, host_arena_chunk=4 * CHUNK)
+    await prefetch(str(second), settings=bigger)
+    a, b = resident(arena, "first/").arena, resident(arena, "second/").arena
+    assert a is not None and b is not None
+    assert a.chunk_bytes == b.chunk_bytes == CHUNK and not set(a.chunks) & set(b.chunks)
+    with attach(str(first), settings=arena) as weights:
+        assert_bit_exact(weights, expected)

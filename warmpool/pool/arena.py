@@ -169,11 +169,25 @@ class Arena:
 
     # --- the file ------------------------------------------------------------------
     def _name(self) -> str | None:
+        """The arena file's name, and (into :attr:`chunk_bytes`) the chunk size it was
+        made with: an arena keeps its chunk size for life (records count in its chunks),
+        and a changed ``host_arena_chunk`` applies to the next arena made."""
         try:
-            name = read_regular(self.root / "file", 256).decode().strip()
+            data = json.loads(read_regular(self.root / "file", 4096))
+            name, chunk = str(data["file"]), int(data["chunk_bytes"])
         except FileNotFoundError:
             return None
-        return name if self.is_arena_name(name) else None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            log.warning("unreadable %s (%s): a new arena is made", self.root / "file", exc,
+                        extra={"event": "bad_record"})
+            return None
+        if not self.is_arena_name(name) or chunk <= 0 or chunk % mmap.PAGESIZE:
+            return None
+        if chunk != self.chunk_bytes:
+            log.info("the host arena keeps its chunks of %d bytes (not %d)", chunk,
+                     self.chunk_bytes, extra={"event": "arena_chunk"})
+            self.chunk_bytes = chunk
+        return name
 
     def is_arena_name(self, name: str) -> bool:
         return (name.startswith(self.prefix)
@@ -208,7 +222,8 @@ class Arena:
         name = f"{self.prefix}arena.{secrets.token_hex(8)}"
         fd = os.open(self.shm_dir / name,
                      os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        atomic_write(self.root / "file", name.encode())
+        atomic_write(self.root / "file", json.dumps(
+            {"file": name, "chunk_bytes": self.chunk_bytes}).encode())
         return fd, name
 
     # --- who owns what -------------------------------------------------------------
