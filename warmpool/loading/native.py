@@ -38,9 +38,7 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
     request each); each range is scattered into its slots with one copy.
     """
     gate = asyncio.Semaphore(concurrency or NATIVE_CONCURRENCY)
-    # A host buffer takes the bytes straight from the socket's chunks (one copy); a
-    # device buffer through a host bytes object and one copy to the device.
-    direct = byte_view(target) if target.device.type == "cpu" and target.numel() else None
+    direct = _direct_view(target)
 
     async def read(job: Job) -> None:
         if direct is not None:
@@ -81,6 +79,14 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _direct_view(target: torch.Tensor) -> memoryview | None:
+    """A host buffer's bytes, which a read fills straight from the socket's chunks (one
+    copy, on the event loop: nothing writes into the buffer once the stream's tasks are
+    done); None for a device buffer, which takes a host bytes object and one copy to the
+    device in a thread."""
+    return byte_view(target) if target.device.type == "cpu" and target.numel() else None
 
 
 def _scatter(target: torch.Tensor, job: Job, source: torch.Tensor) -> None:
