@@ -216,6 +216,11 @@ def main() -> None:
             uri = f"s3://{BUCKET}/{PREFIX}"
             rows = run_all(args, env, uri, weights)
     finally:
+        from warmpool.pool.host import HostTier
+
+        for runtime in ("runtime", "runtime-arena"):  # the arena keeps its pages: free them
+            if (work / runtime).is_dir():
+                HostTier(work / runtime).remove_all()
         shutil.rmtree(work, ignore_errors=True)
     report(args, rows, load_start, server.version)
 

@@ -168,7 +168,7 @@ async def test_a_model_warm_on_the_host_tier_is_promoted_without_reading_storage
                                      settings) as attached:
             assert_bit_exact(attached.tensors, expected)
     finally:
-        HostTier(settings.runtime_dir).remove(plan.content_hash)
+        HostTier(settings.runtime_dir).remove_all()  # the arena's file too
 
 
 @pytest.mark.parametrize("subset", [False, True], ids=["whole", "by-name"])
