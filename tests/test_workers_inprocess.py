@@ -180,7 +180,6 @@ def test_promotion_from_scattered_arena_chunks_is_bit_exact(tmp_path: Path,
     import asyncio as aio
 
     from warmpool.pool.arena import ArenaPlace
-    from warmpool.workers.promote import copy_from_chunks
 
     write_even_model(tmp_path / "m", files=2, per_file=3, tensor_bytes=6144)
     plan = aio.run(plan_model(parse_uri(str(tmp_path / "m")), tmp_path / "cache"))
@@ -195,7 +194,7 @@ def test_promotion_from_scattered_arena_chunks_is_bit_exact(tmp_path: Path,
     for position, c in enumerate(place.chunks):
         arena[c * chunk:(c + 1) * chunk] = flat[position * chunk:(position + 1) * chunk]
     target = torch.zeros(part.total_bytes, dtype=torch.uint8)
-    copy_from_chunks(arena, place, full, target, part)
+    copy_by_layout(arena, full, target, part, place=place)
     by_name = {s.name: s for s in full.slots}
     for slot in part.slots:
         src = by_name[slot.name]

@@ -160,18 +160,15 @@ ARENA = PinnedArena()
 def promote(host: HostResident, layout: Layout, target: torch.Tensor,
             segments: PinnedSegments = PINNED, runtime_dir: Path | None = None) -> None:
     """Copy ``host``'s segment into ``target`` (laid out by ``layout``); blocking. A
-    model in the host arena is read from the arena's locked mapping, chunk by chunk (the
-    caller holds a lease on it for the copy)."""
+    model in the host arena is read from the arena's locked mapping, run of chunks by run
+    of chunks (the caller holds a lease on it for the copy)."""
     if host.arena is not None:
-        arena, locked = ARENA.get(host.arena, pin=target.is_cuda, runtime_dir=runtime_dir)
-        copy_from_chunks(arena, host.arena, host.layout, target, layout,
-                         non_blocking=locked)
-        if target.is_cuda:
-            torch.cuda.synchronize(target.device)
-        return
-    source = segments.get(host, pin=target.is_cuda)
-    pinned = segments.is_pinned(host.segment)
-    copy_by_layout(source, host.layout, target, layout, non_blocking=pinned)
+        source, locked = ARENA.get(host.arena, pin=target.is_cuda, runtime_dir=runtime_dir)
+    else:
+        source = segments.get(host, pin=target.is_cuda)
+        locked = segments.is_pinned(host.segment)
+    copy_by_layout(source, host.layout, target, layout, non_blocking=locked,
+                   place=host.arena)
     if target.is_cuda:
         torch.cuda.synchronize(target.device)
 
@@ -181,10 +178,17 @@ def _signature(layout: Layout | LayoutIndex) -> list[tuple[object, ...]]:
 
 
 def copy_by_layout(source: torch.Tensor, src_layout: Layout | LayoutIndex, target: torch.Tensor,
-                   dst_layout: Layout, *, non_blocking: bool = False) -> None:
+                   dst_layout: Layout, *, non_blocking: bool = False,
+                   place: ArenaPlace | None = None) -> None:
+    """Copy the model in ``source`` into ``target``: whole when the layouts match, else
+    tensor by tensor by name. With ``place``, ``source`` is the whole arena and the
+    model's buffer is ``place``'s chunks of it: one copy per run of consecutive chunks."""
+    def copy(dst: int, src: int, nbytes: int) -> None:
+        for at, rel, n in _ranges(place, src, nbytes):
+            target[dst + rel:dst + rel + n].copy_(source[at:at + n], non_blocking=non_blocking)
+
     if _signature(src_layout) == _signature(dst_layout):
-        n = dst_layout.total_bytes
-        target[:n].copy_(source[:n], non_blocking=non_blocking)
+        copy(0, 0, dst_layout.total_bytes)
         return
     by_name = {s.name: s for s in src_layout.slots}
     for slot in dst_layout.slots:
@@ -193,13 +197,15 @@ def copy_by_layout(source: torch.Tensor, src_layout: Layout | LayoutIndex, targe
                                                                     slot.nbytes):
             raise StreamError(f"host copy of {src_layout.content_hash[:12]} lacks tensor "
                               f"{slot.name!r} as {slot.dtype} {slot.shape}")
-        target[slot.offset : slot.offset + slot.nbytes].copy_(
-            source[src.offset : src.offset + src.nbytes], non_blocking=non_blocking)
+        copy(slot.offset, src.offset, src.nbytes)
 
 
-def _pieces(place: ArenaPlace, offset: int, nbytes: int) -> list[tuple[int, int, int]]:
-    """(offset in the arena file, offset within the range, length) covering ``nbytes``
-    of the model's buffer from ``offset``: one piece per run of consecutive chunks."""
+def _ranges(place: ArenaPlace | None, offset: int, nbytes: int) -> list[tuple[int, int, int]]:
+    """(offset in the source, offset within the range, length) covering ``nbytes`` of
+    the model's buffer from ``offset``: the range itself in a segment of its own, one
+    piece per run of consecutive chunks in the arena."""
+    if place is None:
+        return [(offset, 0, nbytes)]
     c, chunks, out, done = place.chunk_bytes, place.chunks, [], 0
     while done < nbytes:
         index, within = divmod(offset + done, c)
@@ -210,25 +216,3 @@ def _pieces(place: ArenaPlace, offset: int, nbytes: int) -> list[tuple[int, int,
         out.append((chunks[index] * c + within, done, n))
         done += n
     return out
-
-
-def copy_from_chunks(arena: torch.Tensor, place: ArenaPlace, src_layout: Layout | LayoutIndex,
-                     target: torch.Tensor, dst_layout: Layout, *,
-                     non_blocking: bool = False) -> None:
-    """:func:`copy_by_layout` from a model whose buffer is ``place``'s chunks of the
-    whole ``arena``: one copy per run of consecutive chunks (per tensor when the layouts
-    differ)."""
-    if _signature(src_layout) == _signature(dst_layout):
-        for at, rel, n in _pieces(place, 0, dst_layout.total_bytes):
-            target[rel:rel + n].copy_(arena[at:at + n], non_blocking=non_blocking)
-        return
-    by_name = {s.name: s for s in src_layout.slots}
-    for slot in dst_layout.slots:
-        src = by_name.get(slot.name)
-        if src is None or (src.dtype, src.shape, src.nbytes) != (slot.dtype, slot.shape,
-                                                                    slot.nbytes):
-            raise StreamError(f"host copy of {src_layout.content_hash[:12]} lacks tensor "
-                              f"{slot.name!r} as {slot.dtype} {slot.shape}")
-        for at, rel, n in _pieces(place, src.offset, src.nbytes):
-            target[slot.offset + rel:slot.offset + rel + n].copy_(
-                arena[at:at + n], non_blocking=non_blocking)

@@ -47,17 +47,13 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
                     job.file, job.start, job.nbytes, [(p.dst, p.nbytes) for p in job.pieces],
                     direct)
             if got != job.nbytes:
-                raise StorageError(f"{store.uri.child(job.file)}: object ended at "
-                                   f"{job.start + got}, {job.nbytes - got} bytes short",
-                                   key=job.file)
+                raise _short(store, job, got)
             progress(job.nbytes)
             return
         async with gate:
             data = await store.read_range(job.file, job.start, job.nbytes)
-        if len(data) != job.nbytes:  # the object is shorter than its header said
-            raise StorageError(f"{store.uri.child(job.file)}: object ended at "
-                               f"{job.start + len(data)}, {job.nbytes - len(data)} bytes short",
-                               key=job.file)
+        if len(data) != job.nbytes:
+            raise _short(store, job, len(data))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only bytes: only read
             source = torch.frombuffer(data, dtype=torch.uint8) if data else None
@@ -79,6 +75,12 @@ async def stream_native(store: Store, layout: Layout, target: torch.Tensor, *,
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _short(store: Store, job: Job, got: int) -> StorageError:
+    """The object is shorter than its header said."""
+    return StorageError(f"{store.uri.child(job.file)}: object ended at {job.start + got}, "
+                        f"{job.nbytes - got} bytes short", key=job.file)
 
 
 def _direct_view(target: torch.Tensor) -> memoryview | None:

@@ -278,6 +278,14 @@ class Arena:
     def _owned(self, name: str) -> set[int]:
         return self._published(name) | self._claimed(name) | self._retained(name)
 
+    def _survey(self, fd: int, name: str) -> tuple[int, set[int], list[int], set[int]]:
+        """The arena as it is now (the caller holds its lock): its chunk count, the
+        chunks owned, the free ones in file order, and those of them still faulted."""
+        total = os.fstat(fd).st_size // self.chunk_bytes
+        owned = self._owned(name)
+        free = [c for c in range(total) if c not in owned]
+        return total, owned, free, {c for c in free if self._faulted(fd, c)}
+
     # --- allocating ----------------------------------------------------------------
     def allocate(self, key: str, nbytes: int) -> Grant:
         """Chunks for ``nbytes`` of the entry ``key`` (whose lock the caller holds):
@@ -288,10 +296,7 @@ class Arena:
             assert opened is not None
             fd, name = opened
             try:
-                total = os.fstat(fd).st_size // self.chunk_bytes
-                owned = self._owned(name)
-                free = [c for c in range(total) if c not in owned]
-                faulted = {c for c in free if self._faulted(fd, c)}
+                total, _, free, faulted = self._survey(fd, name)
                 # reused pages first; free chunks in file order within each kind, so a
                 # model's chunks tend to be consecutive (one mmap per run at attach)
                 chosen = sorted(sorted(free, key=lambda c: c not in faulted)[:need])
@@ -378,15 +383,12 @@ class Arena:
                 return None
             fd, name = opened
             try:
-                total = os.fstat(fd).st_size // self.chunk_bytes
-                owned = self._owned(name)
-                free = [c for c in range(total) if c not in owned]
-                faulted = sum(self._faulted(fd, c) for c in free)
+                total, _, free, faulted = self._survey(fd, name)
             finally:
                 os.close(fd)
         c = self.chunk_bytes
         return ArenaStatus(name, c, total * c, (total - len(free)) * c, len(free) * c,
-                           faulted * c, self.locked_bytes())
+                           len(faulted) * c, self.locked_bytes())
 
     def trim(self, keep: int = 0) -> int:
         """Give the pages of free chunks back to the kernel until at most ``keep`` bytes
@@ -399,12 +401,9 @@ class Arena:
                 return 0
             fd, name = opened
             try:
-                total = os.fstat(fd).st_size // self.chunk_bytes
-                owned = self._owned(name)
-                free = [c for c in range(total) if c not in owned]
-                faulted = [c for c in free if self._faulted(fd, c)]
+                total, owned, free, faulted = self._survey(fd, name)
                 excess = len(faulted) - keep // self.chunk_bytes
-                for chunk in reversed(faulted):  # the file's end first: it can shrink
+                for chunk in sorted(faulted, reverse=True):  # the end first: it can shrink
                     if excess <= 0:
                         break
                     _punch(fd, chunk * self.chunk_bytes, self.chunk_bytes)

@@ -19,6 +19,7 @@ from dataclasses import replace
 from warmpool.config import Settings, private_dir
 from warmpool.errors import LeaseHeldError, NotWarmError, WarmpoolError
 from warmpool.locks import async_file_lock, try_lock
+from warmpool.pool.arena import chunks_for
 from warmpool.pool.eviction import (
     choose_victims,
     entry_candidate,
@@ -101,8 +102,7 @@ class Pool:
         """The host memory ``nbytes`` of a model take: whole chunks in the arena."""
         if not self.settings.host_arena:
             return nbytes
-        chunk = self.settings.host_arena_chunk
-        return -(-nbytes // chunk) * chunk
+        return chunks_for(nbytes, self.settings.host_arena_chunk) * self.settings.host_arena_chunk
 
     def host_capacity(self) -> int:
         if self.settings.host_capacity is not None:
