@@ -44,6 +44,8 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON document for script
 ConfigOpt = typer.Option(None, "--config", envvar="WARMPOOL_CONFIG", help="Config file.")
 RedisOpt = typer.Option(None, "--redis", help="Redis URL of a running controller "
                         "(default: WARMPOOL_REDIS_URL, or the config's redis_url).")
+CompilationOpt = typer.Option(None, "--compilation-config", help="The engine's compilation "
+                              "config as JSON (part of the compile cache's key).")
 
 
 def _settings(config: Optional[Path], **overrides: Any) -> Settings:
@@ -224,6 +226,19 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
                   f", {_gb(held.used)} used, {_gb(held.free)} free ({_gb(held.faulted)} of "
                   "it faulted, reused by the next fills; `warmpool trim` gives it back)"
                   + (f", {_gb(held.locked)} page-locked by a GPU worker" if held.locked else ""))
+    from warmpool.operations import compile_caches
+
+    caches = compile_caches(settings=settings)
+    if caches:
+        rows = Table("compile cache", "MB", "model", "state", "last used")
+        for c in caches:
+            rows.add_row(shown(c.key.label()), f"{c.bytes / 1e6:.1f}",
+                         shown(c.key.checkpoint[:12]),
+                         "complete" if c.complete else "being written (or left by a killed "
+                         "export)", time.strftime("%Y-%m-%d %H:%M:%S",
+                                                  time.localtime(c.used_at))
+                         if c.used_at else "")
+        out.print(rows)
 
 
 def _gb(n: int) -> str:
@@ -361,16 +376,23 @@ def export_cmd(uri: str,
                max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
                on_cold: str = typer.Option("warm", "--on-cold", help="A checkpoint not warm "
                                            "on the host tier: warm it, or fail."),
+               compile_: bool = typer.Option(False, "--compile", help="Let the engine "
+                                             "compile, into the pool's compile cache of the "
+                                             "key, so serving starts compile nothing."),
+               compilation_config: Optional[str] = CompilationOpt,
                as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Run the engine's loader once so the pool holds the model as the engine does
     (engine layouts, one per rank): later engines of the same key attach it zero-copy.
+    With --compile, its compiled code too (`warmpool engine-env` tells a start how).
 
     Run it with the Python that has the engine installed (with warmpool beside it)."""
     from warmpool.engines import layout_engine
 
     exporter = importlib.import_module(str(layout_engine(engine).export))
     options = exporter.ExportOptions(engine=engine, tp=tp, dtype=dtype,
-                                     max_model_len=max_model_len, on_cold=on_cold)
+                                     max_model_len=max_model_len, on_cold=on_cold,
+                                     compile=compile_,
+                                     compilation_config=_compilation(compilation_config))
     if as_json:  # vLLM logs to stdout by default: keep stdout for the one JSON document
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if config is not None:  # the engine's rank processes load the settings themselves
@@ -384,11 +406,58 @@ def export_cmd(uri: str,
         for layout in report.layouts:
             out.print(f"  {layout.label}  {layout.bytes / 1e9:.3f} GB  {layout.tensors} "
                       f"tensors  {layout.content_hash}")
+        if report.compile_cache:
+            out.print(f"compile cache {report.compile_cache['label']}: "
+                      f"{report.compile_cache['bytes'] / 1e6:.1f} MB in "
+                      f"{report.compile_cache['path']}")
     # vLLM's background threads can hold up the interpreter's exit for a long time; the
     # layouts are published and the report is out, so nothing is left to finish.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@app.command("engine-env")
+@guard
+def engine_env_cmd(uri: str,
+                   engine: str = typer.Option("vllm", "--engine", help="The serving engine."),
+                   tp: int = typer.Option(1, "--tp", help="Its tensor-parallel size."),
+                   dtype: str = typer.Option("auto", "--dtype", help="Its model dtype."),
+                   max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+                   compilation_config: Optional[str] = CompilationOpt,
+                   python: Optional[Path] = typer.Option(
+                       None, "--python", help="The engine's Python (default: the configured "
+                       "export Python, else this one)."),
+                   as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Print what a serving start needs to start from the pool: the model directory, the
+    variables (the compile cache of its key) and the engine's arguments.
+
+        eval "$(warmpool engine-env s3://b/llama/ --dtype bfloat16)"
+        vllm serve "$WARMPOOL_MODEL" $WARMPOOL_SERVE_ARGS
+    """
+    from warmpool.operations import engine_env
+
+    start = engine_env(uri, engine=engine, tp=tp, dtype=dtype, max_model_len=max_model_len,
+                       compilation=_compilation(compilation_config), python=python,
+                       settings=_settings(config))
+    if as_json:
+        _emit(start.to_json())
+        return
+    if start.note:
+        print(f"warmpool: {start.note}", file=sys.stderr)
+    print(start.shell())
+
+
+def _compilation(text: Optional[str]) -> Optional[dict[str, Any]]:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--compilation-config is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("--compilation-config must be a JSON object")
+    return value
 
 
 @app.command()

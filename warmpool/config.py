@@ -120,6 +120,9 @@ class Settings:
     host_arena: bool = False
     host_arena_chunk: int = 64 << 20
     host_arena_keep: int | None = None
+    # Bytes the compile caches (``<cache_dir>/compile``) may take; the least recently
+    # used go first. None: no limit of their own (each goes with its model's layouts).
+    compile_cache_max: int | None = None
     # The metadata cache keeps at most this many models, none unused for longer than
     # this; what a pool entry or a lease uses is always kept.
     cache_max_models: int = 256
@@ -175,6 +178,8 @@ class Settings:
             env[names["host_arena_chunk"]] = str(self.host_arena_chunk)
             if self.host_arena_keep is not None:
                 env[names["host_arena_keep"]] = str(self.host_arena_keep)
+        if self.compile_cache_max is not None:
+            env[names["compile_cache_max"]] = str(self.compile_cache_max)
         return env
 
     def _merge(self, values: dict[str, Any], where: Callable[[str], str] = repr) -> Settings:
@@ -307,6 +312,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "host_arena": _switch,
     "host_arena_chunk": _chunk,
     "host_arena_keep": lambda v: _size(v, 0),
+    "compile_cache_max": lambda v: _size(v, 0),
     "redis_url": _redis_url,
     "watch": _watch,
     "metrics_port": lambda v: _int(v, -1, 65535),  # 0: any free port, -1: off
@@ -335,6 +341,7 @@ ENV_NAMES = {
     "WARMPOOL_HOST_ARENA": "host_arena",
     "WARMPOOL_HOST_ARENA_CHUNK": "host_arena_chunk",
     "WARMPOOL_HOST_ARENA_KEEP": "host_arena_keep",
+    "WARMPOOL_COMPILE_CACHE_MAX": "compile_cache_max",
     "WARMPOOL_REDIS_URL": "redis_url",
     "WARMPOOL_WATCH": "watch",
     "WARMPOOL_NODE": "node",

@@ -137,6 +137,12 @@ class ExportError(WarmpoolError):
     """The engine could not load the model, so no engine layout was written."""
 
 
+class UnsafeCacheError(WarmpoolError):
+    """A compile cache directory that is not private to this user (another owner, a
+    symbolic link, group or world access): its generated code would be run, so it is
+    refused."""
+
+
 class NotConfigured(WarmpoolError):
     """No program is configured for the engine: retrying cannot help until it is."""
 

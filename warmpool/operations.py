@@ -27,6 +27,10 @@ from warmpool.errors import ConfigError, PoolError
 from warmpool.threads import run_sync
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from warmpool.compile.serving import ServingStart
+    from warmpool.compile.store import CompileCache
     from warmpool.controller.failures import Failing
     from warmpool.model.cache import CachedModel
     from warmpool.pool.arena import ArenaStatus
@@ -226,6 +230,36 @@ def trim(keep: int | str = 0, *, settings: Settings | None = None) -> int:
         raise ConfigError(f"trim: keep must be a size of 0 bytes or more, not {keep!r}")
     host = HostTier(settings.runtime_dir, settings.host_arena_chunk)
     return host.arena.trim(keep_bytes) if host.has_arena() else 0
+
+
+def engine_env(uri: str, *, engine: str = "vllm", tp: int = 1, dtype: str = "auto",
+               max_model_len: int | None = None, compilation: dict[str, Any] | None = None,
+               python: Path | None = None, settings: Settings | None = None) -> ServingStart:
+    """How a serving start of ``engine`` takes ``uri`` from this node's pool: the model
+    directory, the variables (its compile cache, when an export made one for this key)
+    and the engine's arguments (:mod:`warmpool.compile.serving`). The engine's versions
+    are read in its own Python: ``python``, else the configured export Python, else this
+    one."""
+    from warmpool.compile.key import probe, probe_python
+    from warmpool.compile.serving import serving_start
+    from warmpool.engines import layout_engine
+    from warmpool.model.uri import parse_uri
+
+    settings = _settings(settings, None)
+    setting = layout_engine(engine).python_setting
+    python = python or (getattr(settings, setting) if setting else None)
+    runtime = probe_python(python, engine) if python else probe(engine)
+    cached = metadata(uri, settings=settings)
+    return serving_start(str(parse_uri(uri)), cached.files_dir, cached.content_hash, runtime,
+                         dtype=dtype, tp=tp, max_model_len=max_model_len,
+                         compilation=compilation, settings=settings)
+
+
+def compile_caches(*, settings: Settings | None = None) -> list[CompileCache]:
+    """This node's compile caches (complete or being written), with their sizes."""
+    from warmpool.compile.store import CompileCaches
+
+    return CompileCaches(_settings(settings, None)).all()
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -39,7 +39,7 @@ _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _REQUEST_FIELDS = frozenset({"action", "uri", "device", "tp", "sharding", "node",
                              "request_id", "force", "engine_layout",
                              "layout"})  # the old name of "sharding", still accepted
-_LAYOUT_FIELDS = frozenset({"engine", "dtype", "tp", "max_model_len"})
+_LAYOUT_FIELDS = frozenset({"engine", "dtype", "tp", "max_model_len", "compile"})
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,15 @@ class EngineLayoutWant:
     dtype: str = "auto"
     tp: int = 1
     max_model_len: int | None = None
+    #: The export compiles too, into the node's compile cache of the key (serving starts
+    #: then compile nothing). A request may switch it off, never pass a compilation
+    #: config: some of the engine's compilation options name code to import.
+    compile: bool = True
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"engine": self.engine, "dtype": self.dtype, "tp": self.tp,
-                               "max_model_len": self.max_model_len}
+                               "max_model_len": self.max_model_len,
+                               "compile": None if self.compile else False}
         return {k: v for k, v in doc.items() if v is not None}
 
 
@@ -154,7 +159,8 @@ def _engine_layout(value: object) -> EngineLayoutWant | None:
                                or not 1 <= length <= MAX_MODEL_LEN):
         raise BadEvent("bad_field", f"engine_layout.max_model_len {fields.clip(length)} is not an "
                        f"integer in 1..{MAX_MODEL_LEN}")
-    return EngineLayoutWant(engine, dtype, tp, length)
+    return EngineLayoutWant(engine, dtype, tp, length,
+                            _flag(_default(doc, "compile", True), "engine_layout.compile"))
 
 
 def _default(doc: dict[str, Any], name: str, default: Any) -> Any:

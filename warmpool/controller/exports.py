@@ -112,6 +112,8 @@ class EngineExports:
                 "--tp", str(want.tp), "--dtype", want.dtype, "--on-cold", "fail", "--json"]
         if want.max_model_len is not None:
             argv += ["--max-model-len", str(want.max_model_len)]
+        if want.compile:
+            argv.append("--compile")
         rc, out, err = await self._run(argv)
         seconds = time.perf_counter() - started
         if rc != 0:
@@ -128,9 +130,11 @@ class EngineExports:
 
     def warm_layouts(self, checkpoint: str,
                      want: EngineLayoutWant) -> tuple[dict[str, Any], ...] | None:
-        """The layouts of every rank that ``want`` describes, when all are warm. dtype
-        ``auto`` takes whichever dtype is warm; the engine version is the child's to know,
-        so a layout of an older engine counts until it is evicted."""
+        """The layouts of every rank that ``want`` describes, when all are warm (and its
+        compile cache, when it asks to compile). dtype ``auto`` takes whichever dtype is
+        warm; the engine version is the child's to know, so a layout or cache of an older
+        engine counts until it is evicted."""
+        from warmpool.compile.store import CompileCaches
         from warmpool.engine_layouts import engine_layouts
 
         dtype = _DTYPE_NAMES.get(want.dtype, want.dtype)
@@ -138,6 +142,10 @@ class EngineExports:
                  if k.engine == want.engine and k.tp_size == want.tp
                  and (dtype == "auto" or k.dtype == dtype)]
         if {k.rank for k in found} != set(range(want.tp)):
+            return None
+        if want.compile and not CompileCaches(self.settings).matching(
+                checkpoint, want.engine, dtype=dtype, tp=want.tp,
+                max_model_len=want.max_model_len):
             return None
         return tuple({"label": k.label(), "content_hash": k.content_hash, "key": k.to_json()}
                      for k in found)

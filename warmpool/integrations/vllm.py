@@ -22,6 +22,10 @@ load; a later engine finds them by itself (``{"engine_layout": false}`` skips th
 and one whose key differs logs the miss and takes the copy path. A CPU engine keeps them
 on the host tier; a CUDA engine in the buffer of its GPU's warmpool worker, copied device
 to device (without a worker it exports to the host tier and attaches nothing).
+
+With the compile cache an export made (``warmpool export --compile``), a start compiles
+nothing either: ``warmpool engine-env`` prints the variables and arguments
+(:mod:`warmpool.compile.serving`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,16 @@ LOAD_FORMAT = "warmpool"
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: make ``load_format="warmpool"`` known."""
+    """The ``vllm.general_plugins`` entry point: make ``load_format="warmpool"`` known.
+
+    It runs in each of vLLM's processes before a model is built or anything compiled, so
+    it is also where a start given a compile cache (``warmpool engine-env``) refuses one
+    that is not private to this user: its code would be run."""
     from vllm.model_executor.model_loader import register_model_loader
+
+    from warmpool.compile.serving import check_serving_environment
+
+    check_serving_environment()
 
     from warmpool.integrations.vllm_loader import WarmpoolLoader
 

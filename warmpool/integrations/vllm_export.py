@@ -22,8 +22,9 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from warmpool.config import Settings
@@ -46,6 +47,11 @@ class ExportOptions:
     #: it. The controller passes it: warming from inside its own export would go back to
     #: the controller as a plain deploy and replace the request that asked for the layout.
     on_cold: str = "warm"
+    #: Let the engine compile (no ``enforce_eager``) with its caches in the pool's compile
+    #: cache of this key (:mod:`warmpool.compile`), so serving starts compile nothing.
+    compile: bool = False
+    #: The engine's compilation config (part of the compile key); None: its default.
+    compilation_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         layout_engine(self.engine)  # a ConfigError naming those that can
@@ -57,8 +63,11 @@ class ExportOptions:
             raise ConfigError(f"--max-model-len {self.max_model_len} must be at least 1")
 
     def llm_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"tensor_parallel_size": self.tp, "dtype": self.dtype,
-                                  "enforce_eager": True}
+        kwargs: dict[str, Any] = {"tensor_parallel_size": self.tp, "dtype": self.dtype}
+        if not self.compile:
+            kwargs["enforce_eager"] = True
+        elif self.compilation_config:
+            kwargs["compilation_config"] = self.compilation_config
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
         return kwargs
@@ -87,11 +96,12 @@ class ExportReport:
     engine: str
     layouts: tuple[LayoutInfo, ...]  # every engine layout warm for the checkpoint
     seconds: float
+    compile_cache: dict[str, Any] | None = None  # CompileCache.to_json, with --compile
 
     def to_json(self) -> dict[str, Any]:
         return {"uri": self.uri, "checkpoint": self.checkpoint, "files_dir": self.files_dir,
                 "engine": self.engine, "layouts": [x.to_json() for x in self.layouts],
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "compile_cache": self.compile_cache}
 
 
 def require_vllm() -> None:
@@ -111,17 +121,63 @@ def export(uri: str, options: ExportOptions, settings: Settings) -> ExportReport
     from warmpool.model.uri import parse_uri
     from warmpool.operations import metadata
 
-    require_vllm()
     started = time.perf_counter()
     uri = str(parse_uri(uri))
     cached = metadata(uri, settings=settings)
     _warm_first(uri, cached.content_hash, settings, options.on_cold)
     # vLLM's rank processes read the pool's settings from the environment.
     os.environ.update(settings.pool_environment())
-    _run_engine(str(cached.files_dir), uri, options)
+    compiled = None
+    if options.compile:
+        compiled = _compile_and_export(str(cached.files_dir), uri, cached.content_hash,
+                                       options, settings)
+    else:
+        require_vllm()
+        _run_engine(str(cached.files_dir), uri, options)
     return ExportReport(uri, cached.content_hash, str(cached.files_dir), options.engine,
                         tuple(layouts_of(cached.content_hash, settings)),
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, compiled)
+
+
+def _compile_and_export(files_dir: str, uri: str, checkpoint: str, options: ExportOptions,
+                        settings: Settings) -> dict[str, Any] | None:
+    """The export's engine run with compilation on and every cache the engine writes
+    pointed into the pool's compile cache of the key: the one process that writes it.
+    The variables are set before vLLM (or Inductor) is imported: Inductor fixes the
+    directory of its precompiled headers when it is imported."""
+    from warmpool.compile.key import CompileKey, probe
+    from warmpool.compile.serving import rpc_dir
+    from warmpool.compile.store import CompileCaches
+
+    key = CompileKey.of(checkpoint, probe(options.engine), dtype=options.dtype, tp=options.tp,
+                        max_model_len=options.max_model_len,
+                        compilation=options.compilation_config)
+    caches = CompileCaches(settings)
+    with caches.writing(key) as cache:
+        os.environ.update(cache.environment())
+        os.environ["VLLM_RPC_BASE_PATH"] = str(rpc_dir(settings))
+        tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+        codecache = sys.modules.get("torch._inductor.codecache")
+        if codecache is not None and not str(getattr(codecache, "_HEADER_DIR", "")).startswith(
+                str(cache.path)):
+            raise ExportError("Inductor was imported before the compile cache was set up, so "
+                              "its precompiled headers would go elsewhere: nothing exported")
+        require_vllm()
+        # The layouts first (the copy path, eager); then a start exactly like a serving
+        # start (attaching them), which compiles. A model whose parameters are views of
+        # one buffer traces to another AOTAutograd graph (its inputs alias) than the copy
+        # path's separate tensors, so a cache compiled on the copy path misses in every
+        # start that attaches the layout; and vLLM cannot build a second model in the
+        # process that built the first (its layer names are global), so it is two runs.
+        _run_engine(files_dir, uri, replace(options, compile=False))
+        _run_engine(files_dir, uri, options, export=False)
+    caches.enforce_limit(keep=key)
+    done = caches.find(key)
+    if done is None:
+        log.warning("the compile cache of %s was not kept (compile_cache_max %s bytes)",
+                    key.label(), settings.compile_cache_max)
+        return None
+    return done.to_json()
 
 
 def _warm_first(uri: str, content_hash: str, settings: Settings, on_cold: str) -> None:
@@ -138,13 +194,16 @@ def _warm_first(uri: str, content_hash: str, settings: Settings, on_cold: str) -
     prefetch(uri, "cpu", settings=settings)
 
 
-def _run_engine(files_dir: str, uri: str, options: ExportOptions) -> None:
+def _run_engine(files_dir: str, uri: str, options: ExportOptions, export: bool = True) -> None:
+    """One engine start on ``uri``: with ``export``, writing its layouts; without, as a
+    serving start given what ``warmpool engine-env`` prints (the same loader config)."""
     from vllm import LLM
 
+    extra: dict[str, Any] = {"uri": uri}
+    if export:
+        extra.update({"export": True, "on_cold": options.on_cold})
     try:
-        llm = LLM(model=files_dir, load_format="warmpool",
-                  model_loader_extra_config={"export": True, "uri": uri,
-                                             "on_cold": options.on_cold},
+        llm = LLM(model=files_dir, load_format="warmpool", model_loader_extra_config=extra,
                   **options.llm_kwargs())
     except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; one clear line
         raise ExportError(f"vLLM could not load {uri}, so nothing was exported: "

@@ -210,7 +210,21 @@ class Pool:
                                                      leases=0)
         if self.settings.host_arena_keep is not None and self.host.has_arena():
             self.host.arena.trim(self.settings.host_arena_keep)
+        if entry.engine is not None:
+            await self._sweep_compile_caches()
         return evicted
+
+    async def _sweep_compile_caches(self) -> None:
+        """A compile cache goes with the last engine layout of its model and engine, on
+        any device (a GPU engine's layouts live in its worker's buffer)."""
+        from warmpool.compile.store import CompileCaches
+
+        warm = [e.engine for e in await self.entries()
+                if e.engine is not None and (e.state.active or e.state == State.WARM)]
+        for cache in CompileCaches(self.settings).sweep(warm):
+            log.info("compile cache %s removed with its model's last engine layout",
+                     cache.key.label(), extra={"event": "compile_cache_removed",
+                                               "reason": "evicted"})
 
     async def retire_older(self, current: PoolEntry, uri: str | None = None) -> list[PoolEntry]:
         """Evict the versions ``current`` supersedes as ``uri`` (default: its URI) —
