@@ -105,7 +105,8 @@ async def test_a_controller_exports_the_layout_a_deploy_asks_for(
     uri = parse_uri(str(model))
     ctl = await harness.start(export_vllm_python=python, export_timeout_s=1200.0)
     await harness.xadd(ask("deploy", uri, request_id="x1", engine_layout={
-        "engine": "vllm", "dtype": "bfloat16", "tp": 1, "max_model_len": 128}))
+        "engine": "vllm", "dtype": "bfloat16", "tp": 1, "max_model_len": 128,
+        "compile": False}))  # the one compile of the suite is tests/test_vllm_compile.py
     reply = await _reply(harness, "x1", 1300)
     assert reply["state"] == "warm", reply
 
@@ -119,7 +120,7 @@ async def test_a_controller_exports_the_layout_a_deploy_asks_for(
     assert re.search(r"#vllm-", entry.uri) and entry.node == ctl.node
     # Asked again, the layout is already warm: no second engine start.
     await harness.xadd(ask("deploy", uri, request_id="x2", engine_layout={
-        "engine": "vllm", "dtype": "bfloat16", "tp": 1}))
+        "engine": "vllm", "dtype": "bfloat16", "tp": 1, "compile": False}))
     assert (await _reply(harness, "x2", 60))["state"] == "warm"
     done = [r.getMessage() for r in caplog.records if "engine layout(s)" in r.getMessage()]
     assert len(done) == 2 and "exported in" in done[0] and "already warm" in done[1], done

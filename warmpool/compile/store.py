@@ -181,6 +181,7 @@ class CompileCaches:
         """A private directory for ``key``'s cache while an export compiles into it; it
         is complete when the block ends well, removed when it fails unless it was complete
         before (a second export of a key reuses the cache and must not lose it)."""
+        self.root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _private_dir(self.root)
         path = self.path(key)
         fd = try_lock(self.root / f"{key.digest}.lock")

@@ -105,12 +105,15 @@ class ExportReport:
 
 
 def require_vllm() -> None:
-    """vLLM importable here, or one line saying where to run the export instead."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
+    """vLLM installed here, or one line saying where to run the export instead. Found,
+    not imported: importing vLLM imports Inductor, which must not happen before the
+    compile cache's variables are set."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
-            f"vLLM cannot be imported by {sys.executable} ({exc}): install vllm in that "
+            f"vLLM cannot be imported by {sys.executable} (no module named 'vllm'): install "
+            "vllm in that "
             "environment and warmpool beside it, and run `warmpool export` (or "
             "`python -m warmpool export`) with that environment's Python") from None
 
@@ -121,6 +124,7 @@ def export(uri: str, options: ExportOptions, settings: Settings) -> ExportReport
     from warmpool.model.uri import parse_uri
     from warmpool.operations import metadata
 
+    require_vllm()
     started = time.perf_counter()
     uri = str(parse_uri(uri))
     cached = metadata(uri, settings=settings)
@@ -132,7 +136,6 @@ def export(uri: str, options: ExportOptions, settings: Settings) -> ExportReport
         compiled = _compile_and_export(str(cached.files_dir), uri, cached.content_hash,
                                        options, settings)
     else:
-        require_vllm()
         _run_engine(str(cached.files_dir), uri, options)
     return ExportReport(uri, cached.content_hash, str(cached.files_dir), options.engine,
                         tuple(layouts_of(cached.content_hash, settings)),
@@ -162,7 +165,6 @@ def _compile_and_export(files_dir: str, uri: str, checkpoint: str, options: Expo
                 str(cache.path)):
             raise ExportError("Inductor was imported before the compile cache was set up, so "
                               "its precompiled headers would go elsewhere: nothing exported")
-        require_vllm()
         # The layouts first (the copy path, eager); then a start exactly like a serving
         # start (attaching them), which compiles. A model whose parameters are views of
         # one buffer traces to another AOTAutograd graph (its inputs alias) than the copy
