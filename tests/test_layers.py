@@ -31,6 +31,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "relay": ("controller", "node", "cli"),
     "model": ("controller", "relay", "pool", "node", "cli", "loading", "contract"),
     "storage": ("controller", "relay", "pool", "node", "cli", "loading", "contract"),
+    "compile": ("controller", "relay", "pool", "node", "cli", "console", "operations",
+                "loading", "workers", "tiers", "integrations", "storage"),
 }
 #: The relay's command module composes a relay process: it may find the controller's
 #: Redis (``controller.remote``), as ``warmpool serve`` composes the node.
