@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,9 +142,15 @@ def test_a_serving_start_with_the_exported_compile_cache_compiles_nothing(
 
 def run_plain(served: Served, home: Path) -> tuple[dict[str, object], str]:
     """vLLM's own start on the model's files: no pool, no compile cache (eager)."""
-    env = {**served.env, "HOME": str(home), "TMPDIR": str(home / "tmp")}
-    (home / "tmp").mkdir(parents=True)
-    spec = [{"name": "plain", "llm": {"model": str(served.local["m"])}}]
-    output = run([str(vllm_python()), str(VLLM_CHILD), "run", json.dumps(spec)], env, 900)
+    # A short TMPDIR of its own: vLLM binds its ZMQ sockets there, and a path under
+    # pytest's default base passes the 107-byte limit of a socket's path (CI failed so).
+    home.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="wp-plain-") as tmp:
+        env = {**served.env, "HOME": str(home), "TMPDIR": tmp}
+        spec = [{"name": "plain", "llm": {"model": str(served.local["m"])}}]
+        output = run([str(vllm_python()), str(VLLM_CHILD), "run", json.dumps(spec)], env,
+                     900)
     [line] = [x for x in output.splitlines() if x.startswith("RESULT ")]
-    return dict(json.loads(line[len("RESULT "):])), output
+    result = dict(json.loads(line[len("RESULT "):]))
+    assert "tokens" in result, output[-6000:]
+    return result, output
