@@ -187,6 +187,8 @@ def progress_factory(progress: Progress) -> Callable[[int], Callable[[int], None
 @guard
 def status(history: bool = typer.Option(False, "--history", help="Also the evicted, failed "
                                         "and lost entries of the last days."),
+           cluster: bool = typer.Option(False, "--cluster", help="Per model, every "
+                                        "node's state of it and what the fleet wants."),
            as_json: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
            redis: Optional[str] = RedisOpt) -> None:
     """List the pool's entries that are warm or on their way (--history: all)."""
@@ -194,6 +196,9 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
     from warmpool.operations import status as pool_status
 
     settings = _settings(config)
+    if cluster:
+        _cluster_status(settings, redis, as_json)
+        return
     entries = pool_status(history=history, settings=settings, redis_url=redis)
     failing = pool_failing(settings=settings, redis_url=redis)
     if as_json:
@@ -239,6 +244,22 @@ def status(history: bool = typer.Option(False, "--history", help="Also the evict
                                                   time.localtime(c.used_at))
                          if c.used_at else "")
         out.print(rows)
+
+
+def _cluster_status(settings: Settings, redis: Optional[str], as_json: bool) -> None:
+    from warmpool.operations import cluster
+
+    models = cluster(settings=settings, redis_url=redis)
+    if as_json:
+        _emit([m.to_json() for m in models])
+        return
+    table = Table("uri", "device", "wanted on", "nodes", "GB", "GB read from store",
+                  "GB from peers")
+    for m in models:
+        table.add_row(shown(m.uri), shown(m.device), shown(m.wanted or "one node"),
+                      "\n".join(f"{shown(n)}: {shown(s)}" for n, s in m.nodes.items())
+                      or "none yet", _gb(m.bytes), _gb(m.store_bytes), _gb(m.peer_bytes))
+    out.print(table if models else "nothing is warm or wanted in the fleet")
 
 
 def _gb(n: int) -> str:

@@ -135,10 +135,13 @@ class Settings:
     # environment, so that no request or sidecar variable turns it on.
     cache_code: bool = False
     redis_url: str | None = None
-    watch: tuple[str, ...] = ()
+    watch: tuple[str | dict[str, Any], ...] = ()  # a dict: {"uri": ..., fleet fields}
     streamer: StreamerOptions = StreamerOptions()
     metrics_port: int = 9464
     node: str = field(default_factory=lambda: os.uname().nodename)
+    # What this node announces in its heartbeat, for deploys with a ``node_selector``
+    # (``labels: {gpu: h100, zone: a}``; WARMPOOL_LABELS="gpu=h100,zone=a").
+    labels: dict[str, str] = field(default_factory=dict)
     # The config file's ``controller:`` section, raw; checked and typed by
     # ControllerOptions.load, where WARMPOOL_<NAME> variables override it.
     controller: dict[str, Any] = field(default_factory=dict)
@@ -282,6 +285,24 @@ def _chunk(value: Any) -> int:
     return size
 
 
+def _labels(value: Any) -> dict[str, str]:
+    """Node labels: names and values of letters, digits and ._/- (a selector matches
+    them exactly)."""
+    from warmpool.contract.requests import _LABEL, MAX_LABELS
+
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("must be name=value pairs separated by commas")
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict) or len(value) > MAX_LABELS or not all(
+            isinstance(k, str) and isinstance(v, str) and _LABEL.fullmatch(k)
+            and _LABEL.fullmatch(v) for k, v in value.items()):
+        raise ValueError(f"must map at most {MAX_LABELS} names to values (letters, digits "
+                         "and ._/-)")
+    return dict(value)
+
+
 def _name(value: Any) -> str:
     """A node name: it becomes part of Redis keys and log lines."""
     if not isinstance(value, str) or not value.strip() or len(value) > 253 or any(
@@ -297,11 +318,18 @@ def _redis_url(value: Any) -> str:
     return value
 
 
-def _watch(value: Any) -> tuple[str, ...]:
+def _watch(value: Any) -> tuple[str | dict[str, Any], ...]:
+    from warmpool.contract.watchlist import Watchlist
+
     items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-        raise ValueError("must be a list of model prefixes")
-    return tuple(i.strip() for i in items if i.strip())
+    if not isinstance(items, (list, tuple)) or not all(
+            isinstance(i, (str, dict)) for i in items):
+        raise ValueError("must be a list of model prefixes (each a URI, or a mapping "
+                         "{uri: ..., nodes: all | replicas: N, node_selector: {...}})")
+    kept = tuple(i.strip() if isinstance(i, str) else dict(i) for i in items
+                 if not isinstance(i, str) or i.strip())
+    Watchlist.parse(kept)  # InvalidURIError (a ValueError) names the bad entry
+    return kept
 
 
 #: Every setting's check and conversion: a value that passes is one the code can use.
@@ -317,6 +345,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "watch": _watch,
     "metrics_port": lambda v: _int(v, -1, 65535),  # 0: any free port, -1: off
     "node": _name,
+    "labels": _labels,
     "concurrency": lambda v: _int(v, 1, 1024),
     "memory_limit": lambda v: _size(v, -1),
     "distributed": _bool,
@@ -345,6 +374,7 @@ ENV_NAMES = {
     "WARMPOOL_REDIS_URL": "redis_url",
     "WARMPOOL_WATCH": "watch",
     "WARMPOOL_NODE": "node",
+    "WARMPOOL_LABELS": "labels",
     "WARMPOOL_METRICS_PORT": "metrics_port",
     "WARMPOOL_CACHE_MAX_MODELS": "cache_max_models",
     "WARMPOOL_CACHE_MAX_AGE_S": "cache_max_age_s",

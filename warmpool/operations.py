@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from warmpool.compile.serving import ServingStart
     from warmpool.compile.store import CompileCache
     from warmpool.controller.failures import Failing
+    from warmpool.controller.fleet import ClusterModel
     from warmpool.model.cache import CachedModel
     from warmpool.pool.arena import ArenaStatus
     from warmpool.pool.registry.base import PoolEntry
@@ -179,6 +180,21 @@ def status(*, history: bool = False, settings: Settings | None = None,
     if not history:
         entries = [e for e in entries if e.state.active or e.state.value == "warm"]
     return sorted(entries, key=lambda e: e.updated_at, reverse=True)
+
+
+def cluster(*, settings: Settings | None = None,
+            redis_url: str | None = None) -> list[ClusterModel]:
+    """Every model across the fleet: each node's state of it, what the fleet wants of it
+    (``replicas``, ``nodes: all``, a selector) and the bytes read from its store. Needs
+    the controllers' Redis: a node without one is a fleet of one (`status`)."""
+    settings = _settings(settings, redis_url)
+    controller = _controller(settings)
+    if not controller:
+        raise ConfigError("status --cluster reads the fleet from the controllers' Redis: "
+                          "give --redis or WARMPOOL_REDIS_URL (no controller runs here)")
+    from warmpool.controller import remote
+
+    return run_sync(remote.cluster(controller, settings))
 
 
 def failing(*, settings: Settings | None = None,

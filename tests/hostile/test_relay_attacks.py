@@ -33,6 +33,9 @@ from tests.test_relay_http import (
 EVICT_FORCE = json.dumps({"action": "evict", "uri": "s3://models/llama/",
                           "force": True}).encode()
 DEPLOY_ETC = json.dumps({"action": "deploy", "uri": "file:///etc/"}).encode()
+#: One request that would warm the model on every node of the fleet.
+DEPLOY_ALL = json.dumps({"action": "deploy", "uri": "s3://models/llama/",
+                         "nodes": "all"}).encode()
 UPLOAD = json.dumps({"Records": [s3_record("llama/config.json")]}).encode()
 
 
@@ -72,8 +75,10 @@ def test_a_web_page_cannot_drive_an_insecure_loopback_relay(
                                                          REQUESTS_TOKEN)):
             got, answer = post(url, body, token=token, headers=headers, path=path)
             assert (got, answer.get("reason")) == (status, reason), (headers, path)
-    # With its token, a request still may not force an evict nor name a local path.
-    for body, reason in ((EVICT_FORCE, "force_refused"), (DEPLOY_ETC, "local_path_refused")):
+    # With its token, a request still may not force an evict, name a local path, or ask
+    # for every node of the fleet.
+    for body, reason in ((EVICT_FORCE, "force_refused"), (DEPLOY_ETC, "local_path_refused"),
+                         (DEPLOY_ALL, "fleet_refused")):
         got, answer = post(url, body, token=REQUESTS_TOKEN, path="/requests")
         assert (got, answer["reason"]) == (403, reason)
     # Requests are not taken on the notification path, even with no secret there.
@@ -94,7 +99,7 @@ def test_requests_need_their_own_token_and_the_operator_s_leave(
     got, _answer = post(url, EVICT_FORCE, token=TOKEN, path="/requests")
     assert got in (404, 405)
     # With one: the notification token does not open it, nor the reverse.
-    _relay, url = start_http(relays, redis_server.url, "--allow-force",
+    _relay, url = start_http(relays, redis_server.url, "--allow-force", "--allow-fleet",
                              "--request-prefix", "s3://models/")
     assert post(url, EVICT_FORCE, token=TOKEN, path="/requests")[0] == 401
     assert post(url, UPLOAD, token=REQUESTS_TOKEN)[0] == 401
@@ -102,8 +107,9 @@ def test_requests_need_their_own_token_and_the_operator_s_leave(
     got, answer = post(url, elsewhere, token=REQUESTS_TOKEN, path="/requests")
     assert (got, answer["reason"]) == (403, "prefix_refused")
     assert post(url, EVICT_FORCE, token=REQUESTS_TOKEN, path="/requests")[0] == 200
+    assert post(url, DEPLOY_ALL, token=REQUESTS_TOKEN, path="/requests")[0] == 200
     client = redis.Redis.from_url(redis_server.url)
-    assert stream_payloads(client) == [EVICT_FORCE]
+    assert stream_payloads(client) == [EVICT_FORCE, DEPLOY_ALL]
     client.close()
 
 

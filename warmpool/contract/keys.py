@@ -109,5 +109,11 @@ class RedisKeys:
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{request_id}"
 
+    @property
+    def fleet(self) -> str:
+        """Hash: ``<device> <uri>`` → the fleet's record of a model wanted on several
+        nodes (:mod:`warmpool.controller.fleet`)."""
+        return f"{self.prefix}:fleet"
+
     def retiring(self, node: str) -> str:
         return f"{self.prefix}:retiring:{node}"

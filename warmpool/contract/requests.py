@@ -38,7 +38,11 @@ _DEVICE = re.compile(
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _REQUEST_FIELDS = frozenset({"action", "uri", "device", "tp", "sharding", "node",
                              "request_id", "force", "engine_layout",
+                             "replicas", "nodes", "node_selector",
                              "layout"})  # the old name of "sharding", still accepted
+MAX_REPLICAS = 4096
+MAX_LABELS = 32
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 _LAYOUT_FIELDS = frozenset({"engine", "dtype", "tp", "max_model_len", "compile"})
 
 
@@ -66,6 +70,37 @@ class EngineLayoutWant:
 
 
 @dataclass(frozen=True)
+class Spread:
+    """Where in the fleet a deploy or pin should be warm: on ``replicas`` nodes, or on
+    every node (``all_nodes``), of those whose labels match ``selector`` (every label
+    given, with that value). Kept in Redis as the fleet's record of the model
+    (:mod:`warmpool.controller.fleet`), so a node that joins later and matches gets it,
+    and a replica whose node dies is placed again."""
+
+    replicas: int | None = None
+    all_nodes: bool = False
+    selector: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.selector)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.replicas is not None:
+            doc["replicas"] = self.replicas
+        if self.all_nodes:
+            doc["nodes"] = "all"
+        if self.selector:
+            doc["node_selector"] = dict(self.selector)
+        return doc
+
+    def describe(self) -> str:
+        where = "every node" if self.all_nodes else f"{self.replicas} node(s)"
+        labels = ",".join(f"{k}={v}" for k, v in self.selector)
+        return where + (f" labelled {labels}" if labels else "")
+
+
+@dataclass(frozen=True)
 class Request:
     """One model on one device: what an operator or a scheduler asks for, what the
     desired state keeps (the deploy or pin still in force) and what the dispatcher warms.
@@ -83,6 +118,7 @@ class Request:
     request_id: str | None = None
     force: bool = False  # evict: even while serving processes hold leases
     engine_layout: EngineLayoutWant | None = None  # deploy, pin: export one when warm
+    spread: Spread | None = None  # deploy, pin naming no node: on several nodes
 
     @property
     def pinned(self) -> bool:
@@ -97,7 +133,8 @@ class Request:
                                "node": self.node, "request_id": self.request_id,
                                "force": self.force or None,
                                "engine_layout": (self.engine_layout.to_doc()
-                                                 if self.engine_layout else None)}
+                                                 if self.engine_layout else None),
+                               **(self.spread.to_doc() if self.spread else {})}
         return {k: v for k, v in doc.items() if v is not None}
 
 
@@ -127,7 +164,12 @@ def parse_request(doc: dict[str, Any]) -> Request:
         request_id=fields.optional_text(doc.get("request_id"), "request_id", max_len=128),
         force=_flag(_default(doc, "force", False), "force"),
         engine_layout=_engine_layout(doc.get("engine_layout")),
+        spread=_spread(doc),
     )
+    if request.spread is not None and (request.action not in ("deploy", "pin")
+                                       or request.node is not None):
+        raise BadEvent("bad_field", "replicas, nodes and node_selector go with a deploy or "
+                       "pin that names no node")
     if request.engine_layout is not None and (
             request.action not in ("deploy", "pin") or request.device != "cpu"):
         raise BadEvent("bad_field", "engine_layout goes with a deploy or pin on device cpu "
@@ -161,6 +203,41 @@ def _engine_layout(value: object) -> EngineLayoutWant | None:
                        f"integer in 1..{MAX_MODEL_LEN}")
     return EngineLayoutWant(engine, dtype, tp, length,
                             _flag(_default(doc, "compile", True), "engine_layout.compile"))
+
+
+def spread_of(doc: dict[str, Any]) -> Spread | None:
+    """The fleet fields of a request or a watch entry (``replicas``, ``nodes``,
+    ``node_selector``), checked; None when none is given. Raises :class:`BadEvent`."""
+    unknown = set(doc) - {"replicas", "nodes", "node_selector"}
+    if unknown:
+        raise BadEvent("bad_field", f"unknown fields {fields.clip(sorted(unknown))}")
+    return _spread(doc)
+
+
+def _spread(doc: dict[str, Any]) -> Spread | None:
+    replicas, nodes, selector = doc.get("replicas"), doc.get("nodes"), doc.get("node_selector")
+    if replicas is None and nodes is None and selector is None:
+        return None
+    if nodes is not None and nodes != "all":
+        raise BadEvent("bad_field", f"nodes {fields.clip(nodes)} is not \"all\"")
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int)
+                                 or not 1 <= replicas <= MAX_REPLICAS):
+        raise BadEvent("bad_field", f"replicas {fields.clip(replicas)} is not an integer in "
+                       f"1..{MAX_REPLICAS}")
+    if replicas is not None and nodes is not None:
+        raise BadEvent("bad_field", "give replicas or nodes: \"all\", not both")
+    labels: tuple[tuple[str, str], ...] = ()
+    if selector is not None:
+        given = fields.mapping(selector, "node_selector")
+        if len(given) > MAX_LABELS or not all(
+                isinstance(k, str) and isinstance(v, str) and _LABEL.fullmatch(k)
+                and _LABEL.fullmatch(v) for k, v in given.items()):
+            raise BadEvent("bad_field", f"node_selector takes at most {MAX_LABELS} labels, "
+                           "names and values of letters, digits and ._/-")
+        labels = tuple(sorted(given.items()))
+    if nodes == "all":
+        return Spread(None, True, labels)
+    return Spread(replicas if replicas is not None else 1, False, labels)  # a selector alone: 1
 
 
 def _default(doc: dict[str, Any], name: str, default: Any) -> Any:

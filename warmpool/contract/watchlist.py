@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from warmpool.contract.requests import Spread, spread_of
+from warmpool.errors import BadEvent, InvalidURIError
 from warmpool.model.uri import ModelURI, parse_uri
 
 
@@ -26,16 +29,40 @@ class Watchlist:
     """
 
     prefixes: tuple[ModelURI, ...] = ()
+    #: Where in the fleet an upload under a prefix warms (``{"uri": ..., "nodes": "all"}``
+    #: in the config file); a prefix without one warms on one node.
+    spreads: tuple[tuple[ModelURI, Spread], ...] = ()
 
     @classmethod
-    def parse(cls, entries: str | Iterable[str]) -> Watchlist:
-        """From config ``watch: [...]`` or ``WARMPOOL_WATCH`` (comma-separated).
+    def parse(cls, entries: str | Iterable[str | Mapping[str, Any]]) -> Watchlist:
+        """From config ``watch: [...]`` or ``WARMPOOL_WATCH`` (comma-separated). A config
+        entry may be a mapping: ``{"uri": PREFIX, "nodes": "all" | "replicas": N,
+        "node_selector": {...}}``.
 
-        Raises :class:`InvalidURIError` for an entry that is not a model location.
+        Raises :class:`InvalidURIError` for an entry that is not a model location or
+        whose fleet fields are wrong.
         """
         items = entries.split(",") if isinstance(entries, str) else entries
-        uris = (parse_uri(item.strip()) for item in items if item.strip())
-        return cls(tuple(dict.fromkeys(uris)))
+        uris: list[ModelURI] = []
+        spreads: list[tuple[ModelURI, Spread]] = []
+        for item in items:
+            if isinstance(item, Mapping):
+                uri = parse_uri(str(item.get("uri", "")).strip())
+                try:
+                    spread = spread_of({k: v for k, v in item.items() if k != "uri"})
+                except BadEvent as exc:
+                    raise InvalidURIError(f"watch entry {uri}: {exc}") from None
+                if spread is not None:
+                    spreads.append((uri, spread))
+                uris.append(uri)
+            elif item.strip():
+                uris.append(parse_uri(item.strip()))
+        return cls(tuple(dict.fromkeys(uris)), tuple(spreads))
+
+    def spread_for(self, model: ModelURI) -> Spread | None:
+        """The fleet spread of the longest watched prefix holding ``model``, if any."""
+        found = [(p, s) for p, s in self.spreads if p.contains(model)]
+        return max(found, key=lambda f: len(f[0].prefix))[1] if found else None
 
     def match(self, bucket_scheme: str, bucket: str, key: str) -> ModelURI | None:
         """The model prefix ``key`` belongs to (see the class docstring), or ``None``."""

@@ -34,6 +34,7 @@ from warmpool.contract.watchlist import Watchlist
 from warmpool.controller.desired import DesiredState, want_field
 from warmpool.controller.dispatch import Dispatcher
 from warmpool.controller.failures import Failures, RetrySchedule
+from warmpool.controller.fleet import Fleet
 from warmpool.controller.metrics import Metrics
 from warmpool.controller.nodes import DeviceRoom, NodeInfo, Nodes
 from warmpool.controller.routing import Router
@@ -72,9 +73,11 @@ class Controller:
                                      redis=redis, keys=keys, metrics=self.metrics,
                                      loader=options.loader,
                                      lock_ttl_ms=int(options.lock_ttl_s * 1000))
+        self.fleet = Fleet(redis, keys, self.node, self.nodes)
         self.router = Router(redis=redis, keys=keys, node=self.node, nodes=self.nodes,
                              registry=self.registry, desired=self.desired,
-                             dispatcher=self.dispatcher, failures=self.failures)
+                             dispatcher=self.dispatcher, failures=self.failures,
+                             fleet=self.fleet, watch=self.watch)
         self.uploads = Uploads(redis, keys, cache=self.dispatcher.cache,
                                debounce_s=options.debounce_s, on_ready=self.router.upload_ready,
                                recheck_s=options.recheck_s)
@@ -121,6 +124,19 @@ class Controller:
         await self.streams.ensure_groups()
         await self._beat()
         await self.reconcile()
+        await self.join_fleet()
+
+    async def join_fleet(self) -> int:
+        """Want what the fleet wants of this node and it does not yet (a node that joined,
+        or a replica placed here for one whose node left); returns how many."""
+        added = 0
+        for req in await self.fleet.mine(await self.registry.list_cluster()):
+            if await self.desired.get(str(req.uri), req.device) is None:
+                log.info("%s on %s: wanted here by the fleet", req.uri, req.device,
+                         extra={"event": "fleet_wanted", "uri": str(req.uri)})
+                self._spawn(self.router.apply(req, source="fleet"), f"fleet {req.uri}")
+                added += 1
+        return added
 
     async def reconcile(self) -> int:
         """Warm again what should be warm; mark what is gone (lost/failed)."""
@@ -255,6 +271,7 @@ class Controller:
                 last_sweep = time.monotonic()
                 await self.uploads.recheck_all()
                 await self.dispatcher.retry_retiring()
+                await self.join_fleet()
                 await self.converge()
                 await self.dispatcher.cache.bound(await self.pool.in_use(), self.settings)
                 # The CLI forgets old history when it runs; a node run by a controller
@@ -288,7 +305,7 @@ class Controller:
         if self.pool.host.has_arena():
             self.metrics.observe_arena(await asyncio.to_thread(self.pool.host.arena.status))
         devices = {d: DeviceRoom(capacity.get(d, 0), used.get(d, 0)) for d in capacity}
-        await self.nodes.beat(NodeInfo(self.node, devices))
+        await self.nodes.beat(NodeInfo(self.node, devices, labels=self.settings.labels))
         self._beaten = True
 
 

@@ -36,6 +36,7 @@ class NodeInfo:
     devices: dict[str, DeviceRoom] = field(default_factory=dict)
     pid: int = field(default_factory=os.getpid)
     at: float = field(default_factory=time.time)
+    labels: dict[str, str] = field(default_factory=dict)  # the node's ``labels:`` setting
 
     def free(self, device: str) -> int:
         room = self.devices.get(device)
@@ -49,8 +50,11 @@ class NodeInfo:
         data = json.loads(raw)
         devices = {name: DeviceRoom(int(d["capacity"]), int(d["used"]))
                    for name, d in data.get("devices", {}).items()}
+        labels = data.get("labels") or {}
         return cls(str(data["node"]), devices, int(data.get("pid", 0)),
-                   float(data.get("at", 0.0)))
+                   float(data.get("at", 0.0)),
+                   {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict)
+                   else {})
 
 
 class Nodes:

@@ -24,6 +24,7 @@ from warmpool.contract.keys import RedisKeys
 from warmpool.contract.redis_client import CONNECTION_ERRORS, connect, redact
 from warmpool.controller.embedded_redis import running_url
 from warmpool.controller.failures import Failing, Failures
+from warmpool.controller.fleet import ClusterModel
 from warmpool.errors import ControllerError, NotWarmError
 from warmpool.model.uri import parse_uri
 from warmpool.pool.leases import Leases
@@ -131,6 +132,27 @@ async def status(url: str, settings: Settings, keys: RedisKeys = RedisKeys()) ->
     leases = Leases(settings.runtime_dir)
     return [replace(e, leases=leases.count(e.key)) if e.node == settings.node else e
             for e in entries]
+
+
+async def cluster(url: str, settings: Settings,
+                  keys: RedisKeys | None = None) -> list[ClusterModel]:
+    """Every model across the fleet: which nodes hold it in which state, and what the
+    fleet wants of it."""
+    from warmpool.controller.fleet import Fleet, cluster_models
+    from warmpool.controller.nodes import Nodes
+
+    keys = keys or RedisKeys()
+    redis = connect(url, name="warmpool-cli")
+    try:
+        entries = await RedisRegistry(redis, keys, settings.node).list_cluster()
+        nodes = Nodes(redis, keys, settings.node, ttl_s=1.0)
+        records = await Fleet(redis, keys, settings.node, nodes).records()
+        live = {n.node for n in await nodes.live()}
+    except CONNECTION_ERRORS as exc:
+        raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None
+    finally:
+        await redis.aclose()
+    return cluster_models(entries, records, live)
 
 
 async def failing(url: str, settings: Settings, keys: RedisKeys | None = None) -> list[Failing]:

@@ -28,9 +28,11 @@ from redis.asyncio import Redis
 
 from warmpool.contract.keys import RedisKeys
 from warmpool.contract.requests import Request
+from warmpool.contract.watchlist import Watchlist
 from warmpool.controller.desired import DesiredState
 from warmpool.controller.dispatch import Dispatcher, Outcome
 from warmpool.controller.failures import Failures
+from warmpool.controller.fleet import Fleet
 from warmpool.controller.nodes import Nodes, place
 from warmpool.errors import DesiredStateFull, NoSuchModel, ObjectNotFoundError, StorageError
 from warmpool.model.uri import ModelURI
@@ -46,7 +48,8 @@ STREAM_MAXLEN = 100_000
 class Router:
     def __init__(self, *, redis: Redis, keys: RedisKeys, node: str, nodes: Nodes,
                  registry: RedisRegistry, desired: DesiredState, dispatcher: Dispatcher,
-                 failures: Failures, claim_ttl_ms: int = 30_000) -> None:
+                 failures: Failures, fleet: Fleet, watch: Watchlist | None = None,
+                 claim_ttl_ms: int = 30_000) -> None:
         self.redis = redis
         self.keys = keys
         self.node = node
@@ -55,6 +58,8 @@ class Router:
         self.desired = desired
         self.dispatcher = dispatcher
         self.failures = failures
+        self.fleet = fleet
+        self.watch = watch or Watchlist()
         self.claim_ttl_ms = claim_ttl_ms
         self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
@@ -75,12 +80,21 @@ class Router:
             if identity and not await self._claim(identity):
                 return  # every controller hears a broadcast: another one took this
             if req.node is None:
-                if req.action in ("deploy", "pin"):
+                if req.action in ("deploy", "pin") and req.spread is not None:
+                    req = await self._spread(req)
+                    if req.node is None:
+                        return  # not for this node: sent to those it is for
+                elif req.action in ("deploy", "pin"):
                     target = await self.placement(str(req.uri), req.device)
                     if target != self.node:
                         await self.forward(req, target)
                         return
                 else:
+                    if req.action == "evict" and await self.fleet.forget(str(req.uri),
+                                                                        req.device):
+                        log.info("%s on %s: no longer wanted by the fleet", req.uri,
+                                 req.device, extra={"event": "fleet_forgotten",
+                                                    "uri": str(req.uri)})
                     for other in await self._other_live_nodes():
                         await self.forward(replace(req, request_id=None), other)
             try:
@@ -218,8 +232,35 @@ class Router:
                     extra={"event": "desired_dropped", "uri": oldest.uri})
         return True
 
+    async def _spread(self, req: Request) -> Request:
+        """A deploy or pin for several nodes: the fleet records it, and each chosen node
+        gets it as its own (a plain request naming it: each answers the request id).
+        Returns the request for this node (naming it), or one naming no node when this
+        node is not among them."""
+        assert req.spread is not None
+        targets = await self.fleet.place(req, await self.registry.list_cluster())
+        plain = replace(req, spread=None)
+        log.info("%s on %s wanted on %s: %s", req.uri, req.device, req.spread.describe(),
+                 ", ".join(targets) or "no live node matches yet",
+                 extra={"event": "fleet_placed", "uri": str(req.uri), "nodes": targets})
+        if not targets:
+            await self.reply(req, Outcome(str(req.uri), req.device, "pending",
+                                          error=f"no live node is {req.spread.describe()} "
+                                          "yet: the fleet warms it on each that joins"))
+        for target in targets:
+            if target != self.node:
+                await self.forward(plain, target)
+        return replace(plain, node=self.node) if self.node in targets else plain
+
     async def upload_ready(self, model: ModelURI) -> None:
-        """A watched upload completed: warm it on the host tier of the placed node."""
+        """A watched upload completed: warm it on the host tier of the placed node, or of
+        every node its watch entry names (``nodes``, ``replicas``, ``node_selector``)."""
+        spread = self.watch.spread_for(model)
+        if spread is not None:
+            mine = await self._spread(Request("deploy", model, spread=spread))
+            if mine.node is not None:
+                await self.apply(mine, source="watch")
+            return
         req = Request("deploy", model)
         target = await self.placement(str(model), req.device)
         if target != self.node:

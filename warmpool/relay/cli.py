@@ -63,6 +63,8 @@ def http(listen: str = typer.Option("127.0.0.1:8080", "--listen", help="HOST:POR
                                           "that carry force (evict under leases)."),
          allow_local_paths: bool = typer.Option(False, "--allow-local-paths", help="Pass "
                                                 "requests for file:// models."),
+         allow_fleet: bool = typer.Option(False, "--allow-fleet", help="Pass requests for "
+                                          "several nodes (replicas, nodes, node_selector)."),
          request_prefix: list[str] = typer.Option([], "--request-prefix", help="Pass only "
                                                   "requests under this URI prefix "
                                                   "(repeatable)."),
@@ -83,6 +85,7 @@ def http(listen: str = typer.Option("127.0.0.1:8080", "--listen", help="HOST:POR
                      insecure=insecure, max_body=max_body, rate=rate, burst=burst,
                      requests_token_file=str(requests_token_file or ""),
                      allow_force=allow_force, allow_local_paths=allow_local_paths,
+                     allow_fleet=allow_fleet,
                      request_prefixes=tuple(request_prefix),
                      allowed_origins=tuple(allowed_origin), allowed_hosts=tuple(allowed_host),
                      header_timeout_s=header_timeout, max_connections=max_connections)

@@ -78,6 +78,7 @@ class HttpOptions:
     allow_force: bool = False
     allow_local_paths: bool = False
     request_prefixes: tuple[str, ...] = ()
+    allow_fleet: bool = False
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     header_timeout_s: float = 10.0
@@ -254,7 +255,7 @@ class HttpRelay:
             "/": RelayPolicy.notifications(options.watch),
             "/requests": RelayPolicy.requests(
                 allow_force=options.allow_force, allow_local_paths=options.allow_local_paths,
-                request_prefixes=options.request_prefixes)}
+                request_prefixes=options.request_prefixes, allow_fleet=options.allow_fleet)}
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self.connections: Connections | None = None

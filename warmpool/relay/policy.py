@@ -10,7 +10,9 @@ controller would act on. Each endpoint has a :class:`RelayPolicy`:
   is configured.
 - **Uploads** under no watched prefix are dropped here (answered, counted, not put in
   the stream): the controller would drop them anyway, after a listing.
-- **Requests** never carry ``force`` unless the operator allowed it, never name a local
+- **Requests** never carry ``force`` unless the operator allowed it, never ask for
+  several nodes (``replicas``, ``nodes``, ``node_selector``: one request then warms the
+  model on every node of the fleet) unless the operator allowed it, never name a local
   path unless the node allows local paths, and name a URI under an allowed prefix when
   prefixes are configured.
 - **Keys and URIs** with control characters are refused: no store needs them, and they
@@ -32,7 +34,8 @@ from warmpool.model.uri import ModelURI, parse_uri
 
 #: Reasons a policy gives (beside the parser's), each with the HTTP status a webhook
 #: answers: 403, the sender is authenticated but not allowed this.
-POLICY_REASONS = ("force_refused", "local_path_refused", "prefix_refused", "control_chars")
+POLICY_REASONS = ("force_refused", "fleet_refused", "local_path_refused", "prefix_refused",
+                  "control_chars")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class RelayPolicy:
     allow_force: bool = False
     allow_local_paths: bool = False
     request_prefixes: tuple[ModelURI, ...] = ()
+    allow_fleet: bool = False
 
     @classmethod
     def notifications(cls, watch: Watchlist, *, s3_only: bool = False) -> RelayPolicy:
@@ -53,13 +57,14 @@ class RelayPolicy:
 
     @classmethod
     def requests(cls, *, allow_force: bool = False, allow_local_paths: bool = False,
-                 request_prefixes: tuple[str, ...] = ()) -> RelayPolicy:
+                 request_prefixes: tuple[str, ...] = (),
+                 allow_fleet: bool = False) -> RelayPolicy:
         try:
             prefixes = tuple(parse_uri(p) for p in request_prefixes)
         except InvalidURIError as exc:
             raise ValueError(f"request_prefixes: {exc}") from None
         return cls(frozenset({"request"}), Watchlist(), allow_force, allow_local_paths,
-                   prefixes)
+                   prefixes, allow_fleet)
 
     def watched(self, events: list[Event]) -> list[Event]:
         """The events to pass on; raises :class:`BadEvent` for a refused one.
@@ -84,6 +89,10 @@ class RelayPolicy:
         if request.force and not self.allow_force:
             raise BadEvent("force_refused", "this relay does not pass 'force' (the operator "
                            "allows it with allow_force: true)")
+        if request.spread is not None and not self.allow_fleet:
+            raise BadEvent("fleet_refused", "this relay does not pass requests for several "
+                           "nodes (replicas, nodes, node_selector); the operator allows them "
+                           "with allow_fleet: true")
         if request.uri.scheme == "file" and not self.allow_local_paths:
             raise BadEvent("local_path_refused", f"{_clip(text)} is a local path; this relay "
                            "passes only object-store URIs (allow_local_paths: true allows "

@@ -67,6 +67,7 @@ class RelaySpec:
     allow_force: bool = False
     allow_local_paths: bool = False
     request_prefixes: tuple[str, ...] = ()
+    allow_fleet: bool = False
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     header_timeout_s: float = 10.0
@@ -136,7 +137,7 @@ class RelaySpec:
                 requests_token=read_token(self.requests_token_file or None, environ,
                                           env_name=REQUESTS_TOKEN_ENV),
                 allow_force=self.allow_force, allow_local_paths=self.allow_local_paths,
-                request_prefixes=tuple(self.request_prefixes),
+                request_prefixes=tuple(self.request_prefixes), allow_fleet=self.allow_fleet,
                 allowed_origins=tuple(self.allowed_origins),
                 allowed_hosts=tuple(self.allowed_hosts),
                 header_timeout_s=float(self.header_timeout_s),
