@@ -182,3 +182,23 @@ def test_a_watch_entry_may_carry_the_fleet_fields(tmp_path: Path) -> None:
     config.write_text("watch:\n  - uri: s3://b/fleet/\n    nodes: some\n")
     with pytest.raises(ConfigError, match="nodes"):
         Settings.load(config)
+
+
+def test_node_labels_are_checked_like_a_selector(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from warmpool.config import Settings
+    from warmpool.errors import ConfigError
+
+    config = tmp_path / "l.yaml"
+    config.write_text("labels: {gpu: h100, zone: eu-1}\n")
+    assert Settings.load(config).labels == {"gpu": "h100", "zone": "eu-1"}
+    monkeypatch.setenv("WARMPOOL_LABELS", "gpu=a10, zone=us/2")
+    assert Settings.load(config).labels == {"gpu": "a10", "zone": "us/2"}
+    for bad in ("gpu", "gpu=h 100", "=x", ",".join(f"k{i}=v" for i in range(33))):
+        monkeypatch.setenv("WARMPOOL_LABELS", bad)
+        with pytest.raises(ConfigError, match="(?i)labels"):
+            Settings.load(config)
+    monkeypatch.delenv("WARMPOOL_LABELS")
+    config.write_text("labels: {gpu: 80}\n")  # a number, not a name
+    with pytest.raises(ConfigError, match="(?i)labels"):
+        Settings.load(config)

@@ -288,16 +288,14 @@ def _chunk(value: Any) -> int:
 def _labels(value: Any) -> dict[str, str]:
     """Node labels: names and values of letters, digits and ._/- (a selector matches
     them exactly)."""
-    from warmpool.contract.requests import _LABEL, MAX_LABELS
+    from warmpool.contract.requests import MAX_LABELS, valid_labels
 
     if isinstance(value, str):
         pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
         if any(len(p) != 2 for p in pairs):
             raise ValueError("must be name=value pairs separated by commas")
         value = {k.strip(): v.strip() for k, v in pairs}
-    if not isinstance(value, dict) or len(value) > MAX_LABELS or not all(
-            isinstance(k, str) and isinstance(v, str) and _LABEL.fullmatch(k)
-            and _LABEL.fullmatch(v) for k, v in value.items()):
+    if not isinstance(value, dict) or not valid_labels(value):
         raise ValueError(f"must map at most {MAX_LABELS} names to values (letters, digits "
                          "and ._/-)")
     return dict(value)

@@ -205,6 +205,15 @@ def _engine_layout(value: object) -> EngineLayoutWant | None:
                             _flag(_default(doc, "compile", True), "engine_layout.compile"))
 
 
+def valid_labels(labels: dict[Any, Any]) -> bool:
+    """At most ``MAX_LABELS`` names mapped to values, each of letters, digits and ._/-:
+    a node's ``labels`` and a request's ``node_selector`` alike (a selector matches
+    labels exactly)."""
+    return len(labels) <= MAX_LABELS and all(
+        isinstance(k, str) and isinstance(v, str) and _LABEL.fullmatch(k)
+        and _LABEL.fullmatch(v) for k, v in labels.items())
+
+
 def spread_of(doc: dict[str, Any]) -> Spread | None:
     """The fleet fields of a request or a watch entry (``replicas``, ``nodes``,
     ``node_selector``), checked; None when none is given. Raises :class:`BadEvent`."""
@@ -229,9 +238,7 @@ def _spread(doc: dict[str, Any]) -> Spread | None:
     labels: tuple[tuple[str, str], ...] = ()
     if selector is not None:
         given = fields.mapping(selector, "node_selector")
-        if len(given) > MAX_LABELS or not all(
-                isinstance(k, str) and isinstance(v, str) and _LABEL.fullmatch(k)
-                and _LABEL.fullmatch(v) for k, v in given.items()):
+        if not valid_labels(given):
             raise BadEvent("bad_field", f"node_selector takes at most {MAX_LABELS} labels, "
                            "names and values of letters, digits and ._/-")
         labels = tuple(sorted(given.items()))
