@@ -34,6 +34,7 @@ from warmpool.contract.requests import Request, parse_request
 from warmpool.controller.nodes import NodeInfo, Nodes
 from warmpool.errors import BadEvent
 from warmpool.pool.registry.base import PoolEntry, State
+from warmpool.pool.registry.redis import RedisRegistry
 
 log = logging.getLogger(__name__)
 #: Transactions retried when another controller changed the record meanwhile.
@@ -59,18 +60,21 @@ class FleetRecord:
 
 
 class Fleet:
-    def __init__(self, redis: Redis, keys: RedisKeys, node: str, nodes: Nodes) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, node: str, nodes: Nodes,
+                 registry: RedisRegistry) -> None:
         self.redis = redis
         self.keys = keys
         self.node = node
         self.nodes = nodes
+        self.registry = registry
 
-    async def place(self, req: Request, entries: list[PoolEntry]) -> list[str]:
+    async def place(self, req: Request) -> list[str]:
         """Record ``req`` (a deploy or pin with a spread) as the fleet's, and return the
         nodes that should hold it now."""
         assert req.spread is not None
         bare = replace(req, node=None, request_id=None)
         live = await self.nodes.live()
+        entries = await self._entries([req])
         return await self._update(fleet_field(str(req.uri), req.device),
                                   lambda old: self._targets(bare, old, live, entries))
 
@@ -89,12 +93,17 @@ class Fleet:
                 await self.redis.hdel(self.keys.fleet, name)
         return found
 
-    async def mine(self, entries: list[PoolEntry]) -> list[Request]:
+    async def mine(self) -> list[Request]:
         """The fleet's models this node should want now (re-placing the replicas of
-        nodes that left), as plain deploys or pins naming this node."""
+        nodes that left), as plain deploys or pins naming this node. Every node runs it
+        at every maintenance pass: with no fleet record it reads one key, nothing more."""
+        records = await self.records()
+        if not records:
+            return []
         live = await self.nodes.live()
+        entries = await self._entries([r.request for r in records])
         wanted = []
-        for record in await self.records():
+        for record in records:
             req = record.request
             field = fleet_field(str(req.uri), req.device)
             holders = await self._update(
@@ -103,6 +112,13 @@ class Fleet:
             if self.node in holders:
                 wanted.append(replace(req, node=self.node, spread=None))
         return wanted
+
+    async def _entries(self, requests: list[Request]) -> list[PoolEntry]:
+        """The cluster's entries, which only choosing replicas reads (a node already
+        holding the model first); ``nodes: all`` needs none."""
+        if all(r.spread is None or r.spread.all_nodes for r in requests):
+            return []
+        return await self.registry.list_cluster()
 
     def _targets(self, req: Request, old: FleetRecord | None, live: list[NodeInfo],
                  entries: list[PoolEntry]) -> tuple[FleetRecord, list[str]]:

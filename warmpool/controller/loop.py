@@ -73,7 +73,7 @@ class Controller:
                                      redis=redis, keys=keys, metrics=self.metrics,
                                      loader=options.loader,
                                      lock_ttl_ms=int(options.lock_ttl_s * 1000))
-        self.fleet = Fleet(redis, keys, self.node, self.nodes)
+        self.fleet = Fleet(redis, keys, self.node, self.nodes, self.registry)
         self.router = Router(redis=redis, keys=keys, node=self.node, nodes=self.nodes,
                              registry=self.registry, desired=self.desired,
                              dispatcher=self.dispatcher, failures=self.failures,
@@ -130,7 +130,7 @@ class Controller:
         """Want what the fleet wants of this node and it does not yet (a node that joined,
         or a replica placed here for one whose node left); returns how many."""
         added = 0
-        for req in await self.fleet.mine(await self.registry.list_cluster()):
+        for req in await self.fleet.mine():
             if await self.desired.get(str(req.uri), req.device) is None:
                 log.info("%s on %s: wanted here by the fleet", req.uri, req.device,
                          extra={"event": "fleet_wanted", "uri": str(req.uri)})

@@ -144,9 +144,10 @@ async def cluster(url: str, settings: Settings,
     keys = keys or RedisKeys()
     redis = connect(url, name="warmpool-cli")
     try:
-        entries = await RedisRegistry(redis, keys, settings.node).list_cluster()
+        registry = RedisRegistry(redis, keys, settings.node)
+        entries = await registry.list_cluster()
         nodes = Nodes(redis, keys, settings.node, ttl_s=1.0)
-        records = await Fleet(redis, keys, settings.node, nodes).records()
+        records = await Fleet(redis, keys, settings.node, nodes, registry).records()
         live = {n.node for n in await nodes.live()}
     except CONNECTION_ERRORS as exc:
         raise ControllerError(f"cannot reach Redis at {redact(url)}: {exc}") from None

@@ -238,7 +238,7 @@ class Router:
         Returns the request for this node (naming it), or one naming no node when this
         node is not among them."""
         assert req.spread is not None
-        targets = await self.fleet.place(req, await self.registry.list_cluster())
+        targets = await self.fleet.place(req)
         plain = replace(req, spread=None)
         log.info("%s on %s wanted on %s: %s", req.uri, req.device, req.spread.describe(),
                  ", ".join(targets) or "no live node matches yet",
