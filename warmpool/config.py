@@ -109,6 +109,60 @@ def _default_runtime_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class PeerSettings:
+    """Peer fill over NIXL (``peers:`` in the config file; off unless asked for).
+
+    NIXL has no authentication: whoever holds this node's agent metadata may read what
+    it registered. So peers are opt-in, only warm weight segments are ever registered,
+    the metadata lives only in Redis, and UCX is held to ``interface`` (its
+    ``UCX_NET_DEVICES``): listening on every interface (``all``) must be written out.
+    """
+
+    enabled: bool = False
+    interface: str = ""  # a UCX device ("eth0", "mlx5_0:1", "lo"), a list, or "all"
+    max_peers: int = 2  # a fill splits its ranges across at most this many peers
+    range_bytes: int = 64 << 20  # the unit of transfer, checksum and fallback
+    timeout_s: float = 30.0  # a range not read in this long is read elsewhere
+    wait_s: float = 600.0  # how long a node waits for another that claimed the first fill
+
+    def to_json(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "interface": self.interface,
+                "max_peers": self.max_peers, "range_bytes": self.range_bytes,
+                "timeout_s": self.timeout_s, "wait_s": self.wait_s}
+
+
+def _peers(value: Any) -> PeerSettings:
+    if isinstance(value, str):  # WARMPOOL_PEERS=eth0: on, over that interface
+        value = {"enabled": True, "interface": value.strip()}
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping {enabled, interface, max_peers, range_bytes, "
+                         "timeout_s, wait_s}, or (from WARMPOOL_PEERS) an interface")
+    unknown = set(value) - {f.name for f in fields(PeerSettings)}
+    if unknown:
+        raise ValueError(f"unknown peer setting(s) {', '.join(sorted(unknown))}")
+    interface = value.get("interface", "")
+    if not isinstance(interface, str) or any(c.isspace() or not c.isprintable()
+                                             for c in interface):
+        raise ValueError("interface: a UCX device name (eth0, mlx5_0:1), a comma list, "
+                         "or all")
+    checks: dict[str, Callable[[Any], Any]] = {
+        "enabled": _switch, "max_peers": lambda v: _int(v, 1, 64), "range_bytes": _chunk,
+        "timeout_s": _seconds, "wait_s": _seconds}
+    typed: dict[str, Any] = {"enabled": True, "interface": interface}
+    for name, check in checks.items():
+        if name in value:
+            try:
+                typed[name] = check(value[name])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{name}: {exc}") from None
+    peers = PeerSettings(**typed)
+    if peers.enabled and not interface:
+        raise ValueError("peers need an interface (the UCX device peers reach this node "
+                         "on, e.g. eth0); write interface: all to listen on every one")
+    return peers
+
+
+@dataclass(frozen=True)
 class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     runtime_dir: Path = field(default_factory=_default_runtime_dir)
@@ -142,6 +196,8 @@ class Settings:
     # What this node announces in its heartbeat, for deploys with a ``node_selector``
     # (``labels: {gpu: h100, zone: a}``; WARMPOOL_LABELS="gpu=h100,zone=a").
     labels: dict[str, str] = field(default_factory=dict)
+    # Filling from other nodes over NIXL (:class:`PeerSettings`; off by default).
+    peers: PeerSettings = PeerSettings()
     # The config file's ``controller:`` section, raw; checked and typed by
     # ControllerOptions.load, where WARMPOOL_<NAME> variables override it.
     controller: dict[str, Any] = field(default_factory=dict)
@@ -344,6 +400,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "metrics_port": lambda v: _int(v, -1, 65535),  # 0: any free port, -1: off
     "node": _name,
     "labels": _labels,
+    "peers": _peers,
     "concurrency": lambda v: _int(v, 1, 1024),
     "memory_limit": lambda v: _size(v, -1),
     "distributed": _bool,
@@ -373,6 +430,7 @@ ENV_NAMES = {
     "WARMPOOL_WATCH": "watch",
     "WARMPOOL_NODE": "node",
     "WARMPOOL_LABELS": "labels",
+    "WARMPOOL_PEERS": "peers",
     "WARMPOOL_METRICS_PORT": "metrics_port",
     "WARMPOOL_CACHE_MAX_MODELS": "cache_max_models",
     "WARMPOOL_CACHE_MAX_AGE_S": "cache_max_age_s",

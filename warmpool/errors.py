@@ -121,6 +121,11 @@ class StreamError(WarmpoolError):
     """Streaming weights into a resident buffer failed; nothing partial stays."""
 
 
+class PeerError(StreamError):
+    """A peer could not give a range (it died, evicted, stalled, or sent bytes whose
+    checksum is wrong): the range is read from another peer or from the store."""
+
+
 class WorkerError(WarmpoolError):
     """A worker process failed, died or answered with an error."""
 

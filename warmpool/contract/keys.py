@@ -24,6 +24,16 @@
     p:claim:<digest>                  string    SET NX PX: one controller acts on a broadcast
     p:reply:<request id>              list      the outcome of a request, for its sender
     p:retiring:<node>                 set       entry keys to evict once no lease holds them
+    p:fleet                           hash      models wanted on several nodes
+    p:peer-agent:<node>               string    a node's NIXL agent metadata; heartbeat TTL
+    p:seed:<hash>:<node>              string    <node> serves <hash> to peers: where, range
+                                                checksums; heartbeat TTL
+    p:seeds:<hash>                    set       nodes that may hold a seed of <hash>
+    p:peer-asks:<node>                list      readers asking <node> for a lease
+    p:peer-grant:<id>                 list      <node>'s answer to one ask
+    p:peer-reading:<id>               string    PX: a reader is still reading under <id>
+    p:first-fill:<hash>               string    SET NX PX: the node reading <hash> from the
+                                                bucket for the fleet
 
 Entry and lock keys start with the content hash so ``SCAN p:entry:<hash>:*`` finds every
 node that holds a model (placement prefers those). Under Redis Cluster these keys hash
@@ -117,3 +127,25 @@ class RedisKeys:
 
     def retiring(self, node: str) -> str:
         return f"{self.prefix}:retiring:{node}"
+
+    # --- peers (warmpool.peers) --------------------------------------------------------
+    def peer_agent(self, node: str) -> str:
+        return f"{self.prefix}:peer-agent:{node}"
+
+    def seed(self, content_hash: str, node: str) -> str:
+        return f"{self.prefix}:seed:{content_hash}:{node}"
+
+    def seeds(self, content_hash: str) -> str:
+        return f"{self.prefix}:seeds:{content_hash}"
+
+    def peer_asks(self, node: str) -> str:
+        return f"{self.prefix}:peer-asks:{node}"
+
+    def peer_grant(self, ask_id: str) -> str:
+        return f"{self.prefix}:peer-grant:{ask_id}"
+
+    def peer_reading(self, ask_id: str) -> str:
+        return f"{self.prefix}:peer-reading:{ask_id}"
+
+    def first_fill(self, content_hash: str) -> str:
+        return f"{self.prefix}:first-fill:{content_hash}"

@@ -163,6 +163,8 @@ class Dispatcher:
         if outcome.state == State.WARM.value:
             self.metrics.streamed.labels(outcome.device).inc()
             self.metrics.time_to_warm.labels(outcome.device).observe(outcome.seconds)
+            if outcome.entry is not None:
+                self.metrics.observe_fill(outcome.entry)
         log.info("%s on %s: %s%s", outcome.uri, outcome.device, outcome.state,
                  f" ({outcome.error})" if outcome.error else "",
                  extra={"event": "warm_done", "uri": outcome.uri, "device": outcome.device,

@@ -179,8 +179,7 @@ class ClusterModel:
     wanted: str | None  # the fleet's spread ("every node", "2 node(s) labelled ..."), if any
     nodes: dict[str, str]  # node -> state of its newest entry ("warm", "streaming", ...)
     bytes: int  # the model's size
-    #: Bytes every warm node read from the model's store: without peers (NIXL, not built
-    #: yet) each node reads the whole model itself.
+    #: Bytes the warm nodes read from the model's store, and from each other (NIXL).
     store_bytes: int
     peer_bytes: int = 0
 
@@ -207,8 +206,10 @@ def cluster_models(entries: list[PoolEntry], records: list[FleetRecord],
         states = {node: e.state.value + ("" if node in live else " (node down)")
                   for node, e in sorted(per_node.items())}
         size = max((e.bytes for e in per_node.values()), default=0)
-        warm = sum(e.bytes for e in per_node.values() if e.state == State.WARM)
-        found.append(ClusterModel(uri, device, _wanted(record), states, size, warm))
+        warm = [e for e in per_node.values() if e.state == State.WARM]
+        peer = sum(min(e.peer_bytes, e.bytes) for e in warm)
+        found.append(ClusterModel(uri, device, _wanted(record), states, size,
+                                  sum(e.bytes for e in warm) - peer, peer))
     for (uri, device), record in sorted(wanted.items()):  # wanted, nowhere yet
         found.append(ClusterModel(uri, device, _wanted(record), {}, 0, 0))
     return found

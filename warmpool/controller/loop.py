@@ -38,9 +38,11 @@ from warmpool.controller.fleet import Fleet
 from warmpool.controller.metrics import Metrics
 from warmpool.controller.nodes import DeviceRoom, NodeInfo, Nodes
 from warmpool.controller.routing import Router
+from warmpool.controller.seeder import Seeder
 from warmpool.controller.sources import PubSubSource, StreamSource
 from warmpool.controller.uploads import Uploads
 from warmpool.errors import BadEvent
+from warmpool.loading.stats import STATS
 from warmpool.model.uri import ModelURI
 from warmpool.pool.entries import HOST_DEVICE, Pool
 from warmpool.pool.registry.base import State
@@ -74,6 +76,8 @@ class Controller:
                                      loader=options.loader,
                                      lock_ttl_ms=int(options.lock_ttl_s * 1000))
         self.fleet = Fleet(redis, keys, self.node, self.nodes, self.registry)
+        self.seeder = (Seeder(settings, redis, keys, ttl_s=options.heartbeat_s * 3)
+                       if settings.peers.enabled else None)
         self.router = Router(redis=redis, keys=keys, node=self.node, nodes=self.nodes,
                              registry=self.registry, desired=self.desired,
                              dispatcher=self.dispatcher, failures=self.failures,
@@ -104,6 +108,8 @@ class Controller:
             loops = [keep_running("pubsub", self.pubsub.run_once, self.stopping),
                      keep_running("streams", self.streams.run_once, self.stopping),
                      keep_running("maintenance", self._maintain, self.stopping)]
+            if self.seeder is not None:
+                loops.append(keep_running("seeder", self._seed, self.stopping))
             self.ready.set()
             log.info("controller %s serving on node %s", self.consumer, self.node,
                      extra={"event": "serving", "node": self.node, "consumer": self.consumer,
@@ -209,6 +215,8 @@ class Controller:
                         "next controller", len(left), extra={"event": "abandoned"})
         await self.uploads.close()
         await self.dispatcher.shutdown()
+        if self.seeder is not None:
+            await self.seeder.close()
         for task in left:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
@@ -280,6 +288,18 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), tick)
 
+    async def _seed(self) -> None:
+        """Serve this node's warm models to peers: publish their seeds (a model warm a
+        moment ago is seeded within a second: nodes waiting on its first fill read from
+        it as soon as it is warm) and answer the readers' asks for leases."""
+        assert self.seeder is not None
+        tick = min(1.0, self.options.heartbeat_s)
+        while not self.stopping.is_set():
+            await self.seeder.publish()
+            deadline = time.monotonic() + tick
+            while time.monotonic() < deadline and not self.stopping.is_set():
+                await self.seeder.answer(timeout_s=0.2)
+
     async def _beat(self) -> None:
         """Heartbeat and gauges. A Redis that is not the one we last saw (its ``run_id``
         changed: restarted, failed over, replaced), or a heartbeat that vanished before
@@ -302,6 +322,10 @@ class Controller:
         entries = await self.pool.entries()
         capacity = {HOST_DEVICE: self.pool.host_capacity()}
         used = self.metrics.observe_entries(entries, capacity)
+        self.metrics.observe_peers(STATS)
+        if self.seeder is not None:
+            self.metrics.seeds.labels("models").set(self.seeder.models)
+            self.metrics.seeds.labels("leases").set(self.seeder.leases)
         if self.pool.host.has_arena():
             self.metrics.observe_arena(await asyncio.to_thread(self.pool.host.arena.status))
         devices = {d: DeviceRoom(capacity.get(d, 0), used.get(d, 0)) for d in capacity}

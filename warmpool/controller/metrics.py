@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from warmpool.loading.stats import PeerStats
 from warmpool.metrics_http import Endpoint
 from warmpool.pool.arena import ArenaStatus
 from warmpool.pool.registry.base import PoolEntry, State
@@ -49,6 +50,33 @@ class Metrics(Endpoint):
                            "The host arena: its size, chunks used, free, free and still "
                            "faulted (reused by the next fills), page-locked by a worker.",
                            ["kind"], registry=r)
+        self.fill_bytes = Counter("warmpool_fill_bytes",
+                                  "Weight bytes of models filled on this node, by source: "
+                                  "the model's store, or peers over NIXL.",
+                                  ["source"], registry=r)
+        self.peer_ranges = Counter("warmpool_peer_ranges",
+                                   "Ranges peers failed to give: fallback (the peer died, "
+                                   "evicted or stalled), mismatch (wrong checksum).",
+                                   ["outcome"], registry=r)
+        self.peer_rate = Gauge("warmpool_peer_read_bytes_per_second",
+                               "The rate of the last fill from peers.", registry=r)
+        self.seeds = Gauge("warmpool_peer_seeds",
+                           "Models this node serves to peers, and the leases it holds "
+                           "for peers reading them.", ["kind"], registry=r)
+
+    def observe_fill(self, entry: PoolEntry) -> None:
+        """Count a model that became warm here by where its bytes came from."""
+        peer = min(entry.peer_bytes, entry.bytes)
+        self.fill_bytes.labels("store").inc(entry.bytes - peer)
+        self.fill_bytes.labels("peers").inc(peer)
+
+    def observe_peers(self, stats: PeerStats) -> None:
+        """Carry the process's peer counters (:data:`warmpool.loading.peers.STATS`) over."""
+        fallbacks, mismatches, rate = stats.take()
+        self.peer_ranges.labels("fallback").inc(fallbacks)
+        self.peer_ranges.labels("mismatch").inc(mismatches)
+        if rate is not None:
+            self.peer_rate.set(rate)
 
     def progress(self, device: str) -> Callable[[int], Callable[[int], None]]:
         """A prefetch progress factory that counts streamed bytes (thread-safe)."""

@@ -68,6 +68,8 @@ class PoolEntry:
     #: JSON): the engine's processed parameters, not the checkpoint's tensors. None for
     #: a checkpoint entry.
     engine: dict[str, Any] | None = None
+    #: Of ``bytes``, how many came from peers (NIXL) instead of the model's store.
+    peer_bytes: int = 0
 
     @property
     def key(self) -> str:
@@ -114,7 +116,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bytes": (int,), "tensors": (int,), "transport": (str,), "loader": (str,),
     "error": (str, type(None)), "pinned": (bool,), "created_at": (int, float),
     "updated_at": (int, float), "last_attached_at": (int, float, type(None)),
-    "leases": (int,),
+    "leases": (int,), "peer_bytes": (int,),
 }
 
 
