@@ -140,6 +140,7 @@ class PeerSource:
                      len(seeds) - len(usable), layout.content_hash[:12])
         grants = await self._ask(usable[: self.settings.max_peers * 2])
         grants = grants[: self.settings.max_peers]
+        asked = time.perf_counter()
         if not grants:
             return PeerFill(missing=None)
         keeper = asyncio.create_task(self._keep_reading(grants))
@@ -151,6 +152,13 @@ class PeerSource:
                 await keeper
             await self._done(grants)
         result.seconds = time.perf_counter() - started
+        log.info("%s: %d bytes from %d peer(s) in %.2f s (asking %.2f s), %d range(s) left "
+                 "to the store", layout.content_hash[:12], result.peer_bytes,
+                 len(result.peers), result.seconds, asked - started,
+                 len(result.missing or ()),
+                 extra={"event": "peer_fill", "peers": list(result.peers),
+                        "bytes": result.peer_bytes, "seconds": round(result.seconds, 3),
+                        "fallbacks": result.fallbacks, "mismatches": result.mismatches})
         STATS.count(result.fallbacks, result.mismatches,
                     result.peer_bytes / result.seconds if result.peer_bytes else None)
         return result
