@@ -230,7 +230,7 @@ def test_an_upload_for_every_node_reads_the_bucket_once(
         assert not failed, failed
         return found if sum(e["state"] == "warm" for e in found.values()) == 3 else None
 
-    warm = poll(all_warm, "the model warm on all three nodes", 180)
+    warm: dict[str, dict[str, Any]] = poll(all_warm, "the model warm on all three nodes", 180)
     read = front.bytes_of(".safetensors")
     assert read <= 1.05 * weights, (read, weights)  # the bucket, once
     for node in fleet:
@@ -450,3 +450,59 @@ def test_a_seeder_answers_only_well_formed_asks_and_lends_only_while_the_reader_
     client.delete(KEYS.peer_reading("r1"))  # the read ended (or its reader's key expired)
     poll(lambda: leases.count(key) == 0, "the lease let go", 10)
     assert seeder.proc.proc.poll() is None  # and the node is still serving
+
+
+# --- a device worker fills its own buffer from peers -------------------------------------
+def _worker_reads_from_a_peer(seeded: tuple[Node, str, dict[str, torch.Tensor], str],
+                              front: CountingFront, redis_server: RedisServer,
+                              device: str) -> None:
+    from dataclasses import replace
+
+    from tests.workers_env import InProcessWorkers
+    from warmpool.pool.registry.files import FileRegistry
+    from warmpool.workers.client import prefetch_via_workers
+    from warmpool.workers.gpu_attach import attach_gpu
+
+    _, uri, expected, content_hash = seeded
+    settings = replace(reader_settings(redis_server.url), node="gpu-node")
+    before = front.bytes_of(".safetensors")
+
+    async def run() -> None:
+        workers = InProcessWorkers(settings)
+        await workers.start(device)
+        try:
+            result = await asyncio.to_thread(prefetch_via_workers, uri, device=device,
+                                             settings=settings)
+            assert result["loader"] == "peer", result
+            entry = await FileRegistry(settings.runtime_dir).get(f"{content_hash}@{device}")
+            assert entry is not None and entry.peer_bytes == entry.bytes > 0
+            with await asyncio.to_thread(attach_gpu, content_hash[:16], device,
+                                         settings) as model:
+                for name, tensor in expected.items():
+                    got = model.tensors[name]
+                    assert torch.equal(got.reshape(-1).view(torch.uint8).cpu(),
+                                       tensor.reshape(-1).view(torch.uint8)), name
+        finally:
+            await workers.stop_all()
+
+    asyncio.run(run())
+    assert front.bytes_of(".safetensors") - before < 16 * 1024  # headers only
+
+
+def test_a_worker_fills_its_device_buffer_straight_from_a_peer(
+        seeded: tuple[Node, str, dict[str, torch.Tensor], str], front: CountingFront,
+        redis_server: RedisServer) -> None:
+    """A ``cpu:N`` worker: the same code as on a GPU, with the buffer in host memory."""
+    _worker_reads_from_a_peer(seeded, front, redis_server, "cpu:0")
+
+
+@pytest.mark.cuda
+def test_a_gpu_worker_reads_a_peer_into_device_memory(
+        seeded: tuple[Node, str, dict[str, torch.Tensor], str], front: CountingFront,
+        redis_server: RedisServer) -> None:
+    """NIXL's VRAM descriptors: a peer's host memory read straight into the GPU's buffer
+    (GPUDirect RDMA on a NIC that has it, a UCX staging copy elsewhere); the checksums
+    are taken from a host copy of each range."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _worker_reads_from_a_peer(seeded, front, redis_server, "cuda:0")

@@ -34,6 +34,7 @@ class DeviceResident:
     warm: bool = False
     pinned: bool = False
     loader: str = ""
+    peer_bytes: int = 0  # of its bytes, how many came from peers (NIXL)
     created_at: float = field(default_factory=time.time)
     last_attached: float | None = None
     #: ids of the connections that hold a lease; the connection IS the lease.

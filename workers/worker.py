@@ -36,7 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from warmpool.config import Settings, parse_bytes
+from warmpool.contract.keys import RedisKeys
+from warmpool.contract.redis_client import connect
 from warmpool.errors import LeaseHeldError, NotWarmError, ProtocolError, WarmpoolError, WorkerError
+from warmpool.loading.peers import PeerSource, fill_with_peers
 from warmpool.loading.streaming import fill_buffer
 from warmpool.locks import try_lock
 from warmpool.model.cache import MetadataCache
@@ -381,16 +384,37 @@ class Worker:
         # The listing the client planned from (its cache entry, named by the hash) pins
         # the version: a source replaced mid-stream fails instead of mixing versions.
         cached = MetadataCache(self.settings.cache_dir).load(req.content_hash)
-        return await fill_buffer(parse_uri(req.uri), req.layout, target, options=req.options,
-                                 loader=req.loader,  # type: ignore[arg-type]
-                                 pins=cached.objects if cached is not None else None)
+
+        async def from_store(files: list[str] | None) -> str:
+            return await fill_buffer(parse_uri(req.uri), req.layout, target,
+                                     options=req.options,
+                                     loader=req.loader,  # type: ignore[arg-type]
+                                     pins=cached.objects if cached is not None else None,
+                                     files=files)
+
+        if not self.settings.peers.enabled or not self.settings.redis_url:
+            return await from_store(None)
+        # Peers straight into this device's buffer: NIXL reads a peer's host (or device)
+        # memory into ours, so a model warm on another node never passes through this
+        # node's host tier (GPUDirect RDMA where the NIC has it).
+        redis = connect(self.settings.redis_url, name=f"warmpool-worker-{self.name}")
+        try:
+            peers = PeerSource(redis, RedisKeys(), self.settings.node, self.settings.peers,
+                               agent_name=f"{self.settings.node}@{self.device}")
+            filled = await fill_with_peers(peers, await peers.seeds(req.content_hash),
+                                           req.layout, target, from_store)
+        finally:
+            await redis.aclose()
+        resident.peer_bytes = filled.peer_bytes
+        return filled.loader
 
     async def finish(self, resident: DeviceResident, loader: str) -> None:
         resident.buffer.seal()
         resident.warm = True
         resident.loader = loader
         resident.entry = await self.registry.transition(resident.entry, State.WARM, error=None,
-                                                        loader=loader)
+                                                        loader=loader,
+                                                        peer_bytes=resident.peer_bytes)
 
     async def fail(self, resident: DeviceResident, exc: BaseException) -> None:
         if self.residents.get(resident.content_hash) is resident:

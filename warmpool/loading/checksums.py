@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 def range_sum(buffer: torch.Tensor, offset: int, length: int) -> str:
     """xxh3_128 of ``buffer[offset:offset+length]`` (a flat uint8 tensor), as hex."""
     view = buffer[offset:offset + length]
+    if view.device.type != "cpu":  # a worker's device buffer: hashed from a host copy
+        view = view.to("cpu")
     return xxhash.xxh3_128_hexdigest(view.numpy().data)
 
 

@@ -28,7 +28,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -93,11 +93,14 @@ class PeerSource:
     """Reads a model's buffer from the fleet's seeds (this node's own are skipped)."""
 
     def __init__(self, redis: Redis, keys: RedisKeys, node: str,
-                 settings: PeerSettings) -> None:
+                 settings: PeerSettings, agent_name: str | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.node = node
         self.settings = settings
+        #: this process's agent: the node's name in a controller, ``<node>@<device>`` in
+        #: a worker (one agent per process, and names must not collide between them)
+        self.agent_name = agent_name or node
 
     async def seeds(self, content_hash: str) -> list[Seed]:
         """The live seeds of ``content_hash`` on other nodes; a listed node whose seed
@@ -252,7 +255,7 @@ class PeerSource:
         from warmpool.loading.checksums import range_sum
         from warmpool.loading.nixl_agent import Region, peer_agent
 
-        agent = peer_agent(self.settings, self.node)
+        agent = peer_agent(self.settings, self.agent_name)
         unit = grants[0].seed.range_bytes
         sums = grants[0].seed.sums
         grants = [g for g in grants if g.seed.range_bytes == unit and g.seed.sums == sums]
@@ -355,6 +358,34 @@ class PeerSource:
             if range_sum(target, off, n) != filled.sums[i]:
                 raise PeerError(f"range {i} of {layout.content_hash[:12]} changed after it "
                                 "was checked; nothing was published")
+
+
+@dataclass(frozen=True)
+class Filled:
+    """How a buffer was filled: the loader name for the entry (``peer``, ``peer+native``,
+    or the store's loader alone), and the bytes that came from peers."""
+
+    loader: str
+    peer_bytes: int = 0
+
+
+async def fill_with_peers(peers: PeerSource | None, seeds: list[Seed], layout: Layout,
+                          target: torch.Tensor,
+                          from_store: Callable[[list[str] | None], Awaitable[str]],
+                          progress: Callable[[int], None] | None = None) -> Filled:
+    """Fill ``target`` from ``seeds`` as far as they give it, and the rest from the store
+    (``from_store(files)``: None for every file); check every peer range once more before
+    the caller publishes. The one way both tiers combine the two sources."""
+    filled = (await peers.fill(layout, target, progress=progress, seeds=seeds)
+              if peers is not None and seeds else None)
+    files = filled.missing if filled is not None else None
+    used = "peer"
+    if files is None or files:
+        used = await from_store(files)
+    if filled is None or not filled.good:
+        return Filled(used)
+    PeerSource.verify(layout, target, filled)
+    return Filled("peer" if not files else f"peer+{used}", filled.peer_bytes)
 
 
 #: How long a first-fill claim lives unless its holder renews it (at a third of it).

@@ -16,7 +16,7 @@ from typing import Any
 from warmpool.config import Settings
 from warmpool.errors import ObjectChangedError
 from warmpool.loading.loaders import Loader
-from warmpool.loading.peers import PeerSource, first_fill, peer_source
+from warmpool.loading.peers import fill_with_peers, first_fill, peer_source
 from warmpool.loading.streaming import fill_buffer
 from warmpool.locks import async_file_lock
 from warmpool.model.cache import MetadataCache, default_cache
@@ -142,25 +142,21 @@ async def _fill(pool: Pool, cache: MetadataCache, model: ModelURI, store: Any,
         segment = pool.host.create(content_hash, layout.total_bytes)
         on_chunk = progress(layout.total_bytes) if progress else None
         peers = peer_source(settings, pool)
+
+        async def from_store(files: list[str] | None) -> str:
+            return await fill_buffer(model, layout, segment.buffer,
+                                     options=settings.streamer, loader=loader,
+                                     progress=on_chunk, store=store, pins=cached.objects,
+                                     files=files)
+
         async with first_fill(peers, content_hash) as seeds:
-            filled = (await peers.fill(layout, segment.buffer, progress=on_chunk,
-                                       seeds=seeds)
-                      if peers is not None and seeds else None)
-            files = filled.missing if filled is not None else None
-            used = "peer"
-            if files is None or files:
-                used = await fill_buffer(model, layout, segment.buffer,
-                                         options=settings.streamer, loader=loader,
-                                         progress=on_chunk, store=store,
-                                         pins=cached.objects, files=files)
-            if filled is not None and filled.good:
-                PeerSource.verify(layout, segment.buffer, filled)
-                used = "peer" if not files else f"peer+{used}"
+            filled = await fill_with_peers(peers, seeds, layout, segment.buffer, from_store,
+                                           on_chunk)
         segment.close()
         pool.host.publish(segment, str(model), layout, entry.created_at)
         return await pool.registry.transition(
-            entry, State.WARM, error=None, loader=used, tensors=len(layout.slots),
-            peer_bytes=filled.peer_bytes if filled is not None else 0)
+            entry, State.WARM, error=None, loader=filled.loader, tensors=len(layout.slots),
+            peer_bytes=filled.peer_bytes)
     except BaseException as exc:
         await pool.fail(entry, segment, exc)
         raise
