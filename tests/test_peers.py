@@ -506,3 +506,42 @@ def test_a_gpu_worker_reads_a_peer_into_device_memory(
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     _worker_reads_from_a_peer(seeded, front, redis_server, "cuda:0")
+
+
+def test_a_first_fill_whose_claimant_fails_is_taken_over_at_once(
+        redis_server: RedisServer) -> None:
+    """One node claims the first fill; another waits for its seed. The claimant fails
+    (its claim is released): the waiter claims it and reads the bucket itself, without
+    waiting out the claim's lifetime."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    from warmpool.loading.peers import CLAIM_TTL_MS, PeerSource, first_fill
+
+    settings = PeerSettings(enabled=True, interface="lo", wait_s=60)
+    content_hash = "d" * 64
+
+    async def run() -> None:
+        client = AsyncRedis.from_url(redis_server.url)
+        a = PeerSource(client, KEYS, "a", settings)
+        b = PeerSource(client, KEYS, "b", settings)
+        try:
+            failed = False
+            try:
+                async with first_fill(a, content_hash) as seeds:
+                    assert seeds == []  # a holds the claim: it reads the bucket
+                    assert await client.get(KEYS.first_fill(content_hash)) == b"a"
+                    waiter = asyncio.create_task(b.seeds_or_claim(content_hash))
+                    await asyncio.sleep(1.0)
+                    assert not waiter.done()  # b waits while a fills
+                    raise RuntimeError("the bucket read failed")
+            except RuntimeError:
+                failed = True
+            assert failed
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(waiter, 5) == ([], True)  # b took it over
+            assert asyncio.get_running_loop().time() - started < CLAIM_TTL_MS / 1000 / 2
+            assert await client.get(KEYS.first_fill(content_hash)) == b"b"
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
