@@ -127,6 +127,8 @@ class Controller:
         self.stopping.set()
 
     async def _start(self) -> None:
+        if self.seeder is not None:
+            await self.seeder.start()
         await self.streams.ensure_groups()
         await self._beat()
         await self.reconcile()
@@ -295,10 +297,18 @@ class Controller:
         assert self.seeder is not None
         tick = min(1.0, self.options.heartbeat_s)
         while not self.stopping.is_set():
-            await self.seeder.publish()
-            deadline = time.monotonic() + tick
-            while time.monotonic() < deadline and not self.stopping.is_set():
-                await self.seeder.answer(timeout_s=0.2)
+            try:
+                await self.seeder.publish()
+                deadline = time.monotonic() + tick
+                while time.monotonic() < deadline and not self.stopping.is_set():
+                    await self.seeder.answer(timeout_s=0.2)
+            except CONNECTION_ERRORS:
+                raise  # keep_running backs off and reconnects
+            except Exception as exc:  # noqa: BLE001 - seeding must not stop the node
+                log.warning("seeding to peers failed: %s; trying again", exc,
+                            extra={"event": "seed_failed"})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 5.0)
 
     async def _beat(self) -> None:
         """Heartbeat and gauges. A Redis that is not the one we last saw (its ``run_id``

@@ -73,12 +73,16 @@ class Seeder:
             self._agent = peer_agent(self.settings.peers, self.node)
         return self._agent
 
+    async def start(self) -> None:
+        """Make the agent now (off the loop): a node configured for peers without NIXL, or
+        whose UCX cannot start, says so when it starts rather than at its first seed."""
+        await asyncio.to_thread(lambda: self.agent)
+
     # --- seeds ----------------------------------------------------------------------------
     async def publish(self) -> int:
         """Register what became warm, drop what went, and renew every seed; returns how
         many models this node seeds."""
-        if self._agent is None:  # made off the loop: starting UCX takes a moment
-            await asyncio.to_thread(lambda: self.agent)
+        await self.start()
         residents = {r.content_hash: r for r in
                      await asyncio.to_thread(self.host.residents) if r.engine is None}
         for content_hash in [h for h, s in self._served.items()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from warmpool.config import PeerSettings, Settings
 from warmpool.contract.keys import RedisKeys
@@ -141,8 +142,12 @@ class PeerSource:
         if len(usable) < len(seeds):
             log.info("%d seed(s) of %s follow another layout; not used",
                      len(seeds) - len(usable), layout.content_hash[:12])
+        # Ask a few more than needed (some may be busy or gone); the spare grants are
+        # handed back at once, so their seeders do not hold leases for nothing.
         grants = await self._ask(usable[: self.settings.max_peers * 2])
-        grants = grants[: self.settings.max_peers]
+        grants, spare = grants[: self.settings.max_peers], grants[self.settings.max_peers:]
+        if spare:
+            await self._done(spare)
         asked = time.perf_counter()
         if not grants:
             return PeerFill(missing=None)
@@ -376,15 +381,21 @@ async def fill_with_peers(peers: PeerSource | None, seeds: list[Seed], layout: L
     """Fill ``target`` from ``seeds`` as far as they give it, and the rest from the store
     (``from_store(files)``: None for every file); check every peer range once more before
     the caller publishes. The one way both tiers combine the two sources."""
-    filled = (await peers.fill(layout, target, progress=progress, seeds=seeds)
-              if peers is not None and seeds else None)
+    filled = None
+    if peers is not None and seeds:
+        try:
+            filled = await peers.fill(layout, target, progress=progress, seeds=seeds)
+        except (RedisError, OSError) as exc:  # the store is still there
+            log.warning("%s: asking peers failed (%s); reading the store",
+                        layout.content_hash[:12], exc, extra={"event": "peer_fallback"})
     files = filled.missing if filled is not None else None
     used = "peer"
     if files is None or files:
         used = await from_store(files)
     if filled is None or not filled.good:
         return Filled(used)
-    PeerSource.verify(layout, target, filled)
+    # one more pass over up to the whole model: off the event loop
+    await asyncio.to_thread(PeerSource.verify, layout, target, filled)
     return Filled("peer" if not files else f"peer+{used}", filled.peer_bytes)
 
 
@@ -418,7 +429,12 @@ async def first_fill(peers: PeerSource | None, content_hash: str) -> AsyncIterat
     if peers is None:
         yield []
         return
-    seeds, claimed = await peers.seeds_or_claim(content_hash)
+    try:
+        seeds, claimed = await peers.seeds_or_claim(content_hash)
+    except (RedisError, OSError) as exc:  # Redis out of reach: the bucket still is not
+        log.warning("%s: looking for peers failed (%s); reading the store",
+                    content_hash[:12], exc, extra={"event": "peer_fallback"})
+        seeds, claimed = [], False
     if not claimed:
         yield seeds
         return
