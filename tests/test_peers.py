@@ -476,6 +476,11 @@ def _worker_reads_from_a_peer(seeded: tuple[Node, str, dict[str, torch.Tensor], 
             assert result["loader"] == "peer", result
             entry = await FileRegistry(settings.runtime_dir).get(f"{content_hash}@{device}")
             assert entry is not None and entry.peer_bytes == entry.bytes > 0
+            # it reads from peers, but offers its own buffer only under seed_devices (a
+            # seeding worker publishes within a second)
+            await asyncio.sleep(1.5)
+            assert not redis.Redis.from_url(redis_server.url).exists(
+                KEYS.seed(content_hash, f"gpu-node@{device}"))
             with await asyncio.to_thread(attach_gpu, content_hash[:16], device,
                                          settings) as model:
                 for name, tensor in expected.items():
@@ -545,3 +550,47 @@ def test_a_first_fill_whose_claimant_fails_is_taken_over_at_once(
             await client.aclose()
 
     asyncio.run(run())
+
+
+def test_a_workers_buffer_is_a_seed_other_nodes_read_from(
+        nodes: Callable[..., Node], s3_backend: S3Backend, front: CountingFront,
+        redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``cpu:0`` worker process seeds its own buffer (on a GPU: VRAM, read GPU to GPU
+    by another node's worker); a node without the model reads it from there, not the
+    bucket; an evict on the worker withdraws the seed before the buffer goes."""
+    from tests.workers_env import supervised_workers
+    from warmpool.workers.client import evict_via_workers, prefetch_via_workers
+
+    expected = write_model(tmp_path / "src", seed=3)
+    for path in sorted((tmp_path / "src").iterdir()):
+        s3_backend.put("w/" + path.name, path.read_bytes())
+    uri = str(s3_backend.uri_for("w/"))
+    root = Path(tempfile.mkdtemp(prefix="wp-w-"))
+    seeder = Settings(runtime_dir=root / "run", cache_dir=root / "cache", node="gpu-a",
+                      redis_url=redis_server.url)
+    config = root / "config.json"  # what the worker reads, as under `warmpool serve`
+    config.write_text(json.dumps({
+        "node": "gpu-a", "redis_url": redis_server.url, "cache_dir": str(root / "cache"),
+        "peers": {"enabled": True, "interface": "lo", "seed_devices": True}}))
+    monkeypatch.setenv("WARMPOOL_CONFIG", str(config))
+    monkeypatch.delenv("WARMPOOL_NODE", raising=False)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        with supervised_workers(seeder, "cpu:0"):
+            loaded = prefetch_via_workers(uri, device="cpu:0", settings=seeder)
+            content_hash = loaded["content_hash"]
+            seed_key = KEYS.seed(content_hash, "gpu-a@cpu:0")
+            raw = poll(lambda: client.get(seed_key), "the worker's seed", 30)
+            assert Seed.from_json(raw).node == "gpu-a@cpu:0"
+            reader = reader_settings(redis_server.url)
+            before = front.bytes_of(".safetensors")
+            result = read_as_a_node(reader, uri)
+            assert result.loader == "peer" and result.entry.peer_bytes == result.entry.bytes
+            assert front.bytes_of(".safetensors") - before < 16 * 1024
+            assert_bit_exact(parse_uri(uri), reader, expected)
+            HostTier(reader.runtime_dir).remove_all()
+            evict_via_workers(uri, device="cpu:0", settings=seeder)
+            poll(lambda: not client.exists(seed_key), "the seed withdrawn", 10)
+    finally:
+        HostTier(root / "run").remove_all()
+        shutil.rmtree(root, ignore_errors=True)

@@ -124,11 +124,16 @@ class PeerSettings:
     range_bytes: int = 64 << 20  # the unit of transfer, checksum and fallback
     timeout_s: float = 30.0  # a range not read in this long is read elsewhere
     wait_s: float = 600.0  # how long a node waits for another that claimed the first fill
+    #: Workers seed their own buffers too (a GPU's VRAM, read GPU to GPU by other nodes).
+    #: Off by default: device memory cannot be registered read-only, so whoever holds
+    #: the metadata could write into the weights this node's engines serve.
+    seed_devices: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "interface": self.interface,
                 "max_peers": self.max_peers, "range_bytes": self.range_bytes,
-                "timeout_s": self.timeout_s, "wait_s": self.wait_s}
+                "timeout_s": self.timeout_s, "wait_s": self.wait_s,
+                "seed_devices": self.seed_devices}
 
 
 def _peers(value: Any) -> PeerSettings:
@@ -136,7 +141,8 @@ def _peers(value: Any) -> PeerSettings:
         value = {"enabled": True, "interface": value.strip()}
     if not isinstance(value, dict):
         raise ValueError("must be a mapping {enabled, interface, max_peers, range_bytes, "
-                         "timeout_s, wait_s}, or (from WARMPOOL_PEERS) an interface")
+                         "timeout_s, wait_s, seed_devices}, or (from WARMPOOL_PEERS) an "
+                         "interface")
     unknown = set(value) - {f.name for f in fields(PeerSettings)}
     if unknown:
         raise ValueError(f"unknown peer setting(s) {', '.join(sorted(unknown))}")
@@ -147,7 +153,7 @@ def _peers(value: Any) -> PeerSettings:
                          "or all")
     checks: dict[str, Callable[[Any], Any]] = {
         "enabled": _switch, "max_peers": lambda v: _int(v, 1, 64), "range_bytes": _chunk,
-        "timeout_s": _seconds, "wait_s": _seconds}
+        "timeout_s": _seconds, "wait_s": _seconds, "seed_devices": _bool}
     typed: dict[str, Any] = {"enabled": True, "interface": interface}
     for name, check in checks.items():
         if name in value:

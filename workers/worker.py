@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -40,6 +41,7 @@ from warmpool.contract.keys import RedisKeys
 from warmpool.contract.redis_client import connect
 from warmpool.errors import LeaseHeldError, NotWarmError, ProtocolError, WarmpoolError, WorkerError
 from warmpool.loading.peers import PeerSource, fill_with_peers
+from warmpool.loading.seeder import Seeder, seed_forever
 from warmpool.loading.streaming import fill_buffer
 from warmpool.locks import try_lock
 from warmpool.model.cache import MetadataCache
@@ -74,12 +76,16 @@ from warmpool.workers.protocol import (
 )
 from warmpool.workers.requests import Connection, LoadRequest, Reply
 from warmpool.workers.residents import DeviceResident, choose_victims
+from warmpool.workers.seeding import WorkerHoldings
 
 log = logging.getLogger("warmpool.worker")
 
 #: Kept free on the device for the CUDA context, cuBLAS workspaces and the like.
 DEFAULT_HEADROOM = 512 << 20
 #: GPU workers page-lock host-tier segments in the background (WARMPOOL_PIN_HOST=0: don't).
+#: A worker's seeds expire this long after its last renewal (every second): a worker that
+#: died stops being offered to readers within it.
+SEED_TTL_S = 15.0
 PIN_HOST_SEGMENTS = os.environ.get("WARMPOOL_PIN_HOST", "1") != "0"
 #: How long eviction waits for holders to act on a ``detach`` notice.
 DEFAULT_GRACE_S = 5.0
@@ -111,6 +117,7 @@ class Worker:
         self.exports = Exports(self)
         self._stop = asyncio.Event()
         self.record: discovery.WorkerRecord | None = None
+        self.seeder: Seeder | None = None
 
     # --- lifecycle -------------------------------------------------------------------
     async def serve(self) -> None:
@@ -129,11 +136,19 @@ class Worker:
             log.info("worker %s (%s) listening on %s", self.device, self.uuid, self.socket_path)
             locker = (asyncio.create_task(self._keep_host_segments_locked())
                       if self.device.kind == "cuda" and PIN_HOST_SEGMENTS else None)
+            seeding = await self._start_seeding()
             try:
                 await self._accept_until_stopped(listener)
             finally:
                 if locker is not None:
                     locker.cancel()
+                if seeding is not None:
+                    seeding.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await seeding
+                if self.seeder is not None:
+                    await self.seeder.close()  # deregistered before the buffers go
+                    await self.seeder.redis.aclose()
         finally:
             if listener is not None:
                 listener.close()
@@ -146,6 +161,19 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _start_seeding(self) -> asyncio.Task[None] | None:
+        """With peers on, ``seed_devices`` set and the fleet's Redis known, serve this
+        device's warm models to other nodes: GPU to GPU where the NIC allows."""
+        peers = self.settings.peers
+        if not peers.enabled or not peers.seed_devices or not self.settings.redis_url:
+            return None
+        redis = connect(self.settings.redis_url, name=f"warmpool-worker-{self.name}")
+        self.seeder = Seeder(self.settings, redis, RedisKeys(), ttl_s=SEED_TTL_S,
+                             holdings=WorkerHoldings(self),
+                             name=f"{self.settings.node}@{self.device}")
+        await self.seeder.start()
+        return asyncio.create_task(seed_forever(self.seeder, self._stop))
 
     async def _keep_host_segments_locked(self, every_s: float = 10.0) -> None:
         """Page-lock what the host tier holds, ahead of any promotion (see promote.py)."""
@@ -507,6 +535,8 @@ class Worker:
         """Drop the worker's buffer; holders (if forced) keep their mapping until they
         drop it (cuda-vmm, shm-fd) — the memory returns when the last one does."""
         self.residents.pop(resident.content_hash, None)
+        if self.seeder is not None:  # no peer may read it once it is freed
+            await self.seeder.drop(resident.content_hash)
         for conn_id in resident.leases:
             conn = self.conns.get(conn_id)
             if conn is not None:

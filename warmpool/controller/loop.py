@@ -38,10 +38,10 @@ from warmpool.controller.fleet import Fleet
 from warmpool.controller.metrics import Metrics
 from warmpool.controller.nodes import DeviceRoom, NodeInfo, Nodes
 from warmpool.controller.routing import Router
-from warmpool.controller.seeder import Seeder
 from warmpool.controller.sources import PubSubSource, StreamSource
 from warmpool.controller.uploads import Uploads
 from warmpool.errors import BadEvent
+from warmpool.loading.seeder import Seeder, seed_forever
 from warmpool.loading.stats import STATS
 from warmpool.model.uri import ModelURI
 from warmpool.pool.entries import HOST_DEVICE, Pool
@@ -108,8 +108,9 @@ class Controller:
             loops = [keep_running("pubsub", self.pubsub.run_once, self.stopping),
                      keep_running("streams", self.streams.run_once, self.stopping),
                      keep_running("maintenance", self._maintain, self.stopping)]
-            if self.seeder is not None:
-                loops.append(keep_running("seeder", self._seed, self.stopping))
+            if self.seeder is not None:  # serve this node's warm models to peers
+                loops.append(seed_forever(self.seeder, self.stopping,
+                                          tick=min(1.0, self.options.heartbeat_s)))
             self.ready.set()
             log.info("controller %s serving on node %s", self.consumer, self.node,
                      extra={"event": "serving", "node": self.node, "consumer": self.consumer,
@@ -289,26 +290,6 @@ class Controller:
                 await self.pool.forget_history(self.options.history_keep_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), tick)
-
-    async def _seed(self) -> None:
-        """Serve this node's warm models to peers: publish their seeds (a model warm a
-        moment ago is seeded within a second: nodes waiting on its first fill read from
-        it as soon as it is warm) and answer the readers' asks for leases."""
-        assert self.seeder is not None
-        tick = min(1.0, self.options.heartbeat_s)
-        while not self.stopping.is_set():
-            try:
-                await self.seeder.publish()
-                deadline = time.monotonic() + tick
-                while time.monotonic() < deadline and not self.stopping.is_set():
-                    await self.seeder.answer(timeout_s=0.2)
-            except CONNECTION_ERRORS:
-                raise  # keep_running backs off and reconnects
-            except Exception as exc:  # noqa: BLE001 - seeding must not stop the node
-                log.warning("seeding to peers failed: %s; trying again", exc,
-                            extra={"event": "seed_failed"})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), 5.0)
 
     async def _beat(self) -> None:
         """Heartbeat and gauges. A Redis that is not the one we last saw (its ``run_id``

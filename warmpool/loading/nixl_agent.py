@@ -3,7 +3,7 @@
 NIXL allows one agent per process (a second in the same process fails), and the one that
 registers a node's warm segments must live where they are mapped: the controller, which
 fills the host tier in-process. Its reader side (a fill from peers) and its seeder side
-(:mod:`warmpool.controller.seeder`) therefore share the agent made here.
+(:mod:`warmpool.loading.seeder`) therefore share the agent made here.
 
 Transfers are one-sided READs: the seeder's code does nothing per read, so a reader is
 bounded only by UCX (TCP at about 0.5 GB/s on the 2-core VM, shared memory between
