@@ -160,7 +160,7 @@ class PeerSource:
                 await keeper
             await self._done(grants)
         result.seconds = time.perf_counter() - started
-        log.info("%s: %d bytes from %d peer(s) in %.2f s (asking %.2f s), %d range(s) left "
+        log.info("%s: %d bytes from %d peer(s) in %.2f s (asking %.2f s), %d file(s) left "
                  "to the store", layout.content_hash[:12], result.peer_bytes,
                  len(result.peers), result.seconds, asked - started,
                  len(result.missing or ()),
