@@ -594,3 +594,35 @@ def test_a_workers_buffer_is_a_seed_other_nodes_read_from(
     finally:
         HostTier(root / "run").remove_all()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_seeds_in_redis_are_untrusted_a_bad_one_is_skipped_not_followed(
+        redis_server: RedisServer) -> None:
+    """Anything in the seed keys: garbage, a seed naming another node or another model,
+    a seed whose node's key expired. The reader lists only the well-formed ones that are
+    what their key says, and drops the expired from the set."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    from warmpool.loading.peers import PeerSource
+
+    content_hash = "e" * 64
+    client = redis.Redis.from_url(redis_server.url)
+    good = _seed(node="n1", content_hash=content_hash)
+    client.set(KEYS.seed(content_hash, "n1"), json.dumps(good))
+    client.set(KEYS.seed(content_hash, "n2"), b"\x00garbage{")
+    client.set(KEYS.seed(content_hash, "n3"), json.dumps({**good, "node": "n1"}))  # lies
+    client.set(KEYS.seed(content_hash, "n4"), json.dumps(
+        {**good, "node": "n4", "content_hash": "f" * 64}))  # another model's
+    client.set(KEYS.seed(content_hash, "me"), json.dumps({**good, "node": "me"}))  # ours
+    client.sadd(KEYS.seeds(content_hash), "n1", "n2", "n3", "n4", "n5", "me")  # n5: expired
+
+    async def run() -> list[Seed]:
+        aclient = AsyncRedis.from_url(redis_server.url)
+        try:
+            return await PeerSource(aclient, KEYS, "me", PeerSettings(
+                enabled=True, interface="lo")).seeds(content_hash)
+        finally:
+            await aclient.aclose()
+
+    assert [s.node for s in asyncio.run(run())] == ["n1"]
+    assert b"n5" not in client.smembers(KEYS.seeds(content_hash))
