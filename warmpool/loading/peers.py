@@ -106,7 +106,7 @@ class PeerSource:
     async def seeds(self, content_hash: str) -> list[Seed]:
         """The live seeds of ``content_hash`` on other nodes; a listed node whose seed
         expired is dropped from the list."""
-        nodes = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in
+        nodes = sorted(_text(n) for n in
                        await self.redis.smembers(self.keys.seeds(content_hash)))
         nodes = [n for n in nodes if n != self.node]
         if not nodes:
@@ -151,7 +151,8 @@ class PeerSource:
         asked = time.perf_counter()
         if not grants:
             return PeerFill(missing=None)
-        keeper = asyncio.create_task(self._keep_reading(grants))
+        keeper = asyncio.create_task(self._renew(
+            [self.keys.peer_reading(g.ask_id) for g in grants], READING_TTL_MS))
         try:
             result = await self._read(layout, target, grants, progress)
         finally:
@@ -202,10 +203,16 @@ class PeerSource:
             await asyncio.sleep(WAIT_POLL_S)
 
     async def keep_claim(self, content_hash: str) -> None:
+        await self._renew([self.keys.first_fill(content_hash)], CLAIM_TTL_MS)
+
+    async def _renew(self, keys: list[str], ttl_ms: int) -> None:
+        """Keep ``keys`` alive (a claim, a reader's keys) until cancelled: renewed at a
+        third of their lifetime, so one missed renewal does not end them."""
         while True:
-            await asyncio.sleep(CLAIM_TTL_MS / 3000)
-            with contextlib.suppress(Exception):
-                await self.redis.pexpire(self.keys.first_fill(content_hash), CLAIM_TTL_MS)
+            await asyncio.sleep(ttl_ms / 3000)
+            for key in keys:
+                with contextlib.suppress(Exception):
+                    await self.redis.pexpire(key, ttl_ms)
 
     async def release_claim(self, content_hash: str) -> None:
         """Let go of the claim if it is still ours (one script: no race with a new one)."""
@@ -226,11 +233,11 @@ class PeerSource:
             await self.redis.expire(self.keys.peer_asks(seed.node), 60)
             answer = await self.redis.blpop([self.keys.peer_grant(ask_id)],
                                             timeout=GRANT_WAIT_S)
-            if answer is None or json.loads(answer[1]).get("ok") is not True:
+            reply = json.loads(answer[1]) if answer is not None else {"why": "no answer"}
+            if reply.get("ok") is not True:
                 await self.redis.delete(self.keys.peer_reading(ask_id))
                 log.info("peer %s did not lend %s (%s)", seed.node,
-                         seed.content_hash[:12],
-                         "no answer" if answer is None else json.loads(answer[1]).get("why"))
+                         seed.content_hash[:12], reply.get("why"))
                 return None
             try:
                 return _Grant(seed, decode_metadata(raw_meta), ask_id)
@@ -240,14 +247,6 @@ class PeerSource:
 
         answers = await asyncio.gather(*(one(s) for s in seeds), return_exceptions=True)
         return [a for a in answers if isinstance(a, _Grant)]
-
-    async def _keep_reading(self, grants: list[_Grant]) -> None:
-        while True:
-            await asyncio.sleep(READING_TTL_MS / 3000)
-            for g in grants:
-                with contextlib.suppress(Exception):
-                    await self.redis.pexpire(self.keys.peer_reading(g.ask_id),
-                                             READING_TTL_MS)
 
     async def _done(self, grants: list[_Grant]) -> None:
         """The read is over: the seeders let their leases go."""
@@ -263,7 +262,23 @@ class PeerSource:
         agent = peer_agent(self.settings, self.agent_name)
         unit = grants[0].seed.range_bytes
         sums = grants[0].seed.sums
-        grants = [g for g in grants if g.seed.range_bytes == unit and g.seed.sums == sums]
+        regions: dict[str, Region] = {}
+        for g in grants:
+            if g.seed.range_bytes != unit or g.seed.sums != sums:
+                continue
+            try:
+                region = Region.from_json(g.seed.region)
+            except ValueError as exc:
+                log.warning("peer %s: unusable seed: %s", g.seed.node, exc)
+                continue
+            if region.size < layout.total_bytes:
+                log.warning("peer %s: unusable seed: its region is smaller than the model",
+                            g.seed.node)
+                continue
+            regions[g.seed.node] = region
+        grants = [g for g in grants if g.seed.node in regions]
+        if not grants:
+            return PeerFill(missing=None)
         spans = ranges(layout.total_bytes, unit)
         todo: collections.deque[int] = collections.deque(range(len(spans)))
         tried: dict[int, set[str]] = {i: set() for i in range(len(spans))}
@@ -296,22 +311,12 @@ class PeerSource:
                     bad.add(i)
 
         def worker(grant: _Grant) -> None:
-            node = grant.seed.node
-            try:
-                region = Region.from_json(grant.seed.region)
-                if region.size < layout.total_bytes:
-                    raise PeerError(f"peer {node}: its region is smaller than the model")
-            except (ValueError, PeerError) as exc:
-                log.warning("peer %s: unusable seed: %s", node, exc)
-                region = None
+            node, region = grant.seed.node, regions[grant.seed.node]
             while not stop.is_set():
                 i = next_range(node)
                 if i is None:
                     break
                 off, n = spans[i]
-                if region is None:
-                    settle(i, node, False)
-                    continue
                 try:
                     agent.read(grant.seed.agent, grant.metadata, [target[off:off + n]],
                                [(off, n)], region, self.settings.timeout_s)
